@@ -1,0 +1,186 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * guard.h - the one definition of what guard's kernel programs and user space
+ * share: the event record, the map keys and values, verdicts and limits.
+ *
+ * Fixed-width types only. guard/layout.py mirrors every struct with ctypes and
+ * tests/unit/test_layout.py proves sizes, offsets and enum values agree.
+ *
+ * Policy data never appears in C: policies are map entries, so a reload never
+ * recompiles. Map *definitions* live in guard_maps.h (bcc macros) so this header
+ * stays plain C that any compiler can check.
+ */
+#ifndef GUARD_H
+#define GUARD_H
+
+/* Limits. Every loop in the programs is bounded by one of these. */
+#define GUARD_MAX_CGROUP_DEPTH   32    /* ancestors walked to find a scope */
+#define GUARD_MAX_PATH_DEPTH     32    /* parent directories walked for subtree rules */
+#define GUARD_MAX_PORT_LINES     16    /* lines in one port table */
+#define GUARD_PATH_LEN           256   /* object path in an event */
+#define GUARD_COMM_LEN           16
+
+/* Map sizes (entries). */
+#define GUARD_MAX_SCOPES         8192
+#define GUARD_MAX_RULESETS       1024  /* per generation slot */
+#define GUARD_MAX_EXEC_ENTRIES   262144
+#define GUARD_MAX_FILE_ENTRIES   262144
+#define GUARD_MAX_NET_ENTRIES    262144
+#define GUARD_MAX_PORT_TABLES    16384
+#define GUARD_MAX_RULES          262144
+#define GUARD_RINGBUF_BYTES      (4 * 1024 * 1024)
+
+/*
+ * Two generation slots make a reload atomic: user space fills the idle slot,
+ * then flips guard_config.active_slot in one 4-byte write. Every lookup of one
+ * decision reads the slot once, so a decision sees the whole old set or the
+ * whole new one. Ruleset ids and port table ids are slot-local; the kernel
+ * adds slot * GUARD_MAX_RULESETS (resp. GUARD_MAX_PORT_TABLES) itself.
+ */
+#define GUARD_SLOTS 2
+
+enum guard_verdict {            /* ordered by strength: the stronger wins a tie */
+	GUARD_ALLOW      = 0,
+	GUARD_AUDIT      = 1,   /* allowed, reported */
+	GUARD_WOULD_DENY = 2,   /* deny in an audit-mode policy: allowed, reported */
+	GUARD_DENY       = 3,
+};
+
+enum guard_kind {
+	GUARD_KIND_EXEC    = 1,
+	GUARD_KIND_FILE    = 2,
+	GUARD_KIND_CONNECT = 3,
+};
+
+enum guard_hook {               /* which kernel hook made the decision */
+	GUARD_HOOK_BPRM_CHECK   = 1,
+	GUARD_HOOK_MMAP_FILE    = 2,
+	GUARD_HOOK_FILE_MPROTECT = 3,
+	GUARD_HOOK_FILE_OPEN    = 4,
+	GUARD_HOOK_PATH_CHANGE  = 5,  /* create, unlink, rename, link, truncate */
+	GUARD_HOOK_CONNECT4     = 6,
+	GUARD_HOOK_CONNECT6     = 7,
+	GUARD_HOOK_SENDMSG4     = 8,
+	GUARD_HOOK_SENDMSG6     = 9,
+	GUARD_HOOK_SKB_EGRESS   = 10,
+};
+
+enum guard_inode_match {
+	GUARD_MATCH_EXACT   = 1,  /* key is the file's own inode */
+	GUARD_MATCH_SUBTREE = 2,  /* key is an ancestor directory's inode */
+	GUARD_MATCH_NAME    = 3,  /* key is (parent inode, hash of the name) */
+};
+
+enum guard_access {             /* bits */
+	GUARD_ACCESS_READ  = 1,
+	GUARD_ACCESS_WRITE = 2,
+};
+
+enum guard_flags {              /* guard_event.flags bits */
+	GUARD_EVENT_UNDECIDED = 1,    /* the program could not finish its walk */
+};
+
+enum guard_stat {               /* indices of the per-CPU guard_stats array */
+	GUARD_STAT_EVENTS        = 0, /* events written to the ring buffer */
+	GUARD_STAT_EVENTS_LOST   = 1, /* events the ring buffer could not take */
+	GUARD_STAT_UNDECIDED     = 2, /* walks that hit a bound; enforce mode denies */
+	GUARD_STAT_DENIED        = 3,
+	GUARD_STAT_AUDITED       = 4,
+	GUARD_STAT_SUPPRESSED    = 5, /* packet events folded into a later one */
+	GUARD_STAT_COUNT         = 8,
+};
+
+/* --- map values and keys ------------------------------------------------ */
+
+struct guard_config {           /* guard_config[0] */
+	__u32 active_slot;          /* 0 or 1 */
+	__u32 generation;           /* bumped on every applied reload */
+};
+
+struct guard_decision {
+	__u32 rule_id;              /* index into the rule table of the slot; 0: none */
+	__u8  verdict;              /* enum guard_verdict */
+	__u8  present;              /* 1 when this decision exists */
+	__u8  _pad[2];
+};
+
+struct guard_scope_key {        /* guard_scopes: cgroup -> ruleset */
+	__u32 slot;
+	__u32 _pad;
+	__u64 cgroup_id;
+};
+
+struct guard_ruleset {          /* guard_rulesets[slot * GUARD_MAX_RULESETS + id] */
+	struct guard_decision exec_default;
+	struct guard_decision egress_default;
+	__u32 has_files;            /* 1 when any file rule exists: skip the walk otherwise */
+	__u32 _pad;
+};
+
+struct guard_inode_key {        /* guard_exec and guard_files */
+	__u64 ino;
+	__u32 dev;                  /* the kernel's s_dev: (major << 20) | minor */
+	__u32 ruleset;              /* slot * GUARD_MAX_RULESETS + id */
+	__u32 match;                /* enum guard_inode_match */
+	__u32 name_hash;            /* GUARD_MATCH_NAME only: FNV-1a 32 of the name */
+};
+
+struct guard_file_value {
+	struct guard_decision read;
+	struct guard_decision write;
+};
+
+struct guard_net4_key {         /* LPM trie: prefixlen counts ruleset bits too */
+	__u32 prefixlen;            /* 32 + the CIDR's prefix length */
+	__u32 ruleset;              /* big-endian in the trie, written by user space */
+	__u8  addr[4];
+};
+
+struct guard_net6_key {
+	__u32 prefixlen;            /* 32 + the CIDR's prefix length */
+	__u32 ruleset;              /* big-endian */
+	__u8  addr[16];
+};
+
+struct guard_port_line {
+	__u16 first;                /* host byte order, inclusive */
+	__u16 last;
+	__u8  proto;                /* IPPROTO_TCP, IPPROTO_UDP, 0 for any */
+	__u8  verdict;
+	__u16 _pad;
+	__u32 rule_id;
+};
+
+struct guard_port_table {       /* guard_port_tables[slot * GUARD_MAX_PORT_TABLES + id] */
+	__u32 count;
+	__u32 _pad;
+	struct guard_port_line lines[GUARD_MAX_PORT_LINES];
+};
+
+/* --- the event record: one per decision worth reporting ----------------- */
+
+struct guard_event {
+	__u64 time_ns;              /* bpf_ktime_get_boot_ns() */
+	__u64 cgroup_id;
+	__u32 pid;                  /* tgid */
+	__u32 tid;
+	__u32 ppid;
+	__u32 uid;
+	__u32 rule_id;
+	__u32 ruleset;              /* slot-qualified, tells the slot of rule_id */
+	__u32 count;                /* > 1 when the kernel folded repeats into this one */
+	__u32 flags;                /* enum guard_flags */
+	__u8  kind;                 /* enum guard_kind */
+	__u8  hook;                 /* enum guard_hook */
+	__u8  verdict;              /* enum guard_verdict */
+	__u8  access;               /* enum guard_access bits, file events */
+	__u8  family;               /* AF_INET / AF_INET6, connect events */
+	__u8  proto;
+	__u16 port;                 /* host byte order */
+	__u8  addr[16];             /* IPv4 in the first 4 bytes */
+	char  comm[GUARD_COMM_LEN];
+	char  path[GUARD_PATH_LEN]; /* exec: the file run; file: the file opened */
+	char  exe[GUARD_PATH_LEN];  /* the acting process's executable, if known */
+};
+
+#endif /* GUARD_H */

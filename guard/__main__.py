@@ -1,0 +1,4 @@
+from guard.cli import main
+import sys
+
+sys.exit(main())

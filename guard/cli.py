@@ -1,0 +1,162 @@
+"""The ``guard`` command line: one subcommand per stage a person wants to see.
+
+    guard check PATH...              validate; FILE:LINE:COL: error: MESSAGE; exit 1 on any
+    guard compile PATH... [--json]   the map entries a policy set becomes
+    guard explain ...                which rule decides an exec / open / connect, and why
+    guard run --policies DIR         the daemon
+    guard status                     what the running daemon enforces
+
+Exit codes: 0 success, 1 invalid policy input, 2 usage error, 3 runtime failure.
+Each subcommand's work lives in the module of its stage; this file only parses
+arguments and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+EXIT_RUNTIME = 3
+
+
+def _print_diagnostics(diagnostics: Sequence[object]) -> None:
+    for diagnostic in diagnostics:
+        print(diagnostic, file=sys.stderr)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from guard.parse import load_policy_paths
+
+    result = load_policy_paths(args.paths)
+    _print_diagnostics(result.diagnostics)
+    if result.errors:
+        print(f"guard check: {len(result.errors)} error(s) in {len(result.files)} file(s)",
+              file=sys.stderr)
+        return EXIT_INVALID
+    assert result.policy_set is not None
+    print(f"guard check: {len(result.policy_set.policies)} policies in "
+          f"{len(result.files)} file(s) are valid")
+    return EXIT_OK
+
+
+def _compile_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host-cgroup", default="/", metavar="CGROUP",
+                        help="the cgroup whole-host policies cover (default: /, the cgroup2 root)")
+    parser.add_argument("--unit-cgroup", action="append", default=[], metavar="UNIT=CGROUP",
+                        help="resolve a systemd unit to this cgroup instead of asking systemd")
+
+
+def _load_plan(args: argparse.Namespace) -> object | int:
+    """Parse and compile, or print the diagnostics and return an exit code."""
+    from guard.compile import compile_policies
+    from guard.errors import PolicyError
+    from guard.parse import load_policy_paths
+
+    result = load_policy_paths(args.paths)
+    _print_diagnostics(result.diagnostics)
+    if result.errors or result.policy_set is None:
+        return EXIT_INVALID
+    units = dict(item.split("=", 1) for item in args.unit_cgroup)
+    try:
+        return compile_policies(result.policy_set, host_cgroup=args.host_cgroup,
+                                unit_cgroups=units)
+    except PolicyError as error:
+        _print_diagnostics(error.diagnostics)
+        return EXIT_INVALID
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from guard.compile import summarize
+
+    plan = _load_plan(args)
+    if isinstance(plan, int):
+        return plan
+    sys.stdout.write(plan.to_json() if args.json else summarize(plan))  # type: ignore[attr-defined]
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from guard.evaluate import explain_from_args
+
+    plan = _load_plan(args)
+    if isinstance(plan, int):
+        return plan
+    return explain_from_args(plan, args)  # type: ignore[arg-type]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from guard.daemon import run
+
+    return run(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from guard.daemon import status
+
+    return status(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guard", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = sub.add_parser("check", help="validate policy files and directories")
+    check.add_argument("paths", nargs="+", metavar="PATH")
+    check.set_defaults(func=cmd_check)
+
+    comp = sub.add_parser("compile", help="show the map entries a policy set compiles to")
+    comp.add_argument("paths", nargs="+", metavar="PATH")
+    comp.add_argument("--json", action="store_true", help="the exact plan, as JSON")
+    _compile_args(comp)
+    comp.set_defaults(func=cmd_compile)
+
+    expl = sub.add_parser("explain", help="which rule decides an exec, open or connect, and why")
+    expl.add_argument("--policies", dest="paths", action="append", required=True,
+                      metavar="PATH", help="policy file or directory (repeatable)")
+    where = expl.add_mutually_exclusive_group()
+    where.add_argument("--cgroup", default=None, help="the acting process's cgroup v2 path")
+    where.add_argument("--unit", default=None, help="the acting process's systemd unit")
+    _compile_args(expl)
+    what = expl.add_subparsers(dest="operation", required=True, metavar="OPERATION")
+    e_exec = what.add_parser("exec", help="running a binary")
+    e_exec.add_argument("target", metavar="PATH")
+    e_open = what.add_parser("open", help="opening a file")
+    e_open.add_argument("target", metavar="PATH")
+    e_open.add_argument("--access", choices=["read", "write"], default="read")
+    e_conn = what.add_parser("connect", help="an outbound connection or datagram")
+    e_conn.add_argument("target", metavar="ADDRESS", help="IPv4 or IPv6 address")
+    e_conn.add_argument("port", type=int)
+    e_conn.add_argument("--protocol", choices=["tcp", "udp"], default="tcp")
+    expl.set_defaults(func=cmd_explain)
+
+    run = sub.add_parser("run", help="the daemon: enforce, watch, stream events")
+    run.add_argument("--policies", required=True, metavar="DIR")
+    run.add_argument("--syslog", default="/dev/log", metavar="TARGET",
+                     help="/dev/log (default), unix:PATH, udp://HOST:PORT, tcp://HOST:PORT")
+    run.add_argument("--host-cgroup", default="/", metavar="CGROUP",
+                     help="the cgroup whole-host policies cover and network programs attach to")
+    run.add_argument("--state-dir", default="/run/guard", metavar="DIR",
+                     help="where the status socket lives (default /run/guard)")
+    run.set_defaults(func=cmd_run)
+
+    stat = sub.add_parser("status", help="what the running daemon enforces")
+    stat.add_argument("--json", action="store_true")
+    stat.add_argument("--state-dir", default="/run/guard", metavar="DIR")
+    stat.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""ctypes mirrors of bpf/guard.h: map keys, values and the event record.
+
+Only this module knows the byte layout the kernel programs use. The constants
+are read from guard.h itself (``header_constants``) in the layout test, which
+also compiles a probe to compare sizes and offsets, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from pathlib import Path
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+HEADER = BPF_DIR / "guard.h"
+
+MAX_CGROUP_DEPTH = 32
+MAX_PATH_DEPTH = 32
+MAX_PORT_LINES = 16
+PATH_LEN = 256
+COMM_LEN = 16
+MAX_SCOPES = 8192
+MAX_RULESETS = 1024
+MAX_EXEC_ENTRIES = 262144
+MAX_FILE_ENTRIES = 262144
+MAX_NET_ENTRIES = 262144
+MAX_PORT_TABLES = 16384
+MAX_RULES = 262144
+RINGBUF_BYTES = 4 * 1024 * 1024
+SLOTS = 2
+
+KIND_EXEC, KIND_FILE, KIND_CONNECT = 1, 2, 3
+KIND_NAMES = {KIND_EXEC: "exec", KIND_FILE: "file", KIND_CONNECT: "connect"}
+
+HOOK_NAMES = {
+    1: "bprm_check",
+    2: "mmap_file",
+    3: "file_mprotect",
+    4: "file_open",
+    5: "path_change",
+    6: "connect4",
+    7: "connect6",
+    8: "sendmsg4",
+    9: "sendmsg6",
+    10: "skb_egress",
+}
+
+MATCH_EXACT, MATCH_SUBTREE, MATCH_NAME = 1, 2, 3
+ACCESS_READ, ACCESS_WRITE = 1, 2
+EVENT_UNDECIDED = 1
+
+STAT_EVENTS, STAT_EVENTS_LOST, STAT_UNDECIDED = 0, 1, 2
+STAT_DENIED, STAT_AUDITED, STAT_SUPPRESSED = 3, 4, 5
+STAT_COUNT = 8
+
+
+class Config(ctypes.Structure):
+    _fields_ = [("active_slot", ctypes.c_uint32), ("generation", ctypes.c_uint32)]
+
+
+class DecisionC(ctypes.Structure):
+    _fields_ = [
+        ("rule_id", ctypes.c_uint32),
+        ("verdict", ctypes.c_uint8),
+        ("present", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 2),
+    ]
+
+
+class ScopeKey(ctypes.Structure):
+    _fields_ = [("slot", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("cgroup_id", ctypes.c_uint64)]
+
+
+class RulesetC(ctypes.Structure):
+    _fields_ = [
+        ("exec_default", DecisionC),
+        ("egress_default", DecisionC),
+        ("has_files", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class InodeKey(ctypes.Structure):
+    _fields_ = [
+        ("ino", ctypes.c_uint64),
+        ("dev", ctypes.c_uint32),
+        ("ruleset", ctypes.c_uint32),
+        ("match", ctypes.c_uint32),
+        ("name_hash", ctypes.c_uint32),
+    ]
+
+
+class FileValue(ctypes.Structure):
+    _fields_ = [("read", DecisionC), ("write", DecisionC)]
+
+
+class Net4Key(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("ruleset", ctypes.c_uint32),  # big-endian
+        ("addr", ctypes.c_uint8 * 4),
+    ]
+
+
+class Net6Key(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("ruleset", ctypes.c_uint32),  # big-endian
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+class PortLine(ctypes.Structure):
+    _fields_ = [
+        ("first", ctypes.c_uint16),
+        ("last", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint16),
+        ("rule_id", ctypes.c_uint32),
+    ]
+
+
+class PortTableC(ctypes.Structure):
+    _fields_ = [
+        ("count", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("lines", PortLine * MAX_PORT_LINES),
+    ]
+
+
+class Event(ctypes.Structure):
+    _fields_ = [
+        ("time_ns", ctypes.c_uint64),
+        ("cgroup_id", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("ppid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("rule_id", ctypes.c_uint32),
+        ("ruleset", ctypes.c_uint32),
+        ("count", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("kind", ctypes.c_uint8),
+        ("hook", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
+        ("access", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("proto", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),
+        ("addr", ctypes.c_uint8 * 16),
+        ("comm", ctypes.c_char * COMM_LEN),
+        ("path", ctypes.c_char * PATH_LEN),
+        ("exe", ctypes.c_char * PATH_LEN),
+    ]
+
+
+STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "guard_config": Config,
+    "guard_decision": DecisionC,
+    "guard_scope_key": ScopeKey,
+    "guard_ruleset": RulesetC,
+    "guard_inode_key": InodeKey,
+    "guard_file_value": FileValue,
+    "guard_net4_key": Net4Key,
+    "guard_net6_key": Net6Key,
+    "guard_port_line": PortLine,
+    "guard_port_table": PortTableC,
+    "guard_event": Event,
+}
+
+
+def header_constants(header: Path = HEADER) -> dict[str, int]:
+    """The ``#define GUARD_X <int>`` and ``GUARD_X = <int>`` enum values in guard.h."""
+    text = header.read_text()
+    found: dict[str, int] = {}
+    for name, expr in re.findall(r"#define\s+GUARD_(\w+)\s+\(?([0-9 *]+)\)?", text):
+        found[name] = eval_product(expr)
+    for name, value in re.findall(r"\bGUARD_(\w+)\s*=\s*(\d+)", text):
+        found[name] = int(value)
+    return found
+
+
+def eval_product(expr: str) -> int:
+    result = 1
+    for factor in expr.split("*"):
+        result *= int(factor.strip())
+    return result
+
+
+def kernel_dev(major: int, minor: int) -> int:
+    """The kernel's internal dev_t (``sb->s_dev``), as the programs read it."""
+    return (major << 20) | minor
