@@ -1,0 +1,393 @@
+"""Answers from a Plan alone, by the kernel programs' own algorithm, step by step.
+
+The kernel programs are tested against these functions, and ``guard explain``
+prints their answers, so what explain says is what the kernel does:
+
+- scope: walk the cgroup's ancestors from the deepest; the first scope entry
+  found names the ruleset (guard_current_ruleset in bpf/guard_maps.h);
+- exec: the file's exact entry, else the nearest ancestor directory with a
+  subtree entry, else the ruleset's exec default, else allow;
+- open: the same walk over file entries, skipping entries that have no
+  decision for the access asked about; files have no default;
+- connect: IPv4-mapped IPv6 is IPv4; the longest-prefix net entry of the
+  ruleset, then the first line of its port table that matches.
+
+The kernel matches inodes, the evaluator paths: a path is taken as given and
+normalized lexically (``.``, ``..``, ``//``); resolving symlinks is the
+caller's business.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from dataclasses import dataclass
+
+from guard.compile import pattern_text, port_text, rule_text, verdict_word
+from guard.layout import MAX_CGROUP_DEPTH, MAX_PATH_DEPTH
+from guard.plan import (
+    Decision,
+    ExecEntry,
+    FileEntry,
+    NetEntry,
+    Plan,
+    PortMatch,
+    Proto,
+    RuleRef,
+    Ruleset,
+    RulesetDefaults,
+    ScopeEntry,
+    Verdict,
+)
+from guard.units import cgroup_contains, cgroup_parts, normalize_cgroup, resolve_unit
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+PROTOCOLS = {"any": Proto.ANY, "tcp": Proto.TCP, "udp": Proto.UDP}
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One decision and how it came about."""
+
+    operation: str  # "exec" | "open" | "connect"
+    target: str  # what was asked about, as text
+    cgroup: str  # the acting process's cgroup
+    verdict: Verdict
+    rule: RuleRef | None  # the deciding rule or default; None: no rule applied
+    ruleset: Ruleset | None  # None: no policy covers the cgroup
+    scope: ScopeEntry | None  # the scope entry that named the ruleset
+    entry: ExecEntry | FileEntry | NetEntry | None  # the matched entry, None for a default
+    line: PortMatch | None  # connect: the matched line of the entry's port table
+    matched: str  # the matched pattern / prefix and ports, or "default"
+    why: str  # one sentence: why this and not something else
+    notes: tuple[str, ...] = ()
+
+    def render(self) -> str:
+        out = [f"{verdict_word(self.verdict)}: {self.operation} {self.target} from {self.cgroup}"]
+        if self.rule is not None:
+            what = (f"default {verdict_word(self.verdict)}" if self.matched == "default"
+                    else f"{verdict_word(self.verdict)} {self.matched}")
+            out.append(f"  decided by {self.rule.label} ({self.rule.location}): {what}")
+        else:
+            out.append("  decided by no rule: allowed")
+        out.append(f"  why: {self.why}")
+        if self.ruleset is not None and self.scope is not None:
+            out.append(f"  scope: {self.scope.cgroup} -> ruleset {self.ruleset.id} "
+                       f"(policies: {', '.join(self.ruleset.policies)})")
+        out += [f"  note: {note}" for note in self.notes]
+        if self.verdict.reported:
+            effect = "blocked" if self.verdict.blocks else "allowed"
+            out.append(f"  effect: {effect}, and reported as an event")
+        return "\n".join(out) + "\n"
+
+
+# --- scope ---------------------------------------------------------------------
+
+
+def ruleset_for(plan: Plan, cgroup: str) -> tuple[Ruleset, ScopeEntry] | None:
+    """The ruleset of the deepest scope path that is ``cgroup`` or an ancestor of it."""
+    path = normalize_cgroup(cgroup)
+    best: ScopeEntry | None = None
+    for scope in plan.scopes:
+        if cgroup_contains(scope.cgroup, path) and (
+            best is None or len(cgroup_parts(scope.cgroup)) > len(cgroup_parts(best.cgroup))
+        ):
+            best = scope
+    if best is None:
+        return None
+    return next(r for r in plan.rulesets if r.id == best.ruleset), best
+
+
+def _scope_notes(cgroup: str) -> tuple[str, ...]:
+    if len(cgroup_parts(cgroup)) >= MAX_CGROUP_DEPTH:
+        return (f"the kernel looks at {MAX_CGROUP_DEPTH} cgroup levels; a scope deeper than "
+                f"that is not seen there",)
+    return ()
+
+
+def _unscoped(operation: str, target: str, cgroup: str, plan: Plan) -> Explanation:
+    scopes = ", ".join(s.cgroup for s in plan.scopes) or "none"
+    return Explanation(
+        operation, target, cgroup, Verdict.ALLOW, None, None, None, None, None, "",
+        f"no policy covers {cgroup} (scope cgroups: {scopes}), so nothing is checked",
+        _scope_notes(cgroup))
+
+
+# --- paths ---------------------------------------------------------------------
+
+
+def normalize_path(path: str) -> str:
+    """Lexical normalization of an absolute path; ValueError for a relative one."""
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is not an absolute path")
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(part)
+    return "/" + "/".join(parts)
+
+
+def ancestors(path: str) -> list[str]:
+    """Parent directories of ``path``, nearest first, ending with ``/``; none for ``/``."""
+    parts = path.strip("/").split("/") if path != "/" else []
+    return ["/" + "/".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
+
+
+@dataclass(frozen=True)
+class _PathHit:
+    pattern: str
+    decision: Decision | None  # None: the entry says nothing about this access
+    entry: ExecEntry | FileEntry
+    depth: int  # parent directories walked to reach it (0 for the exact entry)
+
+
+PathEntry = ExecEntry | FileEntry
+
+
+def _walk(path: str, entries: list[PathEntry], access: str | None) -> list[_PathHit]:
+    """Every entry on the kernel's walk for ``path``: the exact one, then subtrees nearest first.
+
+    ``access`` picks a FileEntry's read or write decision; None for exec entries.
+    """
+    exact = {e.path: e for e in entries if not e.subtree}
+    subtree = {e.path: e for e in entries if e.subtree}
+    found: list[tuple[str, PathEntry, int]] = []
+    if path in exact:
+        found.append((path, exact[path], 0))
+    for depth, directory in enumerate(ancestors(path), start=1):
+        if directory in subtree:
+            found.append((pattern_text(directory, True), subtree[directory], depth))
+    return [_PathHit(pattern, _decision_of(entry, access), entry, depth)
+            for pattern, entry, depth in found]
+
+
+def _decision_of(entry: PathEntry, access: str | None) -> Decision | None:
+    if isinstance(entry, ExecEntry):
+        return entry.decision
+    return entry.read if access == "read" else entry.write
+
+
+def _describe(plan: Plan, decision: Decision) -> str:
+    return f"{verdict_word(decision.verdict)} by {rule_text(plan, decision.rule)}"
+
+
+def _path_explanation(
+    plan: Plan, operation: str, target: str, cgroup: str, ruleset: Ruleset, scope: ScopeEntry,
+    walk: list[_PathHit], default: Decision | None, what: str,
+) -> Explanation:
+    notes = list(_scope_notes(cgroup))
+    hits = [h for h in walk if h.decision is not None]
+    passed = [h.pattern for h in walk[: walk.index(hits[0]) if hits else len(walk)]]
+    if passed:
+        notes.append(f"nearer entries with no decision for this access were passed over: "
+                     f"{', '.join(passed)}")
+    if hits:
+        hit = hits[0]
+        assert hit.decision is not None
+        kind = "exact path match" if hit.depth == 0 else f"subtree match on {hit.pattern}"
+        if len(hits) > 1:
+            other = hits[1]
+            assert other.decision is not None
+            runner = (f"more specific than {'subtree' if other.depth else 'exact'} "
+                      f"{other.pattern} ({_describe(plan, other.decision)})")
+        elif default is not None:
+            runner = f"more specific than the ruleset's default ({_describe(plan, default)})"
+        else:
+            runner = "no other entry matches"
+        if hit.depth > MAX_PATH_DEPTH:
+            notes.append(f"the kernel walks at most {MAX_PATH_DEPTH} parent directories; it "
+                         f"cannot reach {hit.pattern} and reports the access as undecided")
+        return Explanation(
+            operation, target, cgroup, hit.decision.verdict, plan.rule(hit.decision.rule),
+            ruleset, scope, hit.entry, None, hit.pattern, f"{kind}; {runner}", tuple(notes))
+    if default is not None:
+        return Explanation(
+            operation, target, cgroup, default.verdict, plan.rule(default.rule), ruleset, scope,
+            None, None, "default",
+            f"no {what} rule of ruleset {ruleset.id} matches {target}, so the ruleset's "
+            f"default applied (the strongest default among its policies)", tuple(notes))
+    tail = ("no policy there has an exec default" if what == "exec"
+            else "file rules have no default")
+    return Explanation(
+        operation, target, cgroup, Verdict.ALLOW, None, ruleset, scope, None, None, "",
+        f"no {what} rule of ruleset {ruleset.id} matches {target} and {tail}, so it is allowed",
+        tuple(notes))
+
+
+def decide_exec(plan: Plan, cgroup: str, path: str) -> Explanation:
+    """Running the file ``path`` from a process in ``cgroup``."""
+    cgroup = normalize_cgroup(cgroup)
+    path = normalize_path(path)
+    found = ruleset_for(plan, cgroup)
+    if found is None:
+        return _unscoped("exec", path, cgroup, plan)
+    ruleset, scope = found
+    entries: list[PathEntry] = [e for e in plan.exec if e.ruleset == ruleset.id]
+    return _path_explanation(plan, "exec", path, cgroup, ruleset, scope,
+                             _walk(path, entries, None), _defaults(plan, ruleset).exec, "exec")
+
+
+def decide_open(plan: Plan, cgroup: str, path: str, access: str) -> Explanation:
+    """Opening ``path`` for ``access`` ("read" or "write") from a process in ``cgroup``."""
+    if access not in ("read", "write"):
+        raise ValueError(f"access must be read or write, not {access!r}")
+    cgroup = normalize_cgroup(cgroup)
+    path = normalize_path(path)
+    target = f"{path} for {access}"
+    found = ruleset_for(plan, cgroup)
+    if found is None:
+        return _unscoped("open", target, cgroup, plan)
+    ruleset, scope = found
+    entries: list[PathEntry] = [e for e in plan.files if e.ruleset == ruleset.id]
+    return _path_explanation(plan, "open", target, cgroup, ruleset, scope,
+                             _walk(path, entries, access), None, "files")
+
+
+def _defaults(plan: Plan, ruleset: Ruleset) -> RulesetDefaults:
+    return next(d for d in plan.defaults if d.ruleset == ruleset.id)
+
+
+# --- connect -------------------------------------------------------------------
+
+
+def parse_address(address: str | Address) -> Address:
+    """An IP address; an IPv4-mapped IPv6 address becomes its IPv4 address."""
+    parsed = ipaddress.ip_address(address) if isinstance(address, str) else address
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return parsed.ipv4_mapped
+    return parsed
+
+
+def _proto(protocol: str | Proto) -> Proto:
+    if isinstance(protocol, Proto):
+        return protocol
+    if protocol.lower() not in PROTOCOLS:
+        raise ValueError(f"protocol must be tcp or udp, not {protocol!r}")
+    return PROTOCOLS[protocol.lower()]
+
+
+def line_matches(line: PortMatch, port: int, proto: Proto) -> bool:
+    return (line.proto is Proto.ANY or line.proto is proto) and line.first <= port <= line.last
+
+
+def decide_connect(
+    plan: Plan, cgroup: str, address: str | Address, port: int, protocol: str | Proto,
+) -> Explanation:
+    """An outbound connection (or datagram) to ``address``:``port`` over ``protocol``."""
+    cgroup = normalize_cgroup(cgroup)
+    addr = parse_address(address)
+    proto = _proto(protocol)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 0-65535")
+    shown = f"[{addr}]" if addr.version == 6 else str(addr)
+    target = f"{shown}:{port}/{proto.name.lower()}"
+    notes: list[str] = []
+    original = ipaddress.ip_address(address) if isinstance(address, str) else address
+    if original.version != addr.version:
+        notes.append(f"{original} is an IPv4-mapped IPv6 address: decided as IPv4 {addr}")
+    found = ruleset_for(plan, cgroup)
+    if found is None:
+        return _unscoped("connect", target, cgroup, plan)
+    ruleset, scope = found
+    best: NetEntry | None = None
+    for entry in plan.net:
+        if entry.ruleset != ruleset.id:
+            continue
+        network = entry.ip_network
+        if network.version == addr.version and addr in network and (
+            best is None or network.prefixlen > best.ip_network.prefixlen
+        ):
+            best = entry
+    if best is None:
+        return Explanation(
+            "connect", target, cgroup, Verdict.ALLOW, None, ruleset, scope, None, None, "",
+            f"no policy of ruleset {ruleset.id} has egress rules, so it is allowed",
+            tuple(notes))
+    table = next(t for t in plan.port_tables if t.id == best.table)
+    matching = [line for line in table.lines if line_matches(line, port, proto)]
+    if not matching:  # the compiler ends every table with a catch-all; kept for safety
+        return Explanation(
+            "connect", target, cgroup, Verdict.ALLOW, None, ruleset, scope, best, None, "",
+            f"no line of the port table for {best.network} matches, so it is allowed",
+            tuple(notes))
+    line = matching[0]
+    rule = plan.rule(line.decision.rule)
+    if rule is not None and rule.index < 0:
+        return Explanation(
+            "connect", target, cgroup, line.decision.verdict, rule, ruleset, scope, best, line,
+            "default",
+            f"no egress rule of ruleset {ruleset.id} matches {target} (longest prefix: "
+            f"{best.network}), so the ruleset's default applied", tuple(notes))
+    origin = _line_origin(plan, ruleset, addr, line) or best
+    why = f"longest matching prefix {best.network}; first matching line of its port table"
+    if origin.network != best.network:
+        why += f" (inherited from the shorter prefix {origin.network})"
+    if len(matching) > 1:
+        after = matching[1]
+        why += f"; the next matching line is {port_text(after)} ({_describe(plan, after.decision)})"
+    return Explanation("connect", target, cgroup, line.decision.verdict, rule, ruleset, scope,
+                       best, line, f"to {origin.network} {port_text(line)}", why, tuple(notes))
+
+
+def _line_origin(plan: Plan, ruleset: Ruleset, addr: Address, line: PortMatch) -> NetEntry | None:
+    """The shortest prefix containing ``addr`` whose table holds ``line``: where its rule sits.
+
+    Tables are complete, so a rule's line appears in the table of its own prefix
+    and of every longer one; the shortest is the prefix the rule names.
+    """
+    tables = {t.id: t for t in plan.port_tables}
+    found: NetEntry | None = None
+    for entry in plan.net:
+        network = entry.ip_network
+        if (entry.ruleset == ruleset.id and network.version == addr.version and addr in network
+                and line in tables[entry.table].lines
+                and (found is None or network.prefixlen < found.ip_network.prefixlen)):
+            found = entry
+    return found
+
+
+# --- the command line ----------------------------------------------------------
+
+
+def cgroup_from_args(args: argparse.Namespace) -> str:
+    """--cgroup, or --unit resolved (--unit-cgroup mapping first), or the root."""
+    if getattr(args, "unit", None):
+        mapping = dict(item.split("=", 1) for item in getattr(args, "unit_cgroup", []) or [])
+        return resolve_unit(args.unit, mapping)
+    return normalize_cgroup(getattr(args, "cgroup", None) or "/")
+
+
+def explain_from_args(plan: Plan, args: argparse.Namespace) -> int:
+    """``guard explain``: print the explanation; a denied answer is still exit 0."""
+    try:
+        cgroup = cgroup_from_args(args)
+        if args.operation == "exec":
+            explanation = decide_exec(plan, cgroup, args.target)
+        elif args.operation == "open":
+            explanation = decide_open(plan, cgroup, args.target, args.access)
+        elif args.operation == "connect":
+            explanation = decide_connect(plan, cgroup, args.target, args.port, args.protocol)
+        else:
+            raise ValueError(f"unknown operation {args.operation!r}")
+    except ValueError as error:
+        print(f"guard explain: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(explanation.render())
+    return EXIT_OK
+
+
+__all__ = [
+    "Explanation",
+    "decide_connect",
+    "decide_exec",
+    "decide_open",
+    "explain_from_args",
+    "ruleset_for",
+]
