@@ -1,0 +1,496 @@
+"""The audit reader: kernel event records in, enriched and aggregated events out.
+
+Three steps, each a function of values so it is unit-tested without a kernel:
+
+1. ``decode`` turns one ring buffer record (``struct guard_event``, bpf/guard.h)
+   into a ``RawEvent``. A record shorter than the struct is rejected (and the
+   caller counts it): it cannot come from our programs and must not be read past
+   its end.
+2. ``Enricher.enrich`` turns a ``RawEvent`` into an ``AuditEvent``: wall-clock
+   time, the rule that decided (policy, label, file:line), the cgroup path, and
+   what the kernel could not fill (ppid and executable, from /proc, best effort:
+   the process may be gone by the time we read).
+3. ``Aggregator`` folds identical events (same everything except time, tid and
+   count) inside a window into one line with ``count=N``, so a process retrying a
+   denied connect in a loop does not drown the operator.
+
+Nothing is dropped without a count: ``LossTracker`` turns the kernel's
+GUARD_STAT_EVENTS_LOST counter (events the ring buffer could not take) and the
+reader's own drops (records rejected, queue overflow) into ``kind=lost`` events
+that travel the same stream as everything else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from guard import layout
+from guard.plan import RuleRef, Verdict
+
+EVENT_SIZE = ctypes.sizeof(layout.Event)
+
+ACTION_NAMES = {
+    Verdict.ALLOW: "allow",  # never reported by the programs; named for completeness
+    Verdict.AUDIT: "audit",
+    Verdict.WOULD_DENY: "would-deny",
+    Verdict.DENY: "deny",
+}
+
+PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", 0: "any"}
+
+KIND_LOST = "lost"
+ACTION_LOST = "lost"
+
+# Where lost events were lost; the ``source`` of a kind=lost event.
+LOST_KERNEL = "ringbuf"  # the kernel's ring buffer was full
+LOST_QUEUE = "reader"  # the reader's queue overflowed, or a record was malformed
+LOST_SINK = "sink"  # the syslog target was down for longer than its queue lasts
+
+
+class DecodeError(ValueError):
+    """A ring buffer record that is not a ``struct guard_event``."""
+
+
+@dataclass(frozen=True)
+class RawEvent:
+    """``struct guard_event`` as Python values; strings are still bytes."""
+
+    time_ns: int  # CLOCK_BOOTTIME
+    cgroup_id: int
+    pid: int
+    tid: int
+    ppid: int
+    uid: int
+    rule_id: int
+    ruleset: int
+    count: int
+    flags: int
+    kind: int
+    hook: int
+    verdict: int
+    access: int
+    family: int
+    proto: int
+    port: int
+    addr: bytes
+    comm: bytes
+    path: bytes
+    exe: bytes
+
+
+def decode(data: bytes | bytearray | memoryview) -> RawEvent:
+    """One record as the ring buffer hands it over; longer records are tolerated
+    (a newer program may append fields), shorter ones are not."""
+    if len(data) < EVENT_SIZE:
+        raise DecodeError(f"event record of {len(data)} bytes, expected {EVENT_SIZE}")
+    record = layout.Event.from_buffer_copy(bytes(data[:EVENT_SIZE]))
+    return RawEvent(
+        time_ns=record.time_ns,
+        cgroup_id=record.cgroup_id,
+        pid=record.pid,
+        tid=record.tid,
+        ppid=record.ppid,
+        uid=record.uid,
+        rule_id=record.rule_id,
+        ruleset=record.ruleset,
+        count=record.count,
+        flags=record.flags,
+        kind=record.kind,
+        hook=record.hook,
+        verdict=record.verdict,
+        access=record.access,
+        family=record.family,
+        proto=record.proto,
+        port=record.port,
+        addr=bytes(record.addr),
+        # ctypes c_char arrays stop at the first NUL already
+        comm=record.comm,
+        path=record.path,
+        exe=record.exe,
+    )
+
+
+def printable(raw: bytes) -> str:
+    """Kernel strings are bytes; make them one safe line of text.
+
+    Valid UTF-8 stays as is. Invalid bytes, control characters (a newline in a
+    file name must not start a forged log line) and the backslash itself become
+    ``\\xNN``, so the text maps back to exactly one byte string.
+    """
+    text = raw.decode("utf-8", errors="surrogateescape")
+    out: list[str] = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, kept by surrogateescape
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x20 or code == 0x7F or ch == "\\":
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One decision worth reporting, ready to format. Text fields are printable.
+
+    ``kind`` is exec/file/connect, or ``lost`` for a report of events that never
+    arrived (``count`` of them, lost at ``source``).
+    """
+
+    time_ns: int  # wall clock, ns since the epoch (UTC)
+    action: str  # deny | audit | would-deny | lost
+    kind: str  # exec | file | connect | lost
+    hook: str = ""
+    policy: str = ""
+    rule: str = ""  # RuleRef.label, e.g. web/exec.rules[0]
+    location: str = ""  # FILE:LINE of the rule
+    pid: int = 0
+    tid: int = 0
+    ppid: int = 0
+    uid: int = 0
+    comm: str = ""
+    exe: str = ""
+    cgroup: str = ""
+    cgroup_id: int = 0
+    path: str = ""  # exec: the file run; file: the file opened
+    access: str = ""  # file: read | write | read,write
+    addr: str = ""  # connect: destination address
+    port: int = 0
+    proto: str = ""  # connect: tcp | udp | any
+    count: int = 1
+    undecided: bool = False  # the program hit a bound and decided by mode
+    source: str = ""  # kind=lost: where they were lost: ringbuf | reader | sink
+
+    @property
+    def destination(self) -> str:
+        """``ADDR:PORT/PROTO`` for connect events, IPv6 addresses bracketed."""
+        if not self.addr:
+            return ""
+        host = f"[{self.addr}]" if ":" in self.addr else self.addr
+        return f"{host}:{self.port}/{self.proto}"
+
+    def identity(self) -> AuditEvent:
+        """The event with what may differ between identical events cleared."""
+        return replace(self, time_ns=0, tid=0, count=0)
+
+
+def lost_event(count: int, source: str, time_ns: int | None = None) -> AuditEvent:
+    return AuditEvent(
+        time_ns=time.time_ns() if time_ns is None else time_ns,
+        action=ACTION_LOST,
+        kind=KIND_LOST,
+        count=count,
+        source=source,
+    )
+
+
+# --- enrichment ---------------------------------------------------------------
+
+RuleLookup = Callable[[int, int], RuleRef | None]  # (ruleset, rule_id) -> rule
+CgroupLookup = Callable[[int], str | None]  # cgroup id -> path
+
+
+def boot_to_wall_offset_ns() -> int:
+    """Add this to a CLOCK_BOOTTIME time to get CLOCK_REALTIME.
+
+    Sampled at each conversion rather than once: the wall clock may be stepped
+    (NTP) while the daemon runs, and the event should carry the time a person
+    would have read on the wall when it happened.
+    """
+    return time.clock_gettime_ns(time.CLOCK_REALTIME) - time.clock_gettime_ns(
+        time.CLOCK_BOOTTIME
+    )
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    ppid: int
+    exe: str
+
+
+def read_proc(pid: int, proc: Path = Path("/proc")) -> ProcInfo | None:
+    """ppid and executable of a live process; None when it is gone."""
+    try:
+        stat = (proc / str(pid) / "stat").read_bytes()
+    except OSError:
+        return None
+    # comm (field 2) may contain spaces and parentheses: split after the last ')'
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        ppid = int(fields[1])
+    except (IndexError, ValueError):
+        return None
+    try:
+        exe = printable(os.readlink(proc / str(pid) / "exe").encode("utf-8", "surrogateescape"))
+    except OSError:
+        exe = ""  # kernel threads, or permission
+    return ProcInfo(ppid=ppid, exe=exe)
+
+
+class _TtlCache:
+    """A small bounded cache: the same pid floods the stream during an attack,
+    and /proc reads for each of its events would cost more than the event."""
+
+    def __init__(self, size: int, ttl_s: float, clock: Callable[[], float]) -> None:
+        self.size, self.ttl, self.clock = size, ttl_s, clock
+        self._items: OrderedDict[int, tuple[float, ProcInfo | None]] = OrderedDict()
+
+    def get(self, key: int, load: Callable[[int], ProcInfo | None]) -> ProcInfo | None:
+        now = self.clock()
+        hit = self._items.get(key)
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        value = load(key)
+        self._items[key] = (now, value)
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+
+def _address_text(family: int, addr: bytes) -> str:
+    if family == socket.AF_INET:
+        return str(ipaddress.IPv4Address(addr[:4]))
+    if family == socket.AF_INET6:
+        six = ipaddress.IPv6Address(addr[:16])
+        return str(six.ipv4_mapped or six)
+    return ""
+
+
+def _access_text(bits: int) -> str:
+    names = [n for b, n in ((layout.ACCESS_READ, "read"), (layout.ACCESS_WRITE, "write"))
+             if bits & b]
+    return ",".join(names)
+
+
+class Enricher:
+    """Turns RawEvents into AuditEvents using the daemon's current knowledge.
+
+    ``rules`` maps a slot-qualified ruleset and rule id to the rule (apply keeps
+    the plan of each slot, so an event from the previous generation still finds
+    its rule); ``cgroups`` maps a cgroup id to its path. Both may return None:
+    the event then carries the ids rather than being dropped.
+    """
+
+    def __init__(
+        self,
+        rules: RuleLookup,
+        cgroups: CgroupLookup,
+        proc: Path = Path("/proc"),
+        wall_offset: Callable[[], int] = boot_to_wall_offset_ns,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rules = rules
+        self.cgroups = cgroups
+        self.proc = proc
+        self.wall_offset = wall_offset
+        self._procs = _TtlCache(1024, 1.0, clock)
+        self._cgroup_paths: OrderedDict[int, str] = OrderedDict()
+
+    def _cgroup(self, cgroup_id: int) -> str:
+        path = self._cgroup_paths.get(cgroup_id)
+        if path is None:
+            try:
+                found = self.cgroups(cgroup_id)
+            except OSError:
+                found = None
+            if found is None:
+                # Not cached: the cgroup may be created later under this id, or
+                # removed; the id is still worth printing.
+                return f"cgroup-id:{cgroup_id}"
+            path = found
+            # cgroup ids are never reused within a boot, so a hit stays true
+            self._cgroup_paths[cgroup_id] = path
+            while len(self._cgroup_paths) > 4096:
+                self._cgroup_paths.popitem(last=False)
+        return path
+
+    def enrich(self, raw: RawEvent) -> AuditEvent:
+        ref = self.rules(raw.ruleset, raw.rule_id) if raw.rule_id else None
+        ppid, exe = raw.ppid, printable(raw.exe)
+        if (ppid == 0 or not exe) and raw.pid > 0:
+            info = self._procs.get(raw.pid, lambda pid: read_proc(pid, self.proc))
+            if info is not None:
+                ppid = ppid or info.ppid
+                exe = exe or info.exe
+        try:
+            verdict_name = ACTION_NAMES[Verdict(raw.verdict)]
+        except ValueError:
+            verdict_name = f"verdict-{raw.verdict}"
+        connect = raw.kind == layout.KIND_CONNECT
+        return AuditEvent(
+            time_ns=raw.time_ns + self.wall_offset(),
+            action=verdict_name,
+            kind=layout.KIND_NAMES.get(raw.kind, f"kind-{raw.kind}"),
+            hook=layout.HOOK_NAMES.get(raw.hook, f"hook-{raw.hook}"),
+            policy=ref.policy if ref else "",
+            rule=ref.label if ref else (f"#{raw.rule_id}" if raw.rule_id else ""),
+            location=f"{ref.location.file}:{ref.location.line}" if ref else "",
+            pid=raw.pid,
+            tid=raw.tid,
+            ppid=ppid,
+            uid=raw.uid,
+            comm=printable(raw.comm),
+            exe=exe,
+            cgroup=self._cgroup(raw.cgroup_id),
+            cgroup_id=raw.cgroup_id,
+            path=printable(raw.path),
+            access=_access_text(raw.access) if raw.kind == layout.KIND_FILE else "",
+            addr=_address_text(raw.family, raw.addr) if connect else "",
+            port=raw.port if connect else 0,
+            proto=PROTO_NAMES.get(raw.proto, str(raw.proto)) if connect else "",
+            count=max(raw.count, 1),
+            undecided=bool(raw.flags & layout.EVENT_UNDECIDED),
+        )
+
+
+# --- aggregation --------------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    first: AuditEvent
+    closes_at: float
+    repeats: int = 0  # events folded since the last line went out (sum of counts)
+    last: AuditEvent | None = None
+
+
+@dataclass(frozen=True)
+class AggregatorStats:
+    seen: int  # events pushed (each counted by its own ``count``)
+    emitted_lines: int
+    folded: int  # events that went out inside another line's count
+
+
+class Aggregator:
+    """Folds identical events within ``window`` seconds into one line.
+
+    The first event of a kind goes out at once, so an operator sees an attack
+    begin without delay. Identical events inside the window are only counted;
+    when the window closes they go out as ONE line whose ``count`` is their sum
+    (kernel-folded events add their own count), stamped with the last one's
+    time. If repeats went out, a new window opens for the same event, so a
+    sustained flood costs one line per window rather than one per event; a
+    window that closes with nothing folded ends the aggregation.
+
+    Pure apart from the injected clock; ``max_keys`` bounds memory: when that
+    many distinct events are open, a new one goes out unaggregated (never lost).
+    """
+
+    def __init__(
+        self,
+        window: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 4096,
+    ) -> None:
+        if window < 0:
+            raise ValueError("aggregation window must be >= 0 seconds")
+        self.window = window
+        self.clock = clock
+        self.max_keys = max_keys
+        self._open: OrderedDict[AuditEvent, _Window] = OrderedDict()
+        self.seen = 0
+        self.emitted_lines = 0
+        self.folded = 0
+
+    def stats(self) -> AggregatorStats:
+        return AggregatorStats(self.seen, self.emitted_lines, self.folded)
+
+    def push(self, event: AuditEvent) -> list[AuditEvent]:
+        """Take one event; return what must go out now (closed windows first)."""
+        out = self.flush()
+        self.seen += event.count
+        if event.kind == KIND_LOST or self.window == 0:
+            return self._emit(out, [event])
+        key = event.identity()
+        window = self._open.get(key)
+        if window is not None:
+            window.repeats += event.count
+            window.last = event
+            self.folded += event.count
+            return out
+        if len(self._open) < self.max_keys:
+            self._open[key] = _Window(first=event, closes_at=self.clock() + self.window)
+        return self._emit(out, [event])
+
+    def flush(self, force: bool = False) -> list[AuditEvent]:
+        """Lines of the windows that have closed (all of them with ``force``)."""
+        now = self.clock()
+        out: list[AuditEvent] = []
+        for key in list(self._open):
+            window = self._open[key]
+            if not force and window.closes_at > now:
+                continue
+            if window.repeats and window.last is not None:
+                # The folded events leave the "folded" tally: they are a line now.
+                self.folded -= window.repeats
+                out.append(replace(window.last, count=window.repeats))
+                if force:
+                    del self._open[key]
+                else:
+                    window.repeats, window.last = 0, None
+                    window.closes_at = now + self.window
+            else:
+                del self._open[key]
+        return self._emit([], out)
+
+    def next_deadline(self) -> float | None:
+        """Clock time when the earliest open window closes."""
+        return min((w.closes_at for w in self._open.values()), default=None)
+
+    @property
+    def pending(self) -> int:
+        """Events counted but not yet sent in a line."""
+        return sum(w.repeats for w in self._open.values())
+
+    def _emit(self, out: list[AuditEvent], events: Iterable[AuditEvent]) -> list[AuditEvent]:
+        new = list(events)
+        self.emitted_lines += len(new)
+        out.extend(new)
+        return out
+
+
+# --- loss accounting ----------------------------------------------------------
+
+
+class LossTracker:
+    """Turns lost-event counters into ``kind=lost`` events, each loss reported once.
+
+    The kernel's counter is cumulative over the map's life. The maps are created
+    by this daemon's loader, so the count starts at 0 with us and the first
+    reading is reported in full; a daemon that adopts pinned maps (a later
+    issue) passes the count the previous daemon reported as ``kernel_baseline``.
+    """
+
+    def __init__(self, kernel_baseline: int = 0) -> None:
+        self._kernel_seen = kernel_baseline
+        self.kernel_lost = 0  # reported so far
+        self.reader_lost = 0  # counted by the reader: malformed records, queue overflow
+        self._reader_reported = 0
+
+    def kernel_reading(self, total: int, time_ns: int | None = None) -> AuditEvent | None:
+        previous = self._kernel_seen
+        self._kernel_seen = total
+        if total <= previous:
+            return None
+        self.kernel_lost += total - previous
+        return lost_event(total - previous, LOST_KERNEL, time_ns)
+
+    def reader_dropped(self, n: int = 1) -> None:
+        self.reader_lost += n
+
+    def reader_report(self, time_ns: int | None = None) -> AuditEvent | None:
+        new = self.reader_lost - self._reader_reported
+        if new <= 0:
+            return None
+        self._reader_reported = self.reader_lost
+        return lost_event(new, LOST_QUEUE, time_ns)

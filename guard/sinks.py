@@ -1,0 +1,640 @@
+"""Where events go: one formatter for syslog lines, and the transports to a target.
+
+Formatting happens in one place (``format_rfc5424`` and ``format_json`` over a
+``Record``), whatever the target. A line looks like::
+
+    <84>1 2026-11-25T09:41:00.123456Z host guard 4242 exec [guard@32473
+    action="deny" kind="exec" hook="bprm_check" policy="web" rule="web/exec.rules[0]"
+    location="/etc/guard/web.yaml:12" pid="311" ppid="300" uid="33" comm="sh"
+    exe="/usr/bin/dash" cgroup="/system.slice/nginx.service" count="1"
+    path="/usr/bin/curl"] deny exec /usr/bin/curl by pid 311 (sh) ...
+
+(one line; wrapped here). Facility is **authpriv** (10): these are
+authorization decisions about named users' processes, and authpriv is the
+facility syslog daemons keep private (Debian writes it to /var/log/auth.log,
+readable by root and adm only), whereas ``auth`` is, on some systems, routed to
+world-readable files. Severity is warning for a deny and for lost events,
+notice for audit and would-deny, err for daemon errors, info for the daemon's
+own lifecycle. The SD-ID ``guard@32473`` uses the enterprise number RFC 5612
+reserves for documentation and examples; a registered number replaces it when
+guard has one.
+
+Targets (``parse_target``): ``/dev/log`` (the default), ``unix:PATH`` (a
+datagram socket, or a stream socket if that is what listens there),
+``udp://HOST:PORT``, ``tcp://HOST:PORT`` (RFC 6587 octet-counting framing, also
+used on a unix stream socket), and ``file:PATH`` (JSON lines appended, for
+machines and tests).
+
+Delivery (``Sink``): every line is queued first and sent from the queue, so a
+target that is down, slow or restarting costs a bounded queue, never the event
+loop. While the target is down the daemon retries with backoff; when the queue
+is full new lines are counted, not kept (the oldest lines of an incident are
+the ones an investigator needs first), and the count goes out as a ``kind=lost``
+line before anything else once delivery resumes. UDP cannot tell whether a
+datagram arrived: a datagram sent before the ICMP error of a dead receiver came
+back is lost without a count, which is why tcp:// or a unix socket is the
+target to use when every event matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import json
+import os
+import select
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from guard.audit import ACTION_LOST, LOST_SINK, AuditEvent, lost_event
+
+# --- records and formatting -------------------------------------------------------
+
+FACILITY_AUTHPRIV = 10
+FACILITY_AUTH = 4
+
+SEV_ERR, SEV_WARNING, SEV_NOTICE, SEV_INFO = 3, 4, 5, 6
+SEVERITY_NAMES = {0: "emerg", 1: "alert", 2: "crit", 3: "err", 4: "warning", 5: "notice",
+                  6: "info", 7: "debug"}
+
+APP_NAME = "guard"
+SD_ID = "guard@32473"
+
+ParamValue = str | int
+
+
+@dataclass(frozen=True)
+class Record:
+    """One log line before formatting: what every target format is made from."""
+
+    time_ns: int  # wall clock
+    severity: int
+    msgid: str
+    params: tuple[tuple[str, ParamValue], ...]
+    message: str
+
+
+def _severity(event: AuditEvent) -> int:
+    if event.action in ("deny", ACTION_LOST):
+        return SEV_WARNING
+    return SEV_NOTICE
+
+
+def event_params(event: AuditEvent) -> tuple[tuple[str, ParamValue], ...]:
+    """The structured fields of an event, in a fixed order; empty ones left out
+    except the ones every decision has."""
+    params: list[tuple[str, ParamValue]] = [("action", event.action), ("kind", event.kind)]
+    if event.kind == "lost":
+        params += [("count", event.count), ("source", event.source)]
+        return tuple(params)
+    params += [
+        ("hook", event.hook),
+        ("policy", event.policy),
+        ("rule", event.rule),
+        ("location", event.location),
+        ("pid", event.pid),
+        ("ppid", event.ppid),
+        ("uid", event.uid),
+        ("comm", event.comm),
+        ("exe", event.exe),
+        ("cgroup", event.cgroup),
+        ("count", event.count),
+    ]
+    if event.path:
+        params.append(("path", event.path))
+    if event.access:
+        params.append(("access", event.access))
+    if event.addr:
+        params += [("addr", event.addr), ("port", event.port), ("proto", event.proto)]
+    if event.undecided:
+        params.append(("undecided", 1))
+    return tuple(params)
+
+
+def event_message(event: AuditEvent) -> str:
+    """The human half of the line: one sentence, fields already in the SD."""
+    if event.kind == "lost":
+        where = {
+            "ringbuf": "the kernel ring buffer was full",
+            "reader": "the reader's queue overflowed or a record was malformed",
+            "sink": "the syslog target was unreachable and the queue was full",
+        }.get(event.source, event.source)
+        return f"{event.count} event(s) lost: {where}"
+    if event.kind == "connect":
+        what = f"connect to {event.destination}"
+    elif event.kind == "file":
+        what = f"{event.access or 'access'} of {event.path}"
+    else:
+        what = f"{event.kind} of {event.path}"
+    rule = f"rule {event.rule}" if event.rule else "no rule"
+    text = (f"{event.action} {what} by pid {event.pid} ({event.comm}) uid {event.uid} "
+            f"in {event.cgroup}: {rule}")
+    if event.undecided:
+        text += " (undecided: a bounded walk did not finish)"
+    if event.count > 1:
+        text += f" (x{event.count})"
+    return text
+
+
+def event_record(event: AuditEvent) -> Record:
+    return Record(event.time_ns, _severity(event), event.kind, event_params(event),
+                  event_message(event))
+
+
+def log_record(severity: int, msgid: str, message: str,
+               params: tuple[tuple[str, ParamValue], ...] = (),
+               time_ns: int | None = None) -> Record:
+    """A line about the daemon itself (start, reload, errors)."""
+    return Record(time_ns if time_ns is not None else _now_ns(), severity, msgid, params,
+                  message)
+
+
+def _now_ns() -> int:
+    return int(datetime.datetime.now(datetime.UTC).timestamp() * 1_000_000_000)
+
+
+def escape_param_value(value: str) -> str:
+    """RFC 5424 section 6.3.3: '"', '\\' and ']' are escaped with a backslash."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+def _header_token(text: str, limit: int) -> str:
+    """HOSTNAME/APP-NAME/MSGID: printable US-ASCII without spaces, or NILVALUE."""
+    clean = "".join(ch for ch in text if 33 <= ord(ch) <= 126)[:limit]
+    return clean or "-"
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def timestamp(time_ns: int) -> str:
+    """RFC 3339 in UTC with microseconds, as RFC 5424 allows (TIME-SECFRAC 6)."""
+    seconds, rest = divmod(time_ns, 1_000_000_000)
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{rest // 1000:06d}Z"
+
+
+def format_rfc5424(record: Record, hostname: str, procid: int,
+                   facility: int = FACILITY_AUTHPRIV) -> str:
+    pri = facility * 8 + record.severity
+    if record.params:
+        inner = " ".join(f'{name}="{escape_param_value(str(value))}"'
+                         for name, value in record.params)
+        sd = f"[{SD_ID} {_one_line(inner)}]"
+    else:
+        sd = "-"
+    header = (f"<{pri}>1 {timestamp(record.time_ns)} {_header_token(hostname, 255)} "
+              f"{APP_NAME} {procid} {_header_token(record.msgid, 32)}")
+    return f"{header} {sd} {_one_line(record.message)}"
+
+
+def format_json(record: Record, hostname: str, procid: int,
+                facility: int = FACILITY_AUTHPRIV) -> str:
+    body: dict[str, object] = {
+        "time": timestamp(record.time_ns),
+        "host": hostname,
+        "app": APP_NAME,
+        "procid": procid,
+        "facility": "authpriv" if facility == FACILITY_AUTHPRIV else facility,
+        "severity": SEVERITY_NAMES.get(record.severity, record.severity),
+        "msgid": record.msgid,
+    }
+    body.update(record.params)
+    body["message"] = record.message
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+# --- targets ---------------------------------------------------------------------
+
+
+class TargetError(ValueError):
+    """A --syslog TARGET that names no transport guard knows."""
+
+
+@dataclass(frozen=True)
+class Target:
+    scheme: str  # unix | udp | tcp | file
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.scheme in ("udp", "tcp"):
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            return f"{self.scheme}://{host}:{self.port}"
+        return f"{self.scheme}:{self.path}"
+
+
+TARGET_HELP = "/dev/log, unix:PATH, udp://HOST:PORT, tcp://HOST:PORT or file:PATH"
+
+
+def parse_target(text: str) -> Target:
+    if not text:
+        raise TargetError(f"empty syslog target; expected {TARGET_HELP}")
+    if text.startswith("/"):
+        return Target("unix", path=text)
+    if text.startswith(("unix:", "file:")):
+        scheme, path = text.split(":", 1)
+        if path.startswith("//"):  # unix:///run/x.sock
+            path = path[2:]
+        if not path.startswith("/"):
+            raise TargetError(f"syslog target {text!r}: {scheme}: wants an absolute path")
+        return Target(scheme, path=path)
+    if text.startswith(("udp://", "tcp://")):
+        parts = urlsplit(text)
+        try:
+            port = parts.port
+        except ValueError as error:
+            raise TargetError(f"syslog target {text!r}: {error}") from None
+        if not parts.hostname or port is None:
+            raise TargetError(f"syslog target {text!r}: wants {parts.scheme}://HOST:PORT")
+        if port == 0:
+            raise TargetError(f"syslog target {text!r}: port 0 is not a port to send to")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise TargetError(f"syslog target {text!r}: only {parts.scheme}://HOST:PORT")
+        return Target(parts.scheme, host=parts.hostname, port=port)
+    raise TargetError(f"unknown syslog target {text!r}; expected {TARGET_HELP}")
+
+
+# --- transports ------------------------------------------------------------------
+
+# errnos that mean "not now, try the same frame again later"
+_AGAIN = {errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS}
+
+
+class Transport:
+    """One connection to a target. ``send`` returns the bytes it took (possibly 0
+    when the peer is momentarily full) and raises OSError when the connection is
+    broken; the Sink then closes it and reconnects later."""
+
+    stream = False
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """True once connected (a TCP connect completes asynchronously)."""
+        return True
+
+    def send(self, frame: bytes) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def frame(self, line: str) -> bytes:
+        data = line.encode("utf-8", "surrogateescape")
+        if self.stream:
+            # RFC 6587 3.4.1 octet counting: a newline inside a message cannot split it
+            return f"{len(data)} ".encode() + data
+        return data
+
+
+class _SocketTransport(Transport):
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+
+    def close(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
+
+    def _send(self, frame: bytes) -> int:
+        if self.sock is None:
+            raise ConnectionError(errno.ENOTCONN, "not connected")
+        if self.stream:
+            self._check_alive(self.sock)
+        try:
+            return self.sock.send(frame)
+        except OSError as error:
+            if error.errno in _AGAIN:
+                return 0
+            raise
+
+    @staticmethod
+    def _check_alive(sock: socket.socket) -> None:
+        """A syslog receiver never writes to us: readable means it closed (or
+        reset) the connection. Checking before each write keeps lines from being
+        written into a connection that is already dead, where they would vanish."""
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return
+        try:
+            data = sock.recv(4096, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        if not data:
+            raise ConnectionResetError(errno.ECONNRESET, "the receiver closed the connection")
+
+
+class UnixTransport(_SocketTransport):
+    """A unix socket: datagram like /dev/log, or stream if that is what listens."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def open(self) -> None:
+        self.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.connect(self.path)
+            self.stream = False
+        except OSError as error:
+            sock.close()
+            if error.errno != errno.EPROTOTYPE:
+                raise
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.path)
+            except OSError:
+                sock.close()
+                raise
+            self.stream = True
+        sock.setblocking(False)
+        self.sock = sock
+
+    def send(self, frame: bytes) -> int:
+        return self._send(frame)
+
+
+class UdpTransport(_SocketTransport):
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__()
+        self.host, self.port = host, port
+
+    def open(self) -> None:
+        self.close()
+        info = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_DGRAM)
+        try:
+            sock.connect(info[4])  # connected: ICMP errors come back as ECONNREFUSED
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self.sock = sock
+
+    def send(self, frame: bytes) -> int:
+        return self._send(frame)
+
+
+class TcpTransport(_SocketTransport):
+    """Non-blocking connect, so a dead or slow target never stalls the daemon."""
+
+    stream = True
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__()
+        self.host, self.port = host, port
+        self._connected = False
+
+    def open(self) -> None:
+        self.close()
+        info = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setblocking(False)
+        code = sock.connect_ex(info[4])
+        if code not in (0, errno.EINPROGRESS):
+            sock.close()
+            raise ConnectionRefusedError(code, os.strerror(code))
+        self.sock = sock
+        self._connected = code == 0
+
+    def ready(self) -> bool:
+        if self._connected:
+            return True
+        if self.sock is None:
+            return False
+        _, writable, _ = select.select([], [self.sock], [], 0)
+        if not writable:
+            return False
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            raise ConnectionRefusedError(code, os.strerror(code))
+        self._connected = True
+        return True
+
+    def close(self) -> None:
+        super().close()
+        self._connected = False
+
+    def send(self, frame: bytes) -> int:
+        return self._send(frame)
+
+
+class FileTransport(Transport):
+    """JSON lines appended to a file (opened per write burst: rotation-safe)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def open(self) -> None:
+        self.close()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           0o600)
+
+    def frame(self, line: str) -> bytes:
+        return line.encode("utf-8", "surrogateescape") + b"\n"
+
+    def send(self, frame: bytes) -> int:
+        if self._fd is None:
+            raise OSError(errno.EBADF, "not open")
+        # O_APPEND writes of one line are atomic for regular files; a short write
+        # is retried by the sink from the offset it returned
+        return os.write(self._fd, frame)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+def transport_for(target: Target) -> Transport:
+    if target.scheme == "unix":
+        return UnixTransport(target.path)
+    if target.scheme == "udp":
+        return UdpTransport(target.host, target.port)
+    if target.scheme == "tcp":
+        return TcpTransport(target.host, target.port)
+    if target.scheme == "file":
+        return FileTransport(target.path)
+    raise TargetError(f"no transport for {target}")
+
+
+# --- the sink: queue, delivery, reconnect --------------------------------------------
+
+
+@dataclass(frozen=True)
+class SinkStats:
+    target: str
+    connected: bool
+    delivered: int  # lines fully handed to the target
+    queued: int  # lines waiting
+    overflow: int  # lines never kept because the queue was full (all time)
+    overflow_unreported: int  # of those, not yet reported in the stream
+    reconnects: int
+    last_error: str
+
+
+class Sink:
+    """A bounded queue in front of one transport. Not thread-safe: the daemon's
+    main loop owns it. Call ``pump`` from the loop; ``retry_in`` says when."""
+
+    def __init__(
+        self,
+        target: Target,
+        *,
+        queue_size: int = 10_000,
+        hostname: str | None = None,
+        procid: int | None = None,
+        facility: int = FACILITY_AUTHPRIV,
+        retry_initial: float = 0.2,
+        retry_max: float = 5.0,
+        clock: Callable[[], float] | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        if queue_size < 1:
+            raise ValueError("queue_size must be >= 1")
+        self.target = target
+        self.transport = transport or transport_for(target)
+        self.queue_size = queue_size
+        self.hostname = hostname or socket.gethostname()
+        self.procid = procid if procid is not None else os.getpid()
+        self.facility = facility
+        self.retry_initial, self.retry_max = retry_initial, retry_max
+        self.clock = clock or time.monotonic
+        self.json = target.scheme == "file"
+        self._queue: deque[bytes] = deque()
+        self._offset = 0  # bytes of the queue's head already sent (stream, file)
+        self._open = False
+        self._next_try = 0.0
+        self._backoff = retry_initial
+        self.delivered = 0
+        self.overflow = 0
+        self._overflow_reported = 0
+        self.reconnects = 0
+        self.last_error = ""
+        self._ever_opened = False
+
+    def format(self, record: Record) -> str:
+        if self.json:
+            return format_json(record, self.hostname, self.procid, self.facility)
+        return format_rfc5424(record, self.hostname, self.procid, self.facility)
+
+    def submit(self, record: Record) -> None:
+        """Queue one line and try to deliver what is queued."""
+        if len(self._queue) >= self.queue_size:
+            self.overflow += 1
+        else:
+            self._queue.append(self.transport.frame(self.format(record)))
+        self.pump()
+
+    def stats(self) -> SinkStats:
+        return SinkStats(
+            target=str(self.target),
+            connected=self._open,
+            delivered=self.delivered,
+            queued=len(self._queue),
+            overflow=self.overflow,
+            overflow_unreported=self.overflow - self._overflow_reported,
+            reconnects=self.reconnects,
+            last_error=self.last_error,
+        )
+
+    def retry_in(self) -> float | None:
+        """Seconds until ``pump`` has work it could not do now; None: nothing waits."""
+        if not self._queue and self.overflow == self._overflow_reported:
+            return None
+        if not self._open:
+            return max(0.0, self._next_try - self.clock())
+        return 0.05  # connected but the peer was full or connecting: poll again soon
+
+    def pump(self) -> None:
+        """Deliver as much of the queue as the target takes right now."""
+        if not self._queue and self.overflow == self._overflow_reported:
+            return
+        if not self._ensure_open():
+            return
+        try:
+            if not self.transport.ready():
+                return
+            self._report_overflow()
+            while self._queue:
+                head = self._queue[0]
+                sent = self.transport.send(head[self._offset:] if self._offset else head)
+                if sent <= 0:
+                    return  # the peer is full: keep the line, try again later
+                # a datagram goes whole or not at all; a stream may take part of a frame
+                self._offset += sent
+                if self._offset >= len(head):
+                    self._queue.popleft()
+                    self._offset = 0
+                    self.delivered += 1
+        except OSError as error:
+            if error.errno == errno.EMSGSIZE and self._queue:
+                # this one line can never go as a datagram: count it, keep the rest
+                self._queue.popleft()
+                self._offset = 0
+                self.overflow += 1
+                return
+            self._failed(error)
+
+    def _report_overflow(self) -> None:
+        """Before the backlog: say how many lines the full queue turned away."""
+        pending = self.overflow - self._overflow_reported
+        if pending <= 0:
+            return
+        if self._offset:
+            return  # finish the half-sent frame first; its stream must stay framed
+        frame = self.transport.frame(self.format(event_record(lost_event(pending, LOST_SINK))))
+        self._queue.appendleft(frame)
+        self._overflow_reported += pending
+
+    def _ensure_open(self) -> bool:
+        if self._open:
+            return True
+        now = self.clock()
+        if now < self._next_try:
+            return False
+        try:
+            self.transport.open()
+        except OSError as error:
+            self._failed(error)
+            return False
+        self._open = True
+        if self._ever_opened:
+            self.reconnects += 1
+        self._ever_opened = True
+        self._backoff = self.retry_initial
+        # a frame half-written on the broken connection is sent again whole
+        self._offset = 0
+        return True
+
+    def _failed(self, error: OSError) -> None:
+        self.last_error = f"{self.target}: {error.strerror or error}"
+        self.transport.close()
+        self._open = False
+        self._offset = 0
+        self._next_try = self.clock() + self._backoff
+        self._backoff = min(self._backoff * 2, self.retry_max)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Deliver what is queued for up to ``timeout`` seconds, then close."""
+        deadline = self.clock() + timeout
+        while (self._queue or self.overflow != self._overflow_reported) \
+                and self.clock() < deadline:
+            self.pump()
+            if self._queue:
+                time.sleep(min(0.05, max(0.0, self.retry_in() or 0.0)))
+        self.transport.close()
+        self._open = False
