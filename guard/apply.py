@@ -1,0 +1,483 @@
+"""Apply: write a Plan into the BPF maps, atomically, with the two generation slots.
+
+The kernel reads ``guard_config[0].active_slot`` once per decision and only
+entries of that slot (bpf/guard.h). So a reload is:
+
+1. resolve what the plan names on this machine: cgroup paths -> cgroup ids
+   (missing ones are skipped with a warning), and, only when the plan has exec
+   or file entries, paths -> inodes (``guard.resolve``);
+2. turn plan + ids into map entries (pure: ``slot_entries``), and compare them
+   with what the active slot holds: equal means nothing is written at all;
+3. fill the idle slot;
+4. flip ``active_slot`` in one write (and bump ``generation``);
+5. after a short settle time (a decision that read the old slot just before
+   the flip finishes within microseconds), delete the old slot's entries.
+
+A failure in 3 leaves the active slot, and so enforcement, untouched; what was
+written to the idle slot is remembered and cleared by the next apply.
+
+Per slot the Plan is kept, so an event (slot-qualified ruleset + rule id) maps
+back to its rule: ``Applier.rule_for``.
+
+Capacity: both slots live in the same maps during a reload, so one slot may use
+at most half of each map's entries (``validate``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from guard import layout
+from guard.plan import Decision, Plan, RuleRef
+
+if TYPE_CHECKING:  # guard.resolve is imported at run time only for plans with paths
+    from guard.resolve import FileInodeEntry, InodeEntry
+
+log = logging.getLogger(__name__)
+
+SCOPES = "guard_scopes"
+RULESETS = "guard_rulesets"
+EXEC = "guard_exec"
+FILES = "guard_files"
+NET4 = "guard_net4"
+NET6 = "guard_net6"
+PORT_TABLES = "guard_port_tables"
+CONFIG = "guard_config"
+MAP_NAMES = (SCOPES, RULESETS, EXEC, FILES, NET4, NET6, PORT_TABLES)
+ARRAY_MAPS = frozenset({RULESETS})  # entries cannot be deleted, only zeroed
+
+# Entries one slot may use: half of each map (the other half is the other slot).
+SLOT_CAPACITY = {
+    SCOPES: layout.MAX_SCOPES // layout.SLOTS,
+    RULESETS: layout.MAX_RULESETS,
+    EXEC: layout.MAX_EXEC_ENTRIES // layout.SLOTS,
+    FILES: layout.MAX_FILE_ENTRIES // layout.SLOTS,
+    NET4: layout.MAX_NET_ENTRIES // layout.SLOTS,
+    NET6: layout.MAX_NET_ENTRIES // layout.SLOTS,
+    PORT_TABLES: layout.MAX_PORT_TABLES,
+}
+
+SlotEntries = dict[str, dict[bytes, bytes]]  # map name -> {key bytes: value bytes}
+
+
+class ApplyError(RuntimeError):
+    """The plan cannot be written (over a limit, or the kernel refused a write)."""
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    changed: bool  # False: the live maps already held this plan, nothing was written
+    generation: int
+    slot: int  # the active slot after the apply
+    added: int  # entries in the new set and not in the old (slot-independent)
+    removed: int  # entries in the old set and not in the new
+    updated: int  # same key, new value
+    written: int  # map writes done (updates + deletes), 0 when unchanged
+    seconds: float
+    warnings: tuple[str, ...] = ()
+
+
+# --- pure: plan -> bytes ----------------------------------------------------------
+
+
+def decision_c(decision: Decision | None) -> layout.DecisionC:
+    if decision is None:
+        return layout.DecisionC()
+    return layout.DecisionC(rule_id=decision.rule, verdict=int(decision.verdict), present=1)
+
+
+def _u32(value: int) -> bytes:
+    return bytes(ctypes.c_uint32(value))
+
+
+def qualified_ruleset(slot: int, ruleset: int) -> int:
+    return slot * layout.MAX_RULESETS + ruleset
+
+
+def scope_entries(plan: Plan, slot: int, ids: Mapping[str, int]) -> dict[bytes, bytes]:
+    """guard_scopes: {slot, cgroup id} -> slot-local ruleset id; unresolved paths skipped."""
+    out: dict[bytes, bytes] = {}
+    for scope in plan.scopes:
+        cgroup = ids.get(scope.cgroup)
+        if cgroup is not None:
+            out[bytes(layout.ScopeKey(slot=slot, cgroup_id=cgroup))] = _u32(scope.ruleset)
+    return out
+
+
+def ruleset_entries(plan: Plan, slot: int) -> dict[bytes, bytes]:
+    """guard_rulesets[slot * MAX_RULESETS + id]: the defaults and the has_files flag."""
+    with_files = {entry.ruleset for entry in plan.files}
+    defaults = {d.ruleset: d for d in plan.defaults}
+    out: dict[bytes, bytes] = {}
+    for ruleset in plan.rulesets:
+        d = defaults.get(ruleset.id)
+        value = layout.RulesetC(
+            exec_default=decision_c(d.exec if d else None),
+            egress_default=decision_c(d.egress if d else None),
+            has_files=1 if ruleset.id in with_files else 0,
+        )
+        out[_u32(qualified_ruleset(slot, ruleset.id))] = bytes(value)
+    return out
+
+
+def net_key(slot: int, ruleset: int, network: str) -> tuple[str, bytes]:
+    """(map name, LPM key): prefixlen counts the 32 ruleset bits, ruleset is big-endian."""
+    net = ipaddress.ip_network(network)
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
+        mapped = net.network_address.ipv4_mapped
+        if mapped is not None:  # the model stores these as IPv4; be safe anyway
+            net = ipaddress.IPv4Network((mapped, net.prefixlen - 96))
+    qualified = qualified_ruleset(slot, ruleset).to_bytes(4, "big")
+    prefixlen = _u32(32 + net.prefixlen)
+    name = NET4 if net.version == 4 else NET6
+    return name, prefixlen + qualified + net.network_address.packed
+
+
+def net_entries(plan: Plan, slot: int) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    """guard_net4 and guard_net6: prefix -> slot-local port table id."""
+    v4: dict[bytes, bytes] = {}
+    v6: dict[bytes, bytes] = {}
+    for entry in plan.net:
+        name, key = net_key(slot, entry.ruleset, entry.network)
+        (v4 if name == NET4 else v6)[key] = _u32(entry.table)
+    return v4, v6
+
+
+def port_table_entries(plan: Plan, slot: int) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for table in plan.port_tables:
+        value = layout.PortTableC(count=len(table.lines))
+        for i, line in enumerate(table.lines):
+            value.lines[i] = layout.PortLine(
+                first=line.first, last=line.last, proto=int(line.proto),
+                verdict=int(line.decision.verdict), rule_id=line.decision.rule,
+            )
+        out[_u32(slot * layout.MAX_PORT_TABLES + table.id)] = bytes(value)
+    return out
+
+
+def _inode_key(slot: int, item: InodeEntry | FileInodeEntry) -> bytes:
+    return bytes(item.key.to_c(slot))
+
+
+def _stronger(a: Decision | None, b: Decision | None) -> Decision | None:
+    """Two entries for one inode (hard links): the stronger verdict, as plan.py rule 3."""
+    if a is None or b is None:
+        return a or b
+    return a if (a.verdict, -a.rule) >= (b.verdict, -b.rule) else b
+
+
+def exec_inode_entries(items: Iterable[InodeEntry], slot: int) -> dict[bytes, bytes]:
+    merged: dict[bytes, Decision] = {}
+    for item in items:
+        key = _inode_key(slot, item)
+        best = _stronger(merged.get(key), item.decision)
+        assert best is not None
+        merged[key] = best
+    return {k: bytes(decision_c(d)) for k, d in merged.items()}
+
+
+def file_inode_entries(items: Iterable[FileInodeEntry], slot: int) -> dict[bytes, bytes]:
+    merged: dict[bytes, tuple[Decision | None, Decision | None]] = {}
+    for item in items:
+        key = _inode_key(slot, item)
+        read, write = merged.get(key, (None, None))
+        merged[key] = (_stronger(read, item.read), _stronger(write, item.write))
+    return {
+        k: bytes(layout.FileValue(read=decision_c(r), write=decision_c(w)))
+        for k, (r, w) in merged.items()
+    }
+
+
+def slot_entries(
+    plan: Plan,
+    slot: int,
+    scope_ids: Mapping[str, int],
+    exec_items: Sequence[InodeEntry] = (),
+    file_items: Sequence[FileInodeEntry] = (),
+) -> SlotEntries:
+    """Every map entry of ``plan`` in ``slot``, as bytes: what apply writes."""
+    v4, v6 = net_entries(plan, slot)
+    return {
+        SCOPES: scope_entries(plan, slot, scope_ids),
+        RULESETS: ruleset_entries(plan, slot),
+        EXEC: exec_inode_entries(exec_items, slot),
+        FILES: file_inode_entries(file_items, slot),
+        NET4: v4,
+        NET6: v6,
+        PORT_TABLES: port_table_entries(plan, slot),
+    }
+
+
+def validate(plan: Plan) -> list[str]:
+    """Why the plan cannot be written, empty when it can (checked before any write)."""
+    problems: list[str] = []
+    for ruleset in plan.rulesets:
+        if not 0 <= ruleset.id < layout.MAX_RULESETS:
+            problems.append(f"ruleset id {ruleset.id} is outside 0..{layout.MAX_RULESETS - 1}")
+    for table in plan.port_tables:
+        if not 0 <= table.id < layout.MAX_PORT_TABLES:
+            problems.append(f"port table id {table.id} is outside 0..{layout.MAX_PORT_TABLES - 1}")
+        if len(table.lines) > layout.MAX_PORT_LINES:
+            problems.append(f"port table {table.id} has {len(table.lines)} lines, "
+                            f"more than {layout.MAX_PORT_LINES}")
+    if len(plan.rules) > layout.MAX_RULES:
+        problems.append(f"{len(plan.rules)} rules, more than {layout.MAX_RULES}")
+    counts = {
+        SCOPES: len(plan.scopes), NET4: sum(1 for n in plan.net if ":" not in n.network),
+        NET6: sum(1 for n in plan.net if ":" in n.network),
+    }
+    for name, count in counts.items():
+        if count > SLOT_CAPACITY[name]:
+            problems.append(f"{count} entries for {name}, more than {SLOT_CAPACITY[name]}")
+    return problems
+
+
+def scope_ids(
+    plan: Plan, lookup: Callable[[str], int | None]
+) -> tuple[dict[str, int], list[str]]:
+    """cgroup path -> id for every scope of the plan, and warnings for those skipped."""
+    ids: dict[str, int] = {}
+    warnings: list[str] = []
+    for scope in plan.scopes:
+        depth = len([p for p in scope.cgroup.split("/") if p])
+        if depth >= layout.MAX_CGROUP_DEPTH:
+            warnings.append(f"scope {scope.cgroup} is deeper than "
+                            f"{layout.MAX_CGROUP_DEPTH - 1} levels; skipped")
+            continue
+        found = lookup(scope.cgroup)
+        if found is None:
+            warnings.append(f"scope {scope.cgroup} does not exist; its policies "
+                            "apply once it exists and guard reloads")
+            continue
+        ids[scope.cgroup] = found
+    return ids, warnings
+
+
+def diff_counts(old: SlotEntries, new: SlotEntries) -> tuple[int, int, int]:
+    """(added, removed, updated) between two entry sets of the same slot."""
+    added = removed = updated = 0
+    for name in MAP_NAMES:
+        before, after = old.get(name, {}), new.get(name, {})
+        added += sum(1 for k in after if k not in before)
+        removed += sum(1 for k in before if k not in after)
+        updated += sum(1 for k, v in after.items() if k in before and before[k] != v)
+    return added, removed, updated
+
+
+# --- the map writes ----------------------------------------------------------------
+
+
+class MapSource(Protocol):
+    def map(self, name: str) -> Any: ...
+
+
+BATCH = 4096  # entries per batch syscall
+
+
+class MapWriter:
+    """Bulk writes to bcc tables by bytes, with the batch syscalls where the map has them."""
+
+    def __init__(self, maps: MapSource) -> None:
+        self._maps = maps
+        self._no_batch: set[str] = set()
+
+    def _lib(self) -> Any:
+        from bcc.libbcc import lib
+
+        return lib
+
+    def update(self, name: str, items: Sequence[tuple[bytes, bytes]]) -> int:
+        if not items:
+            return 0
+        table = self._maps.map(name)
+        key_size, value_size = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
+        for i in range(0, len(items), BATCH):
+            chunk = items[i : i + BATCH]
+            keys = b"".join(k for k, _ in chunk)
+            values = b"".join(v for _, v in chunk)
+            if len(keys) != key_size * len(chunk) or len(values) != value_size * len(chunk):
+                raise ApplyError(f"{name}: entry size differs from the map's "
+                                 f"({key_size}/{value_size} bytes)")
+            if name not in self._no_batch and self._update_batch(table, keys, values,
+                                                                 len(chunk)):
+                continue
+            self._no_batch.add(name)
+            self._update_each(name, table, keys, values, key_size, value_size)
+        return len(items)
+
+    def _update_batch(self, table: Any, keys: bytes, values: bytes, count: int) -> bool:
+        kbuf = ctypes.create_string_buffer(keys, len(keys))
+        vbuf = ctypes.create_string_buffer(values, len(values))
+        n = ctypes.c_uint32(count)
+        res = self._lib().bpf_update_batch(table.map_fd, kbuf, vbuf, ctypes.byref(n))
+        if res == 0 and n.value == count:
+            return True
+        if n.value not in (0, count):
+            # part written: the element-wise path rewrites all of it, harmless
+            log.debug("batch update stopped after %d of %d", n.value, count)
+        return False
+
+    def _update_each(self, name: str, table: Any, keys: bytes, values: bytes,
+                     key_size: int, value_size: int) -> None:
+        lib = self._lib()
+        kbuf = ctypes.create_string_buffer(keys, len(keys))
+        vbuf = ctypes.create_string_buffer(values, len(values))
+        base_k, base_v = ctypes.addressof(kbuf), ctypes.addressof(vbuf)
+        for j in range(len(keys) // key_size):
+            res = lib.bpf_update_elem(table.map_fd, base_k + j * key_size,
+                                      base_v + j * value_size, 0)
+            if res != 0:
+                raise ApplyError(f"{name}: map update failed: {os.strerror(-res)}")
+
+    def delete(self, name: str, keys: Sequence[bytes]) -> int:
+        """Delete entries; a key already gone is not an error."""
+        if not keys:
+            return 0
+        table = self._maps.map(name)
+        if name in ARRAY_MAPS:  # arrays: zero the value
+            zero = bytes(ctypes.sizeof(table.Leaf))
+            return self.update(name, [(k, zero) for k in keys])
+        lib = self._lib()
+        key_size = ctypes.sizeof(table.Key)
+        for i in range(0, len(keys), BATCH):
+            chunk = keys[i : i + BATCH]
+            buf = ctypes.create_string_buffer(b"".join(chunk), key_size * len(chunk))
+            if name not in self._no_batch:
+                n = ctypes.c_uint32(len(chunk))
+                if lib.bpf_delete_batch(table.map_fd, buf, ctypes.byref(n)) == 0:
+                    continue
+            base = ctypes.addressof(buf)
+            for j in range(len(chunk)):
+                lib.bpf_delete_elem(table.map_fd, base + j * key_size)  # ENOENT is fine
+        return len(keys)
+
+    def read_config(self) -> layout.Config:
+        table = self._maps.map(CONFIG)
+        value = table[table.Key(0)]
+        return layout.Config.from_buffer_copy(bytes(value))
+
+    def write_config(self, config: layout.Config) -> None:
+        table = self._maps.map(CONFIG)
+        key = ctypes.c_uint32(0)
+        buf = ctypes.create_string_buffer(bytes(config), ctypes.sizeof(config))
+        if self._lib().bpf_update_elem(table.map_fd, ctypes.byref(key), buf, 0) != 0:
+            raise ApplyError(f"{CONFIG}: update failed")
+
+
+def _empty_entries() -> SlotEntries:
+    return {name: {} for name in MAP_NAMES}
+
+
+@dataclass
+class Applier:
+    """Owns the plan maps of one loaded Kernel; ``apply`` is the only writer."""
+
+    maps: MapSource
+    cgroup_lookup: Callable[[str], int | None] | None = None
+    settle_s: float = 0.05
+    plans: list[Plan | None] = field(default_factory=lambda: [None, None])
+    _live: list[SlotEntries] = field(default_factory=lambda: [_empty_entries(),
+                                                              _empty_entries()])
+    _writer: MapWriter | None = None
+
+    def writer(self) -> MapWriter:
+        if self._writer is None:
+            self._writer = MapWriter(self.maps)
+        return self._writer
+
+    def resolve(self, plan: Plan) -> tuple[dict[str, int], list[InodeEntry], list[FileInodeEntry],
+                                           list[str]]:
+        lookup = self.cgroup_lookup
+        if lookup is None:
+            from guard.cgroups import cgroup_id
+
+            lookup = cgroup_id
+        ids, warnings = scope_ids(plan, lookup)
+        exec_items: list[InodeEntry] = []
+        file_items: list[FileInodeEntry] = []
+        if plan.exec or plan.files:
+            import guard.resolve as resolve  # lazily: only plans with paths need it
+
+            if plan.exec:
+                found, more = resolve.resolve_exec(plan)
+                exec_items.extend(found)
+                warnings.extend(str(w) for w in more)
+            if plan.files:
+                found_f, more_f = resolve.resolve_files(plan)
+                file_items.extend(found_f)
+                warnings.extend(str(w) for w in more_f)
+        return ids, exec_items, file_items, warnings
+
+    def apply(self, plan: Plan) -> ApplyResult:
+        start = time.monotonic()
+        problems = validate(plan)
+        if problems:
+            raise ApplyError("; ".join(problems))
+        ids, exec_items, file_items, warnings = self.resolve(plan)
+        for warning in warnings:
+            log.warning("%s", warning)
+        writer = self.writer()
+        config = writer.read_config()
+        active = config.active_slot & 1
+        idle = 1 - active
+
+        current = slot_entries(plan, active, ids, exec_items, file_items)
+        added, removed, updated = diff_counts(self._live[active], current)
+        if not (added or removed or updated) and self.plans[active] is not None:
+            self.plans[active] = plan
+            return ApplyResult(False, config.generation, active, 0, 0, 0, 0,
+                               time.monotonic() - start, tuple(warnings))
+
+        new = slot_entries(plan, idle, ids, exec_items, file_items)
+        written = self._fill(idle, new)
+        self.plans[idle] = plan
+        generation = (config.generation + 1) & 0xFFFFFFFF
+        writer.write_config(layout.Config(active_slot=idle, generation=generation))
+        if self.settle_s > 0:
+            time.sleep(self.settle_s)
+        written += self._clear(active)
+        return ApplyResult(True, generation, idle, added, removed, updated, written,
+                           time.monotonic() - start, tuple(warnings))
+
+    def _fill(self, slot: int, new: SlotEntries) -> int:
+        """Make ``slot`` hold exactly ``new``; on failure remember all it may hold."""
+        writer = self.writer()
+        old = self._live[slot]
+        written = 0
+        try:
+            for name in MAP_NAMES:
+                before, after = old.get(name, {}), new[name]
+                changed = [(k, v) for k, v in after.items() if before.get(k) != v]
+                written += writer.update(name, changed)
+                stale = [k for k in before if k not in after]
+                written += writer.delete(name, stale)
+        except BaseException:
+            for name in MAP_NAMES:  # whatever it holds now is in old or new
+                merged = dict(old.get(name, {}))
+                merged.update(new[name])
+                old[name] = merged
+            raise
+        self._live[slot] = {name: dict(new[name]) for name in MAP_NAMES}
+        return written
+
+    def _clear(self, slot: int) -> int:
+        # plans[slot] is kept: late events of the old slot still map back to rules
+        return self._fill(slot, _empty_entries())
+
+    def rule_for(self, ruleset: int, rule_id: int) -> RuleRef | None:
+        """The rule behind an event's (slot-qualified ruleset, rule_id)."""
+        slot = (ruleset // layout.MAX_RULESETS) & 1
+        plan = self.plans[slot]
+        return plan.rule(rule_id) if plan is not None else None
+
+    @property
+    def live_entries(self) -> int:
+        return sum(len(m) for slot in self._live for m in slot.values())
