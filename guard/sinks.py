@@ -184,9 +184,9 @@ def format_rfc5424(record: Record, hostname: str, procid: int,
                    facility: int = FACILITY_AUTHPRIV) -> str:
     pri = facility * 8 + record.severity
     if record.params:
-        inner = " ".join(f'{name}="{escape_param_value(str(value))}"'
+        inner = " ".join(f'{name}="{escape_param_value(_one_line(str(value)))}"'
                          for name, value in record.params)
-        sd = f"[{SD_ID} {_one_line(inner)}]"
+        sd = f"[{SD_ID} {inner}]"
     else:
         sd = "-"
     header = (f"<{pri}>1 {timestamp(record.time_ns)} {_header_token(hostname, 255)} "
@@ -514,8 +514,11 @@ class Sink:
         self.retry_initial, self.retry_max = retry_initial, retry_max
         self.clock = clock or time.monotonic
         self.json = target.scheme == "file"
-        self._queue: deque[bytes] = deque()
-        self._offset = 0  # bytes of the queue's head already sent (stream, file)
+        # Lines, framed only when sent: whether a unix target is a stream (and so
+        # wants octet counting) is known only once it is connected.
+        self._queue: deque[str] = deque()
+        self._head: bytes | None = None  # the queue's head, framed for this connection
+        self._offset = 0  # bytes of _head already sent (stream, file)
         self._open = False
         self._next_try = 0.0
         self._backoff = retry_initial
@@ -536,7 +539,7 @@ class Sink:
         if len(self._queue) >= self.queue_size:
             self.overflow += 1
         else:
-            self._queue.append(self.transport.frame(self.format(record)))
+            self._queue.append(self.format(record))
         self.pump()
 
     def stats(self) -> SinkStats:
@@ -570,7 +573,9 @@ class Sink:
                 return
             self._report_overflow()
             while self._queue:
-                head = self._queue[0]
+                if self._head is None:
+                    self._head = self.transport.frame(self._queue[0])
+                head = self._head
                 sent = self.transport.send(head[self._offset:] if self._offset else head)
                 if sent <= 0:
                     return  # the peer is full: keep the line, try again later
@@ -578,13 +583,13 @@ class Sink:
                 self._offset += sent
                 if self._offset >= len(head):
                     self._queue.popleft()
-                    self._offset = 0
+                    self._head, self._offset = None, 0
                     self.delivered += 1
         except OSError as error:
             if error.errno == errno.EMSGSIZE and self._queue:
                 # this one line can never go as a datagram: count it, keep the rest
                 self._queue.popleft()
-                self._offset = 0
+                self._head, self._offset = None, 0
                 self.overflow += 1
                 return
             self._failed(error)
@@ -596,8 +601,7 @@ class Sink:
             return
         if self._offset:
             return  # finish the half-sent frame first; its stream must stay framed
-        frame = self.transport.frame(self.format(event_record(lost_event(pending, LOST_SINK))))
-        self._queue.appendleft(frame)
+        self._queue.appendleft(self.format(event_record(lost_event(pending, LOST_SINK))))
         self._overflow_reported += pending
 
     def _ensure_open(self) -> bool:
@@ -617,14 +621,14 @@ class Sink:
         self._ever_opened = True
         self._backoff = self.retry_initial
         # a frame half-written on the broken connection is sent again whole
-        self._offset = 0
+        self._head, self._offset = None, 0
         return True
 
     def _failed(self, error: OSError) -> None:
         self.last_error = f"{self.target}: {error.strerror or error}"
         self.transport.close()
         self._open = False
-        self._offset = 0
+        self._head, self._offset = None, 0
         self._next_try = self.clock() + self._backoff
         self._backoff = min(self._backoff * 2, self.retry_max)
 

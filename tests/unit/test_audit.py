@@ -1,0 +1,378 @@
+"""The audit reader without a kernel: records built with ctypes, a fake /proc,
+an injected clock."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from guard import layout
+from guard.audit import (
+    EVENT_SIZE,
+    LOST_KERNEL,
+    LOST_QUEUE,
+    Aggregator,
+    AuditEvent,
+    DecodeError,
+    Enricher,
+    LossTracker,
+    decode,
+    printable,
+    read_proc,
+)
+from guard.errors import Location
+from guard.plan import RuleRef, Verdict
+
+BOOT_TO_WALL = 1_700_000_000_000_000_000
+
+
+def record(**fields: object) -> bytes:
+    event = layout.Event()
+    defaults: dict[str, object] = {
+        "time_ns": 5_000_000_123, "cgroup_id": 77, "pid": 4242, "tid": 4243, "ppid": 4000,
+        "uid": 1000, "rule_id": 2, "ruleset": 1, "count": 1, "kind": layout.KIND_EXEC,
+        "hook": 1, "verdict": Verdict.DENY, "comm": b"curl", "path": b"/usr/bin/curl",
+        "exe": b"/usr/bin/bash",
+    }
+    defaults.update(fields)
+    for name, value in defaults.items():
+        if name == "addr":
+            assert isinstance(value, bytes)
+            ctypes.memmove(ctypes.addressof(event) + layout.Event.addr.offset, value, len(value))
+        else:
+            setattr(event, name, value)
+    return bytes(event)
+
+
+RULES = {
+    (1, 2): RuleRef(2, "web", "exec", 0, Location("/etc/guard/web.yaml", 12, 9)),
+    (1025, 3): RuleRef(3, "egress", "egress", 1, Location("/etc/guard/net.yaml", 20, 11)),
+}
+
+
+def enricher(tmp_path: Path, cgroups: dict[int, str] | None = None) -> Enricher:
+    paths = cgroups if cgroups is not None else {77: "/test/web"}
+    return Enricher(
+        rules=lambda ruleset, rule_id: RULES.get((ruleset, rule_id)),
+        cgroups=paths.get,
+        proc=tmp_path,
+        wall_offset=lambda: BOOT_TO_WALL,
+        clock=lambda: 0.0,
+    )
+
+
+def fake_proc(root: Path, pid: int, ppid: int, exe: str | None, comm: str = "a b) c") -> None:
+    directory = root / str(pid)
+    directory.mkdir(parents=True)
+    # comm with spaces and ')' is exactly what the parser must survive
+    (directory / "stat").write_text(f"{pid} ({comm}) S {ppid} {pid} {pid} 0 -1\n")
+    if exe is not None:
+        os.symlink(exe, directory / "exe")
+
+
+# --- decode ------------------------------------------------------------------------
+
+
+def test_event_size_is_the_header_struct() -> None:
+    assert EVENT_SIZE == ctypes.sizeof(layout.Event) == 600
+
+
+def test_decode_reads_every_field() -> None:
+    raw = decode(record(flags=layout.EVENT_UNDECIDED, access=3, family=2, proto=6, port=25,
+                        addr=bytes([10, 1, 2, 3])))
+    assert (raw.time_ns, raw.cgroup_id, raw.pid, raw.tid, raw.ppid, raw.uid) == (
+        5_000_000_123, 77, 4242, 4243, 4000, 1000)
+    assert (raw.rule_id, raw.ruleset, raw.count, raw.flags) == (2, 1, 1, layout.EVENT_UNDECIDED)
+    assert (raw.kind, raw.hook, raw.verdict, raw.access) == (layout.KIND_EXEC, 1, 3, 3)
+    assert (raw.family, raw.proto, raw.port) == (2, 6, 25)
+    assert raw.addr[:4] == bytes([10, 1, 2, 3]) and len(raw.addr) == 16
+    assert (raw.comm, raw.path, raw.exe) == (b"curl", b"/usr/bin/curl", b"/usr/bin/bash")
+
+
+def test_decode_rejects_short_records() -> None:
+    data = record()
+    with pytest.raises(DecodeError, match="599 bytes"):
+        decode(data[:-1])
+    with pytest.raises(DecodeError):
+        decode(b"")
+
+
+def test_decode_tolerates_longer_records() -> None:
+    assert decode(record() + b"\xff" * 8).pid == 4242
+
+
+def test_decode_accepts_a_memoryview() -> None:
+    assert decode(memoryview(record(pid=9))).pid == 9
+
+
+def test_full_length_strings_without_nul() -> None:
+    long = b"/" + b"a" * (layout.PATH_LEN - 1)
+    raw = decode(record(path=long, comm=b"c" * layout.COMM_LEN))
+    assert raw.path == long and raw.comm == b"c" * 16
+
+
+# --- printable ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        (b"/usr/bin/curl", "/usr/bin/curl"),
+        ("/tmp/ünïcode".encode(), "/tmp/ünïcode"),
+        (b"/tmp/a\nforged line", "/tmp/a\\x0aforged line"),
+        (b"/tmp/\xff\xfe", "/tmp/\\xff\\xfe"),
+        (b"/tmp/back\\slash", "/tmp/back\\x5cslash"),
+        (b"tab\there\x7f", "tab\\x09here\\x7f"),
+    ],
+)
+def test_printable(raw: bytes, text: str) -> None:
+    assert printable(raw) == text
+    assert "\n" not in printable(raw)
+
+
+# --- enrichment ----------------------------------------------------------------------
+
+
+def test_enrich_exec_deny(tmp_path: Path) -> None:
+    event = enricher(tmp_path).enrich(decode(record()))
+    assert event.time_ns == 5_000_000_123 + BOOT_TO_WALL
+    assert (event.action, event.kind, event.hook) == ("deny", "exec", "bprm_check")
+    assert (event.policy, event.rule, event.location) == (
+        "web", "web/exec.rules[0]", "/etc/guard/web.yaml:12")
+    assert (event.pid, event.tid, event.ppid, event.uid) == (4242, 4243, 4000, 1000)
+    assert (event.comm, event.exe, event.path) == ("curl", "/usr/bin/bash", "/usr/bin/curl")
+    assert (event.cgroup, event.cgroup_id, event.count) == ("/test/web", 77, 1)
+    assert (event.addr, event.port, event.proto, event.access) == ("", 0, "", "")
+    assert not event.undecided
+
+
+@pytest.mark.parametrize(
+    ("verdict", "action"),
+    [(Verdict.DENY, "deny"), (Verdict.AUDIT, "audit"), (Verdict.WOULD_DENY, "would-deny")],
+)
+def test_action_names(tmp_path: Path, verdict: Verdict, action: str) -> None:
+    assert enricher(tmp_path).enrich(decode(record(verdict=verdict))).action == action
+
+
+def test_enrich_connect_ipv4(tmp_path: Path) -> None:
+    raw = decode(record(kind=layout.KIND_CONNECT, hook=6, ruleset=1025, rule_id=3,
+                        family=socket.AF_INET, proto=6, port=8080,
+                        addr=bytes([127, 0, 0, 1]), path=b"", exe=b"/bin/x"))
+    event = enricher(tmp_path).enrich(raw)
+    assert (event.kind, event.hook) == ("connect", "connect4")
+    assert (event.addr, event.port, event.proto) == ("127.0.0.1", 8080, "tcp")
+    assert event.destination == "127.0.0.1:8080/tcp"
+    assert (event.policy, event.rule) == ("egress", "egress/egress.rules[1]")
+
+
+def test_enrich_connect_ipv6_and_mapped(tmp_path: Path) -> None:
+    six = socket.inet_pton(socket.AF_INET6, "fd00::1")
+    event = enricher(tmp_path).enrich(decode(record(
+        kind=layout.KIND_CONNECT, family=socket.AF_INET6, proto=17, port=53, addr=six)))
+    assert (event.addr, event.proto, event.destination) == ("fd00::1", "udp", "[fd00::1]:53/udp")
+    mapped = socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.1")
+    event = enricher(tmp_path).enrich(decode(record(
+        kind=layout.KIND_CONNECT, family=socket.AF_INET6, proto=6, port=1, addr=mapped)))
+    assert event.addr == "10.0.0.1"
+
+
+def test_enrich_file_access(tmp_path: Path) -> None:
+    event = enricher(tmp_path).enrich(decode(record(
+        kind=layout.KIND_FILE, hook=4, access=layout.ACCESS_READ | layout.ACCESS_WRITE,
+        path=b"/etc/shadow", verdict=Verdict.AUDIT)))
+    assert (event.kind, event.hook, event.access, event.action) == (
+        "file", "file_open", "read,write", "audit")
+
+
+def test_unknown_rule_and_cgroup_keep_the_ids(tmp_path: Path) -> None:
+    event = enricher(tmp_path, cgroups={}).enrich(decode(record(rule_id=99, cgroup_id=5)))
+    assert (event.policy, event.rule, event.location) == ("", "#99", "")
+    assert event.cgroup == "cgroup-id:5"
+
+
+def test_undecided_flag(tmp_path: Path) -> None:
+    event = enricher(tmp_path).enrich(decode(record(flags=layout.EVENT_UNDECIDED, rule_id=0)))
+    assert event.undecided and event.rule == ""
+
+
+def test_ppid_and_exe_from_proc_when_the_kernel_left_them_empty(tmp_path: Path) -> None:
+    fake_proc(tmp_path, 4242, ppid=17, exe="/usr/bin/python3")
+    event = enricher(tmp_path).enrich(decode(record(ppid=0, exe=b"")))
+    assert (event.ppid, event.exe) == (17, "/usr/bin/python3")
+
+
+def test_kernel_values_win_over_proc(tmp_path: Path) -> None:
+    fake_proc(tmp_path, 4242, ppid=17, exe="/usr/bin/python3")
+    event = enricher(tmp_path).enrich(decode(record(ppid=4000, exe=b"/bin/bash")))
+    assert (event.ppid, event.exe) == (4000, "/bin/bash")
+
+
+def test_process_gone_leaves_fields_empty(tmp_path: Path) -> None:
+    event = enricher(tmp_path).enrich(decode(record(ppid=0, exe=b"")))
+    assert (event.ppid, event.exe) == (0, "")
+
+
+def test_read_proc_real_process() -> None:
+    info = read_proc(os.getpid())
+    assert info is not None
+    assert info.ppid == os.getppid()
+    assert info.exe == os.path.realpath("/proc/self/exe")
+
+
+def test_read_proc_without_exe(tmp_path: Path) -> None:
+    fake_proc(tmp_path, 12, ppid=2, exe=None)
+    assert read_proc(12, tmp_path) is not None
+    info = read_proc(12, tmp_path)
+    assert info is not None and (info.ppid, info.exe) == (2, "")
+
+
+# --- aggregation ---------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def deny(**changes: object) -> AuditEvent:
+    base = AuditEvent(time_ns=1, action="deny", kind="connect", policy="p", rule="p/egress.x",
+                      pid=10, tid=10, ppid=1, uid=0, comm="curl", cgroup="/t", addr="127.0.0.1",
+                      port=80, proto="tcp")
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_first_event_goes_out_at_once_and_repeats_fold() -> None:
+    clock = Clock()
+    agg = Aggregator(window=1.0, clock=clock)
+    assert agg.push(deny(time_ns=1)) == [deny(time_ns=1)]
+    clock.now += 0.2
+    assert agg.push(deny(time_ns=2, tid=11)) == []
+    clock.now += 0.2
+    assert agg.push(deny(time_ns=3, tid=12, count=3)) == []  # a kernel-folded event
+    assert agg.pending == 4
+    assert agg.flush() == []  # window still open
+    clock.now = 101.0
+    out = agg.flush()
+    assert len(out) == 1
+    assert out[0].count == 4 and out[0].time_ns == 3  # the last one's time
+    assert agg.stats().seen == 5 and agg.stats().emitted_lines == 2 and agg.stats().folded == 0
+
+
+def test_different_events_are_not_folded() -> None:
+    agg = Aggregator(window=1.0, clock=Clock())
+    assert len(agg.push(deny())) == 1
+    assert len(agg.push(deny(pid=11))) == 1
+    assert len(agg.push(deny(port=81))) == 1
+    assert len(agg.push(deny(action="would-deny"))) == 1
+    assert agg.pending == 0
+
+
+def test_sustained_flood_is_one_line_per_window() -> None:
+    clock = Clock()
+    agg = Aggregator(window=1.0, clock=clock)
+    lines: list[AuditEvent] = []
+    for step in range(1000):  # 100 events a second for 10 seconds
+        clock.now = 100.0 + step * 0.01
+        lines += agg.push(deny(time_ns=step))
+    clock.now += 5
+    lines += agg.flush()
+    assert sum(line.count for line in lines) == 1000
+    assert 10 <= len(lines) <= 12
+    assert lines[0].count == 1
+
+
+def test_window_with_no_repeats_closes_silently() -> None:
+    clock = Clock()
+    agg = Aggregator(window=1.0, clock=clock)
+    agg.push(deny())
+    clock.now += 2
+    assert agg.flush() == []
+    assert agg.next_deadline() is None
+    # the same event later is "first" again
+    assert len(agg.push(deny())) == 1
+
+
+def test_next_deadline_and_forced_flush() -> None:
+    clock = Clock()
+    agg = Aggregator(window=0.5, clock=clock)
+    agg.push(deny())
+    agg.push(deny())
+    assert agg.next_deadline() == pytest.approx(100.5)
+    out = agg.flush(force=True)
+    assert [e.count for e in out] == [1]
+    assert agg.next_deadline() is None
+
+
+def test_closed_windows_go_out_before_a_new_event() -> None:
+    clock = Clock()
+    agg = Aggregator(window=1.0, clock=clock)
+    agg.push(deny())
+    agg.push(deny())
+    clock.now += 1.5
+    out = agg.push(deny(pid=99))
+    assert [(e.pid, e.count) for e in out] == [(10, 1), (99, 1)]
+
+
+def test_window_zero_disables_aggregation() -> None:
+    agg = Aggregator(window=0, clock=Clock())
+    assert len(agg.push(deny())) == 1
+    assert len(agg.push(deny())) == 1
+
+
+def test_lost_reports_are_never_folded() -> None:
+    agg = Aggregator(window=1.0, clock=Clock())
+    lost = AuditEvent(time_ns=1, action="lost", kind="lost", count=5, source=LOST_KERNEL)
+    assert agg.push(lost) == [lost]
+    assert agg.push(lost) == [lost]
+
+
+def test_key_limit_sends_unaggregated_rather_than_dropping() -> None:
+    agg = Aggregator(window=1.0, clock=Clock(), max_keys=2)
+    for pid in range(5):
+        assert len(agg.push(deny(pid=pid))) == 1
+    assert len(agg.push(deny(pid=4))) == 1  # not tracked: goes out again, still counted
+    assert len(agg.push(deny(pid=0))) == 0  # tracked: folded
+
+
+def test_negative_window_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Aggregator(window=-1)
+
+
+# --- loss accounting -------------------------------------------------------------------
+
+
+def test_kernel_losses_reported_once_each() -> None:
+    tracker = LossTracker()
+    assert tracker.kernel_reading(0) is None
+    lost = tracker.kernel_reading(7, time_ns=5)
+    assert lost is not None and (lost.kind, lost.count, lost.source) == ("lost", 7, LOST_KERNEL)
+    assert tracker.kernel_reading(7) is None
+    again = tracker.kernel_reading(10)
+    assert again is not None and again.count == 3
+    assert tracker.kernel_lost == 10
+
+
+def test_kernel_baseline_for_adopted_maps() -> None:
+    tracker = LossTracker(kernel_baseline=50)
+    assert tracker.kernel_reading(50) is None
+    lost = tracker.kernel_reading(52)
+    assert lost is not None and lost.count == 2
+
+
+def test_reader_drops_reported() -> None:
+    tracker = LossTracker()
+    assert tracker.reader_report() is None
+    tracker.reader_dropped()
+    tracker.reader_dropped(4)
+    lost = tracker.reader_report()
+    assert lost is not None and (lost.count, lost.source) == (5, LOST_QUEUE)
+    assert tracker.reader_report() is None
