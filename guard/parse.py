@@ -435,7 +435,7 @@ def _yaml_checks(ctx: _Context, root: Node) -> None:
                     elif key.value in first:
                         there = ctx.location(first[key.value])
                         ctx.error(key, "duplicate-key",
-                                  f"duplicate key {key.value!r} (first at "
+                                  f"duplicate key {_q(key.value)} (first at "
                                   f"{there.line}:{there.col}); a key may appear once")
                     else:
                         first[key.value] = key
@@ -484,7 +484,7 @@ def _duplicate_names(documents: Iterable[_Document]) -> list[Diagnostic]:
         if document.name in first:
             found.append(Diagnostic(
                 document.name_location, "duplicate-name",
-                f"duplicate policy name {document.name!r}: first defined at "
+                f"duplicate policy name {_q(document.name)}: first defined at "
                 f"{first[document.name]}"))
         else:
             first[document.name] = document.name_location
@@ -675,6 +675,12 @@ def _rule_items(ctx: _Context, fields: Mapping[str, Node], where: str) -> list[t
 # --------------------------------------------------------------------------- structure
 
 
+def _q(text: object, limit: int = 200) -> str:
+    """A value quoted for a message, shortened: one diagnostic stays one readable line."""
+    shown = str(text)
+    return repr(shown if len(shown) <= limit else shown[:limit - 3] + "...")
+
+
 def _kind(node: Node) -> str:
     if isinstance(node, MappingNode):
         return "a mapping"
@@ -687,7 +693,7 @@ def _quote_hint(node: Node) -> str:
     """For a plain scalar YAML read as a non-string (yes, 1.0, 2024-01-01, 0755)."""
     if (isinstance(node, ScalarNode) and node.style is None and node.tag not in _STRING_TAGS
             and node.value != ""):
-        return f" (quote it to make it a string: \"{node.value}\")"
+        return f" (quote it to make it a string: \"{_q(node.value)[1:-1]}\")"
     return ""
 
 
@@ -718,8 +724,10 @@ def _fields(ctx: _Context, node: Node, where: str, required: Sequence[str],
     fields: dict[str, Node] = {}
     seen: set[str] = set()
     suggested: set[str] = set()
+    unreadable = False  # a merge key or alias may have meant to supply a missing key
     for key, value in node.value:
         if id(key) in ctx.rejected:
+            unreadable = True
             continue
         if not isinstance(key, ScalarNode):
             ctx.error(key, "bad-key", f"keys in {where} must be plain words, got {_kind(key)}")
@@ -741,10 +749,10 @@ def _fields(ctx: _Context, node: Node, where: str, required: Sequence[str],
             suggested.add(close[0])
         else:
             hint = "valid keys: " + ", ".join(allowed)
-        ctx.error(key, "unknown-key", f"unknown key {name!r} in {where}; {hint}")
+        ctx.error(key, "unknown-key", f"unknown key {_q(name)} in {where}; {hint}")
     for name in required:
-        if name not in fields and name not in suggested:
-            ctx.error(node, "missing-key", f"missing required key {name!r} in {where}")
+        if name not in fields and name not in suggested and not unreadable:
+            ctx.error(node, "missing-key", f"missing required key {_q(name)} in {where}")
     return fields
 
 
@@ -755,7 +763,9 @@ def _list(ctx: _Context, node: Node, where: str, empty: str | None) -> list[Node
     if not isinstance(node, SequenceNode):
         hint = ""
         if isinstance(node, ScalarNode) and node.value != "":
-            hint = f" (a list of one is written [{node.value}])"
+            hint = f" (a list of one is written [{_q(node.value)[1:-1]}])"
+        elif isinstance(node, MappingNode):
+            hint = " (write each item on a line of its own starting with '- ')"
         _wrong_type(ctx, node, where, "a list", hint)
         return []
     if not node.value and empty is not None:
@@ -775,7 +785,7 @@ def _string(ctx: _Context, node: Node, where: str) -> str | None:
 def _exact(ctx: _Context, node: Node, where: str, expected: str, code: str) -> None:
     value = _string(ctx, node, where)
     if value is not None and value != expected:
-        ctx.error(node, code, f"unsupported {where} {value!r}: expected {expected!r}")
+        ctx.error(node, code, f"unsupported {where} {_q(value)}: expected {expected!r}")
 
 
 def _choice(ctx: _Context, node: Node, where: str, enum: type[E]) -> E | None:
@@ -783,14 +793,16 @@ def _choice(ctx: _Context, node: Node, where: str, enum: type[E]) -> E | None:
     if id(node) in ctx.rejected:
         return None
     if not isinstance(node, ScalarNode) or node.tag not in _STRING_TAGS:
-        _wrong_type(ctx, node, where, "one of " + ", ".join(valid), _quote_hint(node))
+        # Quoting helps only when the text is a valid choice YAML read as something else.
+        hint = _quote_hint(node) if node.value in valid else ""
+        _wrong_type(ctx, node, where, "one of " + ", ".join(valid), hint)
         return None
     value = str(node.value)
     if value in valid:
         return enum(value)
     close = difflib.get_close_matches(value.lower(), valid, n=1, cutoff=0.6)
     hint = f": did you mean {close[0]!r}?" if close else ""
-    ctx.error(node, "bad-value", f"invalid {where} {value!r}{hint} (valid: {', '.join(valid)})")
+    ctx.error(node, "bad-value", f"invalid {where} {_q(value)}{hint} (valid: {', '.join(valid)})")
     return None
 
 
@@ -818,8 +830,8 @@ def _check_name(name: str) -> str:
     if len(name) <= NAME_LEN and NAME_RE.fullmatch(name):
         return name
     guess = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:NAME_LEN].strip("-")
-    hint = f"; did you mean {guess!r}?" if guess and guess != name else ""
-    raise _Bad("bad-name", f"invalid policy name {name!r}: use at most {NAME_LEN} lowercase "
+    hint = f"; did you mean {_q(guess)}?" if guess and guess != name else ""
+    raise _Bad("bad-name", f"invalid policy name {_q(name)}: use at most {NAME_LEN} lowercase "
                            f"letters, digits and '-', starting and ending with a letter or "
                            f"digit{hint}")
 
@@ -847,31 +859,31 @@ def _parse_path(text: str, *, subtree_ok: bool) -> tuple[str, bool]:
     base = (text[:-3] or "/") if subtree else text
     if any(c in base for c in "*?["):
         if not subtree_ok:
-            raise _Bad("unsupported-glob", f"{text!r}: patterns are not supported here; "
+            raise _Bad("unsupported-glob", f"{_q(text)}: patterns are not supported here; "
                                            "write an exact path")
         hint = f"; did you mean {text[:-1] + '**'!r}?" if text.endswith("/*") else ""
         raise _Bad("unsupported-glob",
-                   f"unsupported glob {text!r}: the only pattern is a trailing '/**' "
+                   f"unsupported glob {_q(text)}: the only pattern is a trailing '/**' "
                    f"(everything below a directory, e.g. '/tmp/**'); '*', '?' and '[' "
                    f"are not allowed anywhere else{hint}")
     if not base.startswith("/"):
-        raise _Bad("relative-path", f"path {text!r} is not absolute: paths start with '/'")
+        raise _Bad("relative-path", f"path {_q(text)} is not absolute: paths start with '/'")
     normal = _normalize(base)
     canonical = str(PathPattern(normal, subtree, Location("", 0, 0)))
     if canonical != text:
         also = ""
-        if not subtree and text.endswith("/") and normal != "/":
+        if subtree_ok and text.endswith("/") and normal != "/":
             also = f" (or {normal + '/**'!r} for everything below it)"
-        raise _Bad("unnormalized-path", f"path {text!r} is not normalized: write "
-                                        f"{canonical!r}{also}")
+        raise _Bad("unnormalized-path", f"path {_q(text)} is not normalized: write "
+                                        f"{_q(canonical)}{also}")
     try:
         encoded = normal.encode()
     except UnicodeEncodeError:
-        raise _Bad("bad-path", f"path {text!r} cannot be encoded as UTF-8") from None
+        raise _Bad("bad-path", f"path {_q(text)} cannot be encoded as UTF-8") from None
     if len(encoded) >= PATH_MAX:
         raise _Bad("bad-path", f"path is longer than {PATH_MAX - 1} bytes")
     if any(len(part) > NAME_MAX for part in encoded.split(b"/")):
-        raise _Bad("bad-path", f"a component of {text!r} is longer than {NAME_MAX} bytes")
+        raise _Bad("bad-path", f"a component of {_q(text)} is longer than {NAME_MAX} bytes")
     return normal, subtree
 
 
@@ -895,29 +907,29 @@ def _cgroup_path(text: str) -> str:
         if text.startswith(prefix + "/"):
             inside = text[len(prefix):]
             raise _Bad("bad-cgroup", f"cgroup paths are relative to the cgroup2 mount: write "
-                                     f"{inside!r}, not {text!r}")
+                                     f"{_q(inside)}, not {_q(text)}")
     path, _ = _parse_path(text, subtree_ok=False)
     return path
 
 
 def _unit_name(text: str) -> str:
     if any(c in text for c in "*?["):
-        raise _Bad("bad-unit", f"unit {text!r}: patterns are not supported; name each unit")
+        raise _Bad("bad-unit", f"unit {_q(text)}: patterns are not supported; name each unit")
     stem, dot, suffix = text.rpartition(".")
     if not dot or suffix not in UNIT_TYPES:
         if dot and suffix in UNIT_TYPES_WITHOUT_PROCESSES:
             raise _Bad("bad-unit", f"a .{suffix} unit runs no processes of its own: name the "
                                    f"unit that does (e.g. the .service it starts)")
-        raise _Bad("bad-unit", f"unit {text!r} has no unit type suffix; did you mean "
+        raise _Bad("bad-unit", f"unit {_q(text)} has no unit type suffix; did you mean "
                                f"{text + '.service'!r}? (valid: "
                                + ", ".join("." + t for t in UNIT_TYPES) + ")")
     prefix, at, instance = stem.partition("@")
     if not prefix or not UNIT_CHARS_RE.fullmatch(prefix) or (
             at and instance and not UNIT_CHARS_RE.fullmatch(instance)):
-        raise _Bad("bad-unit", f"invalid unit name {text!r}: use letters, digits and "
+        raise _Bad("bad-unit", f"invalid unit name {_q(text)}: use letters, digits and "
                                "':_.\\-' (and '@' before an instance)")
     if at and not instance:
-        raise _Bad("bad-unit", f"{text!r} is a template: name an instance, e.g. "
+        raise _Bad("bad-unit", f"{_q(text)} is a template: name an instance, e.g. "
                                f"{prefix + '@1.' + suffix!r}")
     if len(text) > UNIT_NAME_MAX:
         raise _Bad("bad-unit", f"unit name is longer than {UNIT_NAME_MAX} characters")
@@ -949,7 +961,7 @@ def _network(text: str) -> IPNetwork:
     a typo in a prefix silently widening or narrowing a rule is worse than an error.
     """
     if "%" in text:
-        raise _Bad("bad-network", f"{text!r}: zone indexes (%...) are not supported")
+        raise _Bad("bad-network", f"{_q(text)}: zone indexes (%...) are not supported")
     try:
         network: IPNetwork = ipaddress.ip_network(text, strict=True)
     except ValueError:
@@ -962,10 +974,10 @@ def _network(text: str) -> IPNetwork:
                 " (write an address such as 10.0.0.1 or 2001:db8::1, or a network such " \
                 "as 10.0.0.0/8 or 2001:db8::/32)"
             raise _Bad("bad-network",
-                       f"{text!r} is not an IP address or network{hint}") from None
+                       f"{_q(text)} is not an IP address or network{hint}") from None
         address = text.split("/", 1)[0]
         single = f"{address}/{loose.max_prefixlen}"
-        raise _Bad("bad-network", f"{text!r} has host bits set: did you mean "
+        raise _Bad("bad-network", f"{_q(text)} has host bits set: did you mean "
                                   f"{str(loose)!r}, or {single!r} for the one address?"
                    ) from None
     if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
@@ -991,25 +1003,28 @@ def _networks(ctx: _Context, node: Node, where: str) -> tuple[IPNetwork, ...] | 
     return tuple(networks)
 
 
-_PORT_RE = re.compile(r"(0|[1-9][0-9]*)")
+_SIGNED_DECIMAL_RE = re.compile(r"[-+]?(0|[1-9][0-9]*)")
 _PORT_RANGE_RE = re.compile(r"([0-9]+)-([0-9]+)")
 
 
+def _port_number(digits: str) -> int:
+    port = int(digits) if len(digits) <= 7 else 10**7  # int() refuses very long digit strings
+    if not 1 <= port <= 65535:
+        raise _Bad("bad-port", f"port {_q(digits)[1:-1]} is out of range: ports are 1..65535")
+    return port
+
+
 def _port_range(text: str) -> tuple[int, int]:
-    single = _PORT_RE.fullmatch(text)
-    if single:
-        first = last = int(text)
+    if _SIGNED_DECIMAL_RE.fullmatch(text):
+        first = last = _port_number(text)
     else:
         pair = _PORT_RANGE_RE.fullmatch(text)
         if not pair:
-            raise _Bad("bad-port", f"invalid port {text!r}: write a number (443) or a range "
+            raise _Bad("bad-port", f"invalid port {_q(text)}: write a number (443) or a range "
                                    f"as a string (\"8000-8080\")")
-        first, last = int(pair[1]), int(pair[2])
-    for port in (first, last):
-        if not 1 <= port <= 65535:
-            raise _Bad("bad-port", f"port {port} is out of range: ports are 1..65535")
+        first, last = _port_number(pair[1]), _port_number(pair[2])
     if first > last:
-        raise _Bad("bad-port", f"port range {text!r} is backwards: write \"{last}-{first}\"")
+        raise _Bad("bad-port", f"port range {_q(text)} is backwards: write \"{last}-{first}\"")
     return first, last
 
 
@@ -1022,9 +1037,9 @@ def _ports(ctx: _Context, node: Node, where: str) -> tuple[PortRange, ...] | Non
         if id(item) in ctx.rejected:
             continue
         if isinstance(item, ScalarNode) and item.tag == _INT:
-            if not _PORT_RE.fullmatch(str(item.value)):
+            if not _SIGNED_DECIMAL_RE.fullmatch(str(item.value)):
                 # YAML 1.1 reads 0x1bb, 0o17, 025 (octal!), 1_000 and 1:30 as integers.
-                ctx.error(item, "bad-port", f"write port {item.value!r} as a plain decimal "
+                ctx.error(item, "bad-port", f"write port {_q(item.value)} as a plain decimal "
                                             "number")
                 continue
             text = str(item.value)
