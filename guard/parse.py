@@ -90,6 +90,48 @@ UNIT_CHARS_RE = re.compile(r"[A-Za-z0-9:_.\\-]+")
 UNIT_NAME_MAX = 255
 CGROUP_MOUNT_PREFIXES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 
+# Every diagnostic code, stable for tools and tests; docs/policy.md explains each.
+CODES: Mapping[str, str] = {
+    # files and text
+    "path-not-found": "a path named on the command line does not exist",
+    "read-error": "a file or directory cannot be read (permissions, broken symlink, not a file)",
+    "file-too-large": f"a policy file is larger than {MAX_FILE_BYTES} bytes",
+    "bad-encoding": "the file is not UTF-8 text",
+    "bad-character": "a character YAML does not allow (control characters)",
+    "empty-file": "warning: the file holds no document",
+    "empty-document": "warning: a document between --- separators is empty",
+    "too-many-errors": f"more than {MAX_ERRORS_PER_FILE} problems in one file",
+    # YAML
+    "yaml-syntax": "the text is not valid YAML",
+    "yaml-too-deep": f"nesting deeper than {MAX_DEPTH} levels",
+    "yaml-tag": "an explicit YAML tag (!!python/..., !!set, !custom)",
+    "yaml-anchor": "a YAML anchor (&name)",
+    "yaml-alias": "a YAML alias (*name)",
+    "yaml-merge-key": "a YAML merge key (<<)",
+    "duplicate-key": "a key appears twice in one mapping",
+    # structure
+    "bad-key": "a mapping key that is a list or mapping",
+    "unknown-key": "a key the format does not have",
+    "missing-key": "a required key is absent",
+    "wrong-type": "a value of the wrong type (or empty where a value is needed)",
+    "empty-list": "an empty list where at least one item is needed",
+    # values
+    "bad-api-version": "apiVersion is not guard/v1",
+    "bad-kind": "kind is not Policy",
+    "bad-name": "metadata.name is not a DNS label",
+    "duplicate-name": "two policies have the same name",
+    "bad-value": "not one of the valid choices (mode, default, action, access, protocol)",
+    "relative-path": "a path that does not start with /",
+    "unnormalized-path": "a path with ., .., //, or a trailing /",
+    "unsupported-glob": "a pattern other than a trailing /**",
+    "bad-path": "an empty, overlong or NUL-containing path",
+    "bad-cgroup": "a cgroup path written with the cgroup2 mount point in front",
+    "empty-scope": "a scope with neither cgroups nor units",
+    "bad-unit": "not a systemd unit name of a type that runs processes",
+    "bad-network": "not an IP address or network, or host bits set",
+    "bad-port": "not a port (1..65535) or a FIRST-LAST range",
+}
+
 _TAG = "tag:yaml.org,2002:"
 _STR, _INT, _FLOAT, _BOOL = _TAG + "str", _TAG + "int", _TAG + "float", _TAG + "bool"
 _NULL, _TIMESTAMP = _TAG + "null", _TAG + "timestamp"
