@@ -304,7 +304,12 @@ def _ruleset_tables(
         cut = next(i for i, line in enumerate(lines) if _is_catch_all(line))
         lines = lines[: cut + 1]  # nothing after a catch-all line can match
         if len(lines) > MAX_PORT_LINES:
-            offender = lines[MAX_PORT_LINES].decision.rule
+            # Blame the rule whose line is the first that does not fit; when only the
+            # default is pushed out, the last rule line is what pushed it.
+            overflow = lines[MAX_PORT_LINES]
+            if overflow is lines[-1] and overflow.decision == default:
+                overflow = lines[MAX_PORT_LINES - 1]
+            offender = overflow.decision.rule
             names = ", ".join(ruleset.policies)
             problems.setdefault(offender, []).append(
                 f"the port table for {network} in the ruleset of policies [{names}] needs "
@@ -337,13 +342,12 @@ def egress_entries(
 
 def _limit_diagnostic(rule: RuleRef, found: list[str]) -> Diagnostic:
     more = f" (and {len(found) - 1} more table(s))" if len(found) > 1 else ""
-    what = "this default" if rule.index < 0 else "this rule"
     return Diagnostic(
         rule.location, "port-table-limit",
-        f"{found[0]}{more}, but the kernel scans at most {MAX_PORT_LINES}; {what} is the first "
-        f"that does not fit. A table holds one line per port range of every rule at that "
-        f"prefix or a shorter one containing it, plus the default: merge port ranges, "
-        f"drop a protocol split, or move rules into a narrower scope",
+        f"{found[0]}{more}, but the kernel scans at most {MAX_PORT_LINES}, and this rule's "
+        f"port lines are where it overflows. A table holds one line per port range of every "
+        f"rule at that prefix or a shorter one containing it, plus the default: merge port "
+        f"ranges, drop a protocol split, or move rules into a narrower scope",
     )
 
 

@@ -308,7 +308,7 @@ def decide_connect(
     if best is None:
         return Explanation(
             "connect", target, cgroup, Verdict.ALLOW, None, ruleset, scope, None, None, "",
-            f"no policy of ruleset {ruleset.id} has egress rules, so it is allowed",
+            f"no policy of ruleset {ruleset.id} has an egress section, so it is allowed",
             tuple(notes))
     table = next(t for t in plan.port_tables if t.id == best.table)
     matching = [line for line in table.lines if line_matches(line, port, proto)]
