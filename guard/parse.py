@@ -505,13 +505,17 @@ def _parse_documents(text: str, filename: str) -> tuple[list[_Document], list[Di
     ctx = _Context(filename)
     documents: list[_Document] = []
     seen_any = False
+    # Errors found while composing a document (anchors, aliases) are counted
+    # before its root is yielded: the baseline is where the previous one ended.
+    errors_before = 0
     for root in _compose(text, ctx):
         seen_any = True
         _yaml_checks(ctx, root)
         if isinstance(root, ScalarNode) and root.tag == _NULL and root.value == "":
             ctx.warning(root, "empty-document", "empty document: it contains no policy")
-            continue
-        documents.append(_read_document(ctx, root))
+        else:
+            documents.append(_read_document(ctx, root, errors_before))
+        errors_before = ctx.error_count
     if not seen_any and ctx.error_count == 0:
         ctx.warning(None, "empty-file", "no policy in this file")
     return documents, ctx.finish()
@@ -567,8 +571,8 @@ _NET_RULE_HINTS = {
 }
 
 
-def _read_document(ctx: _Context, root: Node) -> _Document:
-    errors_before = ctx.error_count
+def _read_document(ctx: _Context, root: Node, errors_before: int) -> _Document:
+    """The document's policy, built only when nothing in it (since errors_before) was wrong."""
     fields = _fields(ctx, root, "a policy document", _ROOT_KEYS, _ROOT_KEYS)
     if fields is None:
         return _Document(None, None, None)
@@ -740,11 +744,10 @@ def _quote_hint(node: Node) -> str:
 
 
 def _wrong_type(ctx: _Context, node: Node, where: str, expected: str, hint: str = "") -> None:
-    if isinstance(node, ScalarNode) and node.tag == _NULL and node.value in ("", "~"):
-        what = "a mapping" if expected == "a mapping" else expected
+    if isinstance(node, ScalarNode) and node.tag == _NULL:
         hint = hint or (" (write {} for an empty section, or remove the key)"
                         if expected == "a mapping" else "")
-        ctx.error(node, "wrong-type", f"{where} is empty: expected {what}{hint}")
+        ctx.error(node, "wrong-type", f"{where} is empty: expected {expected}{hint}")
         return
     ctx.error(node, "wrong-type", f"expected {expected} for {where}, got {_kind(node)}{hint}")
 
