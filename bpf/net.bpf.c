@@ -30,6 +30,10 @@
  * sendmsg hooks would judge it. Non-first fragments carry no ports and pass:
  * their first fragment was judged.
  *
+ * Structs are zero-initialised and then assigned, never given constant
+ * initialisers: LLVM turns those into copies from .rodata, which bcc cannot
+ * relocate, and the code using them silently went missing (bcc 0.26, LLVM 14).
+ *
  * Events: every deny / audit / would-deny from connect and sendmsg (user space
  * aggregates repeats). From egress only denials are reported (audited traffic
  * was reported when its socket connected or sent), and at most one event per
@@ -127,19 +131,17 @@ static __always_inline int guard_net_decide(__u32 slot, int ruleset, struct guar
 	__u32 *table;
 
 	if (d->family == GUARD_AF_INET) {
-		struct guard_net4_key key = {
-			.prefixlen = 32 + 32,
-			.ruleset = guard_be32((__u32)ruleset),
-		};
+		struct guard_net4_key key = {};
 
+		key.prefixlen = 32 + 32;
+		key.ruleset = guard_be32((__u32)ruleset);
 		__builtin_memcpy(key.addr, d->addr, 4);
 		table = guard_net4.lookup(&key);
 	} else {
-		struct guard_net6_key key = {
-			.prefixlen = 32 + 128,
-			.ruleset = guard_be32((__u32)ruleset),
-		};
+		struct guard_net6_key key = {};
 
+		key.prefixlen = 32 + 128;
+		key.ruleset = guard_be32((__u32)ruleset);
 		__builtin_memcpy(key.addr, d->addr, 16);
 		table = guard_net6.lookup(&key);
 	}
@@ -255,9 +257,11 @@ static __always_inline int guard_sock_addr_impl(struct bpf_sock_addr *ctx,
 static __always_inline int guard_sock_addr4(struct bpf_sock_addr *ctx, __u8 hook,
 					    __u32 outbound)
 {
-	struct guard_net_dest d = { .family = GUARD_AF_INET };
+	/* zero-initialised, then assigned: see the note on .rodata at the top */
+	struct guard_net_dest d = {};
 	__u32 ip4 = ctx->user_ip4;
 
+	d.family = GUARD_AF_INET;
 	__builtin_memcpy(&d.addr[0], &ip4, 4);
 	d.port = guard_be16((__u16)ctx->user_port);
 	return guard_sock_addr_impl(ctx, &d, hook, outbound);

@@ -156,7 +156,7 @@ class Kernel:
             raise LoadError(f"cannot open host cgroup {self.host_cgroup!r}: {error}") from error
         for program in programs:
             try:
-                fn = self._bpf.load_func(program.function, program.prog_type,
+                fn = self._bpf.load_func(program.function.encode(), program.prog_type,
                                          attach_type=program.attach_type)
                 BPF.attach_func(fn, self._cgroup_fd, program.attach_type, BPF_F_ALLOW_MULTI)
             except Exception as error:
@@ -175,8 +175,13 @@ class Kernel:
         return tuple(fn.name.decode() for fn, _fd, _type in self._attached)
 
     def map(self, name: str) -> Any:
-        """One of the maps of guard_maps.h or of a family's file, by its C name."""
-        return self.bpf.get_table(name)
+        """One of the maps of guard_maps.h or of a family's file, by its C name.
+
+        Through bcc's table cache: a ring buffer's callback lives in its table
+        object, and a table made afresh each time would be collected while the
+        kernel still calls back into it (a segfault in ring_buffer_poll).
+        """
+        return self.bpf[name.encode()]
 
     def close(self) -> None:
         """Detach every program this object attached, then free programs and maps."""
@@ -253,7 +258,7 @@ def _try_load(text: str, prog_type: int | None, attach_type: int = -1) -> str | 
     try:
         bpf = BPF(text=text)
         if prog_type is not None:
-            bpf.load_func("guard_probe", prog_type, attach_type=attach_type)
+            bpf.load_func(b"guard_probe", prog_type, attach_type=attach_type)
         return None
     except Exception as error:
         return str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
