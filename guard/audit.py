@@ -367,8 +367,13 @@ class _Window:
 @dataclass(frozen=True)
 class AggregatorStats:
     seen: int  # events pushed (each counted by its own ``count``)
-    emitted_lines: int
-    folded: int  # events that went out inside another line's count
+    emitted_lines: int  # lines that went out
+    pending: int  # events counted in an open window, not yet in a line
+
+    @property
+    def aggregated(self) -> int:
+        """Events that went out inside another event's line (seen = lines + these)."""
+        return self.seen - self.pending - self.emitted_lines
 
 
 class Aggregator:
@@ -400,10 +405,9 @@ class Aggregator:
         self._open: OrderedDict[AuditEvent, _Window] = OrderedDict()
         self.seen = 0
         self.emitted_lines = 0
-        self.folded = 0
 
     def stats(self) -> AggregatorStats:
-        return AggregatorStats(self.seen, self.emitted_lines, self.folded)
+        return AggregatorStats(self.seen, self.emitted_lines, self.pending)
 
     def push(self, event: AuditEvent) -> list[AuditEvent]:
         """Take one event; return what must go out now (closed windows first)."""
@@ -416,7 +420,6 @@ class Aggregator:
         if window is not None:
             window.repeats += event.count
             window.last = event
-            self.folded += event.count
             return out
         if len(self._open) < self.max_keys:
             self._open[key] = _Window(first=event, closes_at=self.clock() + self.window)
@@ -431,8 +434,6 @@ class Aggregator:
             if not force and window.closes_at > now:
                 continue
             if window.repeats and window.last is not None:
-                # The folded events leave the "folded" tally: they are a line now.
-                self.folded -= window.repeats
                 out.append(replace(window.last, count=window.repeats))
                 if force:
                     del self._open[key]

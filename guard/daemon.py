@@ -1,0 +1,817 @@
+"""The daemon: ``guard run`` enforces a policy directory and streams its events.
+
+Start-up, in this order, so that READY=1 means "enforcing":
+
+1. parse and compile the policy directory; an invalid set prints every
+   positioned error (FILE:LINE:COL) to stderr and exits 1 before anything is
+   loaded into the kernel;
+2. claim the status socket (a second daemon on the same state directory is
+   refused before it attaches anything);
+3. probe which program families this kernel can run and load every family it
+   can (see ``families_to_load``); a family a policy needs but the kernel
+   cannot run is a loud error, on stderr and in syslog, naming each policy
+   section left unenforced, and the daemon carries on with the rest;
+4. apply the plan to the maps;
+5. only then sd_notify READY=1 and the syslog line "guard: enforcing N
+   policies, revision R".
+
+Then one thread runs one loop (``Daemon.serve``): wait on the ring buffer's fd
+and a wake-up pipe (signals, reload requests), consume records, decode, enrich,
+aggregate, send; check the kernel's lost-event counter once a second. The
+status socket is answered from a second thread, from counters only.
+
+Signals: SIGTERM/SIGINT stop cleanly (every program detached, exit 0); SIGHUP
+reloads (``Daemon.reload``, also what a directory watcher calls through
+``request_reload``): parse, compile, apply, and on any error keep the policy in
+force and report the positioned errors to syslog and in ``guard status``.
+
+Why every supported family is loaded, not only those the current policies
+use: a reload never recompiles (policies are map data), so the programs must
+already be in place when an edit adds the first egress rule or the first exec
+rule. A loaded family with no scope entries costs one cgroup-ancestor lookup
+per hook call and decides nothing.
+
+Why a family the kernel cannot run does not stop the daemon: the other
+families' policies still protect the host, and refusing to start would leave
+nothing enforced. The loss is never silent: it is logged at start and at every
+reload as an error naming the policy sections affected, and ``guard status``
+lists it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guard import layout, notify
+from guard.audit import (
+    Aggregator,
+    AuditEvent,
+    DecodeError,
+    Enricher,
+    LossTracker,
+    decode,
+)
+from guard.errors import Diagnostic, PolicyError
+from guard.model import PolicySet
+from guard.plan import Plan
+from guard.revision import Revision, revision_of
+from guard.sinks import (
+    SEV_ERR,
+    SEV_INFO,
+    SEV_WARNING,
+    ParamValue,
+    Sink,
+    TargetError,
+    event_record,
+    log_record,
+    parse_target,
+)
+
+log = logging.getLogger("guard")
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
+
+STATUS_SOCKET = "status.sock"
+RECORD_QUEUE_MAX = 65_536  # records taken from the ring buffer and not yet processed
+LOST_CHECK_S = 1.0
+MAX_WAIT_S = 1.0
+
+# policy section -> the program family that enforces it (guard.loader.FAMILIES)
+SECTION_FAMILY = {"exec": "exec", "files": "files", "egress": "net"}
+
+
+# --- loading a policy directory (no kernel) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyLoad:
+    """A compiled policy directory, ready to apply."""
+
+    policy_set: PolicySet
+    plan: Plan
+    files: tuple[str, ...]
+    revision: Revision
+    warnings: tuple[Diagnostic, ...]
+
+
+def load_policies(directory: str, host_cgroup: str,
+                  unit_lookup: Callable[[list[str]], Mapping[str, str]] | None = None,
+                  ) -> PolicyLoad | tuple[Diagnostic, ...]:
+    """Parse and compile ``directory``; the diagnostics when it cannot be used."""
+    from guard.compile import compile_policies
+    from guard.parse import load_policy_paths
+
+    result = load_policy_paths([directory])
+    if result.errors or result.policy_set is None:
+        return result.diagnostics or ()
+    units = sorted({u for p in result.policy_set.policies for u in p.scope.units})
+    if unit_lookup is None:
+        from guard.cgroups import systemd_unit_cgroups
+
+        unit_lookup = systemd_unit_cgroups
+    try:
+        plan = compile_policies(result.policy_set, host_cgroup=host_cgroup,
+                                unit_cgroups=dict(unit_lookup(units)) if units else {})
+    except PolicyError as error:
+        return error.diagnostics
+    warnings = tuple(d for d in result.diagnostics if d.severity != "error")
+    return PolicyLoad(result.policy_set, plan, tuple(result.files),
+                      revision_of(Path(directory), result.files), warnings)
+
+
+def needed_sections(policy_set: PolicySet) -> list[tuple[str, str, str]]:
+    """(family, policy, "SECTION at FILE:LINE:COL") for every section of every policy."""
+    found: list[tuple[str, str, str]] = []
+    for policy in policy_set.policies:
+        for section in ("exec", "files", "egress"):
+            value = getattr(policy, section)
+            if value is not None:
+                found.append((SECTION_FAMILY[section], policy.name,
+                              f"{section} at {value.location}"))
+    return found
+
+
+def unenforced(policy_set: PolicySet, unavailable: Mapping[str, str]) -> list[str]:
+    """One message per family a policy needs and the kernel cannot run."""
+    by_family: dict[str, list[str]] = {}
+    for family, policy, where in needed_sections(policy_set):
+        if family in unavailable:
+            by_family.setdefault(family, []).append(f"policy {policy} section {where}")
+    return [
+        f"the kernel cannot run the {family} programs ({unavailable[family]}); "
+        f"NOT ENFORCED: {'; '.join(items)}"
+        for family, items in sorted(by_family.items())
+    ]
+
+
+def families_to_load(features: Mapping[str, tuple[bool, str]]) -> tuple[set[str], dict[str, str]]:
+    """(families to load, unavailable family -> reason) from probe results."""
+    load = {f for f, (ok, _why) in features.items() if ok}
+    unavailable = {f: why for f, (ok, why) in features.items() if not ok}
+    return load, unavailable
+
+
+# --- the daemon ------------------------------------------------------------------------
+
+
+@dataclass
+class ReloadOutcome:
+    time_ns: int
+    ok: bool
+    reason: str
+    revision: str = ""
+    changed: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+class Daemon:
+    """One running guard: its kernel programs, policy, event stream and status."""
+
+    def __init__(
+        self,
+        policies: str,
+        host_cgroup: str,
+        state_dir: str,
+        sink: Sink,
+        *,
+        aggregate_window: float = 1.0,
+        kernel_factory: Callable[..., Any] | None = None,
+        probe: Callable[[Iterable[str]], Mapping[str, tuple[bool, str]]] | None = None,
+        stderr: Any = None,
+    ) -> None:
+        self.policies = policies
+        self.host_cgroup = host_cgroup
+        self.state_dir = Path(state_dir)
+        self.sink = sink
+        self.stderr = stderr if stderr is not None else sys.stderr
+        self.kernel_factory = kernel_factory
+        self.probe = probe
+        self.aggregator = Aggregator(window=aggregate_window)
+        self.losses = LossTracker()
+        self.kernel: Any = None
+        self.applier: Any = None
+        self.current: PolicyLoad | None = None
+        self.generation = 0
+        self.active_slot = 0
+        self.enforced: list[str] = []
+        self.unavailable: dict[str, str] = {}
+        self.unenforced: list[str] = []
+        self.started = time.monotonic()
+        self.started_ns = time.time_ns()
+        self.reloads = 0
+        self.last_reload: ReloadOutcome | None = None
+        self.last_reload_error: ReloadOutcome | None = None
+        self.records_received = 0
+        self.records_malformed = 0
+        self.records_dropped = 0
+        self.event_lines = 0
+        self._records: deque[bytes] = deque()
+        self._stop = False
+        self._reload_wanted = False
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._status_sock: socket.socket | None = None
+        self._status_thread: threading.Thread | None = None
+        self._next_lost_check = 0.0
+        self._enricher: Enricher | None = None
+        self._ringbuf_fd = -1
+
+    # -- messages ------------------------------------------------------------------
+
+    def say(self, severity: int, msgid: str, message: str,
+            params: tuple[tuple[str, ParamValue], ...] = ()) -> None:
+        """A line about the daemon itself: to stderr (the journal) and to syslog."""
+        label = {SEV_ERR: "error: ", SEV_WARNING: "warning: "}.get(severity, "")
+        print(f"guard: {label}{message}", file=self.stderr, flush=True)
+        self.sink.submit(log_record(severity, msgid, f"guard: {message}", params))
+
+    # -- start ---------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Load, enforce and signal readiness; an exit code when that fails."""
+        loaded = load_policies(self.policies, self.host_cgroup)
+        if not isinstance(loaded, PolicyLoad):
+            for diagnostic in loaded:
+                print(diagnostic, file=self.stderr)
+            errors = [d for d in loaded if d.severity == "error"]
+            print(f"guard: refusing to start: {len(errors)} error(s) in the policies under "
+                  f"{self.policies}; nothing was loaded", file=self.stderr, flush=True)
+            for diagnostic in errors:
+                self.sink.submit(log_record(SEV_ERR, "policy", str(diagnostic)))
+            return EXIT_INVALID
+        for warning in loaded.warnings:
+            print(warning, file=self.stderr)
+
+        try:
+            self._claim_status_socket()
+        except RuntimeError as error:
+            self.say(SEV_ERR, "start", str(error))
+            return EXIT_RUNTIME
+
+        features = self._probe()
+        load, self.unavailable = families_to_load(features)
+        self.unenforced = unenforced(loaded.policy_set, self.unavailable)
+        for message in self.unenforced:
+            self.say(SEV_ERR, "unenforced", message)
+        if not load:
+            self.say(SEV_ERR, "start", "no program family can run on this kernel: "
+                     + "; ".join(f"{f}: {why}" for f, why in sorted(self.unavailable.items())))
+            return EXIT_RUNTIME
+
+        from guard.loader import LoadError
+
+        try:
+            self.kernel = self._make_kernel(load)
+        except (LoadError, OSError) as error:
+            self.say(SEV_ERR, "start", f"loading the programs failed: {error}")
+            return EXIT_RUNTIME
+        self.enforced = sorted(self.kernel.families)
+
+        from guard.apply import Applier, ApplyError
+
+        self.applier = Applier(self.kernel)
+        try:
+            result = self.applier.apply(loaded.plan)
+        except (ApplyError, OSError) as error:
+            self.say(SEV_ERR, "start", f"applying the policies failed: {error}")
+            self._close_kernel()
+            return EXIT_RUNTIME
+        self.generation, self.active_slot = result.generation, result.slot
+        for warning in result.warnings:
+            self.say(SEV_WARNING, "apply", warning)
+        self.current = loaded
+
+        self._open_events()
+        summary = self._summary(loaded)
+        notify.ready(summary)
+        self.say(SEV_INFO, "start", summary,
+                 (("revision", str(loaded.revision)), ("policies", len(loaded.policy_set.policies)),
+                  ("generation", self.generation), ("families", ",".join(self.enforced))))
+        return EXIT_OK
+
+    def _summary(self, loaded: PolicyLoad) -> str:
+        count = len(loaded.policy_set.policies)
+        return (f"enforcing {count} polic{'y' if count == 1 else 'ies'}, revision "
+                f"{loaded.revision} ({', '.join(self.enforced)})")
+
+    def _probe(self) -> dict[str, tuple[bool, str]]:
+        from guard.loader import FAMILIES, family_source, probe_features
+
+        present = [f for f in FAMILIES if family_source(f).exists()]
+        absent = {f: (False, f"this guard has no {family_source(f).name}")
+                  for f in FAMILIES if f not in present}
+        if self.probe is not None:
+            found = dict(self.probe(present))
+        else:
+            found = {f: (feature.available, feature.reason)
+                     for f, feature in probe_features(present).items()}
+        found.update(absent)
+        return found
+
+    def _make_kernel(self, families: set[str]) -> Any:
+        if self.kernel_factory is not None:
+            return self.kernel_factory(families=families, host_cgroup=self.host_cgroup)
+        from guard.loader import Kernel
+
+        return Kernel(families=families, host_cgroup=self.host_cgroup)
+
+    def _open_events(self) -> None:
+        from guard.cgroups import CgroupIndex
+
+        index = CgroupIndex()
+        self._enricher = Enricher(rules=self.applier.rule_for, cgroups=index.path)
+        ring = self.kernel.map("guard_events")
+        ring.open_ring_buffer(self._on_record)
+        self._ringbuf_fd = ring.map_fd
+
+    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
+        """Called by bcc from inside ring_buffer_consume: copy and return, never raise."""
+        if len(self._records) >= RECORD_QUEUE_MAX:
+            self.records_dropped += 1
+            self.losses.reader_dropped()
+            return 0
+        self._records.append(ctypes.string_at(data, size))
+        return 0
+
+    # -- the loop ------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """Thread-safe: ask the main loop to reload (a watcher calls this)."""
+        self._reload_wanted = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"R")
+
+    def request_stop(self) -> None:
+        self._stop = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"S")
+
+    def install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+
+    def serve(self) -> int:
+        """Run until asked to stop; then detach everything. The exit code."""
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        if self._ringbuf_fd >= 0:
+            poller.register(self._ringbuf_fd, select.POLLIN)
+        self._next_lost_check = time.monotonic()
+        try:
+            while not self._stop:
+                poller.poll(self._wait_ms())
+                self._drain_wake()
+                self.step()
+                if self._reload_wanted and not self._stop:
+                    self._reload_wanted = False
+                    self.reload("SIGHUP or watcher")
+        finally:
+            self.shutdown()
+        return EXIT_OK
+
+    def _wait_ms(self) -> int:
+        now = time.monotonic()
+        deadlines = [now + MAX_WAIT_S, self._next_lost_check]
+        flush_at = self.aggregator.next_deadline()
+        if flush_at is not None:
+            deadlines.append(flush_at)
+        retry = self.sink.retry_in()
+        if retry is not None:
+            deadlines.append(now + retry)
+        return max(0, int((min(deadlines) - now) * 1000) + 1)
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+
+    def step(self) -> None:
+        """One round: take records, send lines, report losses, deliver."""
+        with self._lock:
+            if self.kernel is not None:
+                self.kernel.bpf.ring_buffer_consume()
+            self._process_records()
+            for line in self.aggregator.flush():
+                self._send(line)
+            if time.monotonic() >= self._next_lost_check:
+                self._next_lost_check = time.monotonic() + LOST_CHECK_S
+                self._check_losses()
+            self.sink.pump()
+
+    def _process_records(self) -> None:
+        assert self._enricher is not None or not self._records
+        while self._records:
+            data = self._records.popleft()
+            self.records_received += 1
+            try:
+                raw = decode(data)
+            except DecodeError:
+                self.records_malformed += 1
+                self.losses.reader_dropped()
+                continue
+            assert self._enricher is not None
+            event = self._enricher.enrich(raw)
+            for line in self.aggregator.push(event):
+                self._send(line)
+
+    def _send(self, event: AuditEvent) -> None:
+        self.event_lines += 1
+        self.sink.submit(event_record(event))
+
+    def _check_losses(self) -> None:
+        lost_kernel = self.kernel_stat(layout.STAT_EVENTS_LOST)
+        if lost_kernel is not None:
+            event = self.losses.kernel_reading(lost_kernel)
+            if event is not None:
+                self._send(event)
+        event = self.losses.reader_report()
+        if event is not None:
+            self._send(event)
+
+    def kernel_stat(self, index: int) -> int | None:
+        """A guard_stats counter summed over CPUs, or None without a kernel."""
+        if self.kernel is None:
+            return None
+        try:
+            table = self.kernel.map("guard_stats")
+            return int(sum(int(v) for v in table.getvalue(table.Key(index))))
+        except (KeyError, OSError, ValueError):
+            return None
+
+    # -- reload --------------------------------------------------------------------
+
+    def reload(self, reason: str) -> bool:
+        """Re-read, compile and apply; on any error keep what is in force. Thread: main."""
+        notify.reloading()
+        self.reloads += 1
+        outcome = ReloadOutcome(time.time_ns(), False, reason)
+        loaded = load_policies(self.policies, self.host_cgroup)
+        if not isinstance(loaded, PolicyLoad):
+            outcome.errors = [str(d) for d in loaded if d.severity == "error"]
+            self._reload_failed(outcome, f"{len(outcome.errors)} error(s) in the policies")
+            return False
+        from guard.apply import ApplyError
+
+        try:
+            result = self.applier.apply(loaded.plan)
+        except (ApplyError, OSError) as error:
+            outcome.errors = [str(error)]
+            self._reload_failed(outcome, "applying the new policies failed")
+            return False
+        for warning in result.warnings:
+            self.say(SEV_WARNING, "apply", warning)
+        self.generation, self.active_slot = result.generation, result.slot
+        self.current = loaded
+        self.unenforced = unenforced(loaded.policy_set, self.unavailable)
+        for message in self.unenforced:
+            self.say(SEV_ERR, "unenforced", message)
+        outcome.ok, outcome.revision, outcome.changed = True, str(loaded.revision), result.changed
+        self.last_reload = outcome
+        summary = self._summary(loaded)
+        self.say(SEV_INFO, "reload",
+                 f"reloaded: {summary}" + ("" if result.changed else " (no change)"),
+                 (("revision", str(loaded.revision)), ("generation", self.generation),
+                  ("changed", int(result.changed))))
+        notify.ready(summary)
+        return True
+
+    def _reload_failed(self, outcome: ReloadOutcome, why: str) -> None:
+        self.last_reload = self.last_reload_error = outcome
+        kept = str(self.current.revision) if self.current else "none"
+        self.say(SEV_ERR, "reload", f"reload rejected ({why}); still enforcing revision {kept}")
+        for error in outcome.errors:
+            self.say(SEV_ERR, "reload", error)
+        notify.ready(f"reload rejected; {self._summary(self.current)}" if self.current else "")
+
+    # -- stop ----------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Report what is pending, detach everything, deliver the last lines."""
+        notify.stopping()
+        with self._lock:
+            if self.kernel is not None:
+                with contextlib.suppress(Exception):
+                    self.kernel.bpf.ring_buffer_consume()
+                self._process_records()
+                self._check_losses()
+            for line in self.aggregator.flush(force=True):
+                self._send(line)
+            self._close_kernel()
+        self.say(SEV_INFO, "stop", "stopped; every program detached")
+        self.sink.close(timeout=2.0)
+        self._close_status_socket()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _close_kernel(self) -> None:
+        kernel, self.kernel = self.kernel, None
+        self._ringbuf_fd = -1
+        if kernel is not None:
+            try:
+                kernel.close()
+            except Exception as error:
+                self.say(SEV_ERR, "stop", f"detaching failed: {error}")
+
+    # -- status --------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Everything ``guard status`` shows; safe to call from the status thread."""
+        with self._lock:
+            current = self.current
+            policies = []
+            rules: dict[str, int] = {}
+            if current is not None:
+                for rule in current.plan.rules:
+                    rules[rule.policy] = rules.get(rule.policy, 0) + 1
+                for policy in current.policy_set.policies:
+                    policies.append({
+                        "name": policy.name,
+                        "mode": str(policy.mode),
+                        "file": policy.location.file,
+                        "sections": [s for s in ("exec", "files", "egress")
+                                     if getattr(policy, s) is not None],
+                        "scope": (list(policy.scope.cgroups) + list(policy.scope.units))
+                        or ["(host)"],
+                        "rules": rules.get(policy.name, 0),
+                    })
+            agg = self.aggregator.stats()
+            sink = self.sink.stats()
+            kernel = {name: self.kernel_stat(index) for name, index in (
+                ("events", layout.STAT_EVENTS), ("lost", layout.STAT_EVENTS_LOST),
+                ("undecided", layout.STAT_UNDECIDED), ("denied", layout.STAT_DENIED),
+                ("audited", layout.STAT_AUDITED), ("suppressed", layout.STAT_SUPPRESSED))}
+            return {
+                "pid": os.getpid(),
+                "uptime_s": round(time.monotonic() - self.started, 3),
+                "started": _iso(self.started_ns),
+                "policies_dir": self.policies,
+                "host_cgroup": self.host_cgroup,
+                "revision": str(current.revision) if current else None,
+                "generation": self.generation,
+                "active_slot": self.active_slot,
+                "policies": policies,
+                "rules": len(current.plan.rules) if current else 0,
+                "families": {"enforced": self.enforced, "unavailable": self.unavailable,
+                             "unenforced": self.unenforced},
+                "events": {
+                    "received": self.records_received,
+                    "lines": self.event_lines,
+                    "aggregated": agg.aggregated,
+                    "pending": agg.pending,
+                    "delivered": sink.delivered,
+                    "lost": {"ringbuf": self.losses.kernel_lost,
+                             "reader": self.losses.reader_lost,
+                             "malformed": self.records_malformed,
+                             "sink": sink.overflow},
+                },
+                "kernel": kernel,
+                "sink": asdict(sink),
+                "reloads": self.reloads,
+                "last_reload": _outcome(self.last_reload),
+                "last_reload_error": _outcome(self.last_reload_error),
+            }
+
+    def _claim_status_socket(self) -> None:
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.state_dir / STATUS_SOCKET
+        if path.exists() or path.is_symlink():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # stale: left by a daemon that died
+            else:
+                raise RuntimeError(f"another guard daemon answers on {path}; not starting")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)  # the socket is born 0600: no window with wider rights
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(8)
+        self._status_sock = sock
+        self._status_thread = threading.Thread(target=self._serve_status, name="guard-status",
+                                               daemon=True)
+        self._status_thread.start()
+
+    def _serve_status(self) -> None:
+        sock = self._status_sock
+        assert sock is not None
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return  # closed at shutdown
+            with conn:
+                conn.settimeout(2.0)
+                try:
+                    reply = self._answer(_read_line(conn))
+                except (OSError, ValueError) as error:
+                    reply = {"ok": False, "error": str(error)}
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps(reply, sort_keys=True).encode() + b"\n")
+
+    def _answer(self, request: bytes) -> dict[str, Any]:
+        """Requests are one JSON line: {"command": "status"} (more commands later)."""
+        body = json.loads(request or b"{}")
+        command = body.get("command", "status") if isinstance(body, dict) else None
+        if command == "status":
+            return {"ok": True, "status": self.status()}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    def _close_status_socket(self) -> None:
+        sock, self._status_sock = self._status_sock, None
+        if sock is None:
+            return
+        path = self.state_dir / STATUS_SOCKET
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _read_line(conn: socket.socket, limit: int = 65536) -> bytes:
+    data = b""
+    while b"\n" not in data and len(data) < limit:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+def _iso(time_ns: int) -> str:
+    return datetime.datetime.fromtimestamp(time_ns / 1e9, datetime.UTC).isoformat(
+        timespec="seconds").replace("+00:00", "Z")
+
+
+def _outcome(outcome: ReloadOutcome | None) -> dict[str, Any] | None:
+    if outcome is None:
+        return None
+    body = asdict(outcome)
+    body["time"] = _iso(body.pop("time_ns"))
+    return body
+
+
+# --- entry points ------------------------------------------------------------------------
+
+
+def _setting(args: argparse.Namespace, name: str, env: str, default: float) -> float:
+    value = getattr(args, name, None)
+    if value is None:
+        value = os.environ.get(env)
+    return float(value) if value is not None else default
+
+
+def run(args: argparse.Namespace) -> int:
+    """``guard run``: enforce until SIGTERM; the exit code."""
+    try:
+        target = parse_target(args.syslog)
+    except TargetError as error:
+        print(f"guard run: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if not Path(args.policies).is_dir():
+        print(f"guard run: --policies {args.policies}: not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.WARNING, format="guard: %(message)s", stream=sys.stderr)
+    sink = Sink(target, queue_size=int(_setting(args, "syslog_queue", "GUARD_SYSLOG_QUEUE",
+                                                10_000)))
+    daemon = Daemon(args.policies, args.host_cgroup, args.state_dir, sink,
+                    aggregate_window=_setting(args, "aggregate_window",
+                                              "GUARD_AGGREGATE_WINDOW", 1.0))
+    # Signals first: a SIGTERM during the (slow) compile must still end cleanly.
+    daemon.install_signals()
+    code = daemon.start()
+    if code != EXIT_OK:
+        daemon._close_kernel()
+        sink.close(timeout=0.5)
+        daemon._close_status_socket()
+        return code
+    if daemon._stop:  # asked to stop while starting
+        daemon.shutdown()
+        return EXIT_OK
+    return daemon.serve()
+
+
+def query(state_dir: str, command: str = "status", timeout: float = 5.0) -> dict[str, Any]:
+    """Ask the running daemon; OSError when none answers."""
+    path = Path(state_dir) / STATUS_SOCKET
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    reply = json.loads(data)
+    if not isinstance(reply, dict):
+        raise ValueError("malformed reply")
+    return reply
+
+
+def status(args: argparse.Namespace) -> int:
+    """``guard status [--json]``."""
+    try:
+        reply = query(args.state_dir)
+    except (OSError, ValueError) as error:
+        reason = "no daemon is running" if isinstance(error, FileNotFoundError | \
+            ConnectionRefusedError) else str(error)
+        print(f"guard status: {reason} (state dir {args.state_dir})", file=sys.stderr)
+        return EXIT_RUNTIME
+    if not reply.get("ok"):
+        print(f"guard status: {reply.get('error')}", file=sys.stderr)
+        return EXIT_RUNTIME
+    body = reply["status"]
+    if args.json:
+        print(json.dumps(body, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(format_status(body))
+    return EXIT_OK
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    text = f"{hours}h{minutes:02d}m{s:02d}s" if hours or days else f"{minutes}m{s:02d}s"
+    return f"{days}d{text}" if days else text
+
+
+def format_status(body: Mapping[str, Any]) -> str:
+    """The human-readable ``guard status``."""
+    lines = [
+        f"guard: running, pid {body['pid']}, up {_duration(body['uptime_s'])}",
+        f"revision: {body['revision']}  generation {body['generation']}  "
+        f"({len(body['policies'])} policies, {body['rules']} rules) from {body['policies_dir']}",
+    ]
+    fam = body["families"]
+    lines.append(f"enforced: {', '.join(fam['enforced']) or 'nothing'}")
+    for name, why in sorted(fam["unavailable"].items()):
+        lines.append(f"unavailable: {name}: {why}")
+    for message in fam["unenforced"]:
+        lines.append(f"ERROR: {message}")
+    if body["policies"]:
+        lines.append("policies:")
+        width = max(len(p["name"]) for p in body["policies"])
+        for p in body["policies"]:
+            lines.append(f"  {p['name']:<{width}}  {p['mode']:<7}  rules {p['rules']:<4} "
+                         f"{','.join(p['sections']) or '-':<18} scope {','.join(p['scope'])}"
+                         f"  ({p['file']})")
+    ev = body["events"]
+    lost = ev["lost"]
+    lines.append(f"events: received {ev['received']}, lines {ev['lines']}, "
+                 f"aggregated {ev['aggregated']}, pending {ev['pending']}")
+    lines.append(f"lost: ring buffer {lost['ringbuf']}, reader {lost['reader']} "
+                 f"(malformed {lost['malformed']}), syslog queue {lost['sink']}")
+    sink = body["sink"]
+    state = "connected" if sink["connected"] else "NOT connected"
+    lines.append(f"syslog: {sink['target']} {state}, delivered {sink['delivered']}, "
+                 f"queued {sink['queued']}" + (f", last error: {sink['last_error']}"
+                                               if sink["last_error"] else ""))
+    kernel = body.get("kernel") or {}
+    if any(v is not None for v in kernel.values()):
+        lines.append("kernel: " + ", ".join(f"{k} {v}" for k, v in kernel.items()
+                                            if v is not None))
+    last = body.get("last_reload")
+    if last:
+        verdict = "ok" if last["ok"] else "REJECTED"
+        lines.append(f"last reload: {verdict} at {last['time']} ({body['reloads']} reloads)")
+    error = body.get("last_reload_error")
+    if error:
+        lines.append(f"last reload error at {error['time']}:")
+        lines.extend(f"  {e}" for e in error["errors"])
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["Daemon", "format_status", "load_policies", "query", "run", "status",
+           "unenforced"]
