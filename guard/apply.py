@@ -26,6 +26,7 @@ at most half of each map's entries (``validate``).
 from __future__ import annotations
 
 import ctypes
+import functools
 import ipaddress
 import logging
 import os
@@ -127,17 +128,22 @@ def ruleset_entries(plan: Plan, slot: int) -> dict[bytes, bytes]:
     return out
 
 
-def net_key(slot: int, ruleset: int, network: str) -> tuple[str, bytes]:
-    """(map name, LPM key): prefixlen counts the 32 ruleset bits, ruleset is big-endian."""
+@functools.lru_cache(maxsize=1 << 18)
+def _network_parts(network: str) -> tuple[str, bytes, bytes]:
+    """(map name, prefixlen field, address bytes); cached: a reload parses each once."""
     net = ipaddress.ip_network(network)
     if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
         mapped = net.network_address.ipv4_mapped
         if mapped is not None:  # the model stores these as IPv4; be safe anyway
             net = ipaddress.IPv4Network((mapped, net.prefixlen - 96))
-    qualified = qualified_ruleset(slot, ruleset).to_bytes(4, "big")
-    prefixlen = _u32(32 + net.prefixlen)
     name = NET4 if net.version == 4 else NET6
-    return name, prefixlen + qualified + net.network_address.packed
+    return name, _u32(32 + net.prefixlen), net.network_address.packed
+
+
+def net_key(slot: int, ruleset: int, network: str) -> tuple[str, bytes]:
+    """(map name, LPM key): prefixlen counts the 32 ruleset bits, ruleset is big-endian."""
+    name, prefixlen, address = _network_parts(network)
+    return name, prefixlen + qualified_ruleset(slot, ruleset).to_bytes(4, "big") + address
 
 
 def net_entries(plan: Plan, slot: int) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
@@ -387,6 +393,7 @@ class Applier:
     _live: list[SlotEntries] = field(default_factory=lambda: [_empty_entries(),
                                                               _empty_entries()])
     _writer: MapWriter | None = None
+    _inputs: list[object] = field(default_factory=lambda: [None, None])
 
     def writer(self) -> MapWriter:
         if self._writer is None:
@@ -429,20 +436,29 @@ class Applier:
         active = config.active_slot & 1
         idle = 1 - active
 
+        inputs = (plan, ids, exec_items, file_items)
+        if self.plans[active] is not None and inputs == self._inputs[active]:
+            # same plan, same ids: the active slot already holds exactly this
+            return ApplyResult(False, config.generation, active, 0, 0, 0, 0,
+                               time.monotonic() - start, tuple(warnings))
         current = slot_entries(plan, active, ids, exec_items, file_items)
         added, removed, updated = diff_counts(self._live[active], current)
         if not (added or removed or updated) and self.plans[active] is not None:
+            # other rule names or locations, same entries: only the event mapping changes
             self.plans[active] = plan
+            self._inputs[active] = inputs
             return ApplyResult(False, config.generation, active, 0, 0, 0, 0,
                                time.monotonic() - start, tuple(warnings))
 
         new = slot_entries(plan, idle, ids, exec_items, file_items)
         written = self._fill(idle, new)
         self.plans[idle] = plan
+        self._inputs[idle] = inputs
         generation = (config.generation + 1) & 0xFFFFFFFF
         writer.write_config(layout.Config(active_slot=idle, generation=generation))
         if self.settle_s > 0:
             time.sleep(self.settle_s)
+        self._inputs[active] = None  # emptied below; its plan stays for late events
         written += self._clear(active)
         return ApplyResult(True, generation, idle, added, removed, updated, written,
                            time.monotonic() - start, tuple(warnings))
