@@ -261,7 +261,12 @@ def _try_load(text: str, prog_type: int | None, attach_type: int = -1) -> str | 
             bpf.load_func(b"guard_probe", prog_type, attach_type=attach_type)
         return None
     except Exception as error:
-        return str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+        text = str(error).strip()
+        last = text.splitlines()[-1] if text else repr(error)
+        if "super-user" in last:  # bcc's words for EPERM from BPF_PROG_LOAD
+            return "the kernel refused to load it (EPERM; on this kind of host: no "\
+                   "trampolines for LSM programs)"
+        return last
     finally:
         if bpf is not None:
             bpf.cleanup()

@@ -71,7 +71,7 @@ class Env:
         return str(out.strip())
 
     def count(self, name: str) -> int:
-        return sum(1 for _ in self.kernel.map(name).keys())
+        return sum(1 for _ in self.kernel.map(name))
 
     def config(self) -> layout.Config:
         value = self.kernel.map("guard_config")[ctypes_u32(0)]
@@ -212,3 +212,27 @@ def test_apply_time_by_number_of_rules(env: Env, count: int,
               f"swap to another {swap.seconds * 1000:8.1f} ms (written {swap.written}, "
               f"incl. {applier.settle_s * 1000:.0f} ms settle)")
     assert first < 60  # generous: a sanity bound, the numbers are what matters
+
+
+ATTACH_TYPES = (1, 10, 11, 14, 15)  # egress, connect4/6, sendmsg4/6
+
+
+def test_close_detaches_everything_and_a_failed_attach_leaves_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from support.cgroup import attached_programs
+
+    from guard import loader
+
+    need_root()
+    with TestCgroup.create() as cg:
+        with Kernel(families={"net"}, host_cgroup=cg.path) as kernel:
+            assert len(kernel.attached) == 5
+            assert [attached_programs(cg.directory, t) for t in ATTACH_TYPES] == [1] * 5
+        assert [attached_programs(cg.directory, t) for t in ATTACH_TYPES] == [0] * 5
+        # the fourth program cannot load: the three attached before it are detached
+        broken = (*loader.NET_PROGRAMS[:3], loader.Program("no_such_function", 18, 15),
+                  *loader.NET_PROGRAMS[4:])
+        monkeypatch.setitem(loader.CGROUP_PROGRAMS, "net", broken)
+        with pytest.raises(loader.LoadError, match="no_such_function"):
+            Kernel(families={"net"}, host_cgroup=cg.path)
+        assert [attached_programs(cg.directory, t) for t in ATTACH_TYPES] == [0] * 5

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from support import need, need_root
-from support.cgroup import TestCgroup
+from support.cgroup import TestCgroup, attached_programs
 from support.netns import NetLab
 
 from guard import layout
@@ -139,6 +139,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         with Kernel(families={"net"}, host_cgroup=top.path) as kernel:
             yield Env(top, inside, outside, lab, kernel, Applier(kernel), EventTap(kernel),
                       policy_dir)
+        # proof that nothing stays attached: egress, connect4/6, sendmsg4/6
+        assert [attached_programs(top.directory, t) for t in (1, 10, 11, 14, 15)] == [0] * 5
 
 
 def blocked(result: dict[str, Any]) -> bool:

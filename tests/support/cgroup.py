@@ -152,3 +152,36 @@ def terminate(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=timeout)
+
+
+BPF_SYSCALL_X86_64 = 321
+BPF_PROG_QUERY = 16
+
+
+def attached_programs(directory: Path, attach_type: int) -> int:
+    """How many BPF programs are attached to a cgroup for one attach type.
+
+    BPF_PROG_QUERY through the raw syscall (bcc has no wrapper), so a test can
+    prove it left nothing attached. x86_64 only; -1 elsewhere.
+    """
+    import platform
+
+    if platform.machine() != "x86_64":
+        return -1
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        # union bpf_attr, query part: target_fd, attach_type, query_flags,
+        # attach_flags, prog_ids (u64 pointer), prog_cnt
+        attr = (ctypes.c_uint8 * 128)()
+        ctypes.c_uint32.from_buffer(attr, 0).value = fd
+        ctypes.c_uint32.from_buffer(attr, 4).value = attach_type
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        res = libc.syscall(ctypes.c_long(BPF_SYSCALL_X86_64), ctypes.c_long(BPF_PROG_QUERY),
+                           ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
+        if res != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"BPF_PROG_QUERY: {os.strerror(err)}")
+        return int(ctypes.c_uint32.from_buffer(attr, 24).value)
+    finally:
+        os.close(fd)
