@@ -59,8 +59,8 @@ struct guard_net_dest {
 	__u8  addr[16];             /* IPv4 in the first 4 bytes, network order */
 };
 
-/* Who opened a socket: skb egress runs in any context (softirq, timers), so the
- * process fields of its events come from here, recorded at connect/sendmsg. */
+/* Who connected a socket: skb egress runs in any context (softirq, timers), so
+ * the process fields of its events come from here, recorded at connect. */
 struct guard_net_owner {
 	__u64 cgroup_id;
 	__u32 pid;
@@ -205,7 +205,7 @@ static __always_inline void guard_net_event_fill(struct guard_event *e, __u8 hoo
 }
 
 /* Remember the process behind a socket for the egress program's events. */
-static __always_inline void guard_net_mark(struct bpf_sock_addr *ctx, __u32 outbound)
+static __always_inline void guard_net_mark(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
 	struct guard_net_owner *owner;
@@ -221,8 +221,7 @@ static __always_inline void guard_net_mark(struct bpf_sock_addr *ctx, __u32 outb
 	owner->tid = (__u32)pid_tgid;
 	owner->uid = (__u32)bpf_get_current_uid_gid();
 	owner->cgroup_id = bpf_get_current_cgroup_id();
-	if (outbound)
-		owner->outbound = 1;
+	owner->outbound = 1;
 	bpf_get_current_comm(&owner->comm, sizeof(owner->comm));
 }
 
@@ -236,7 +235,8 @@ static __always_inline int guard_sock_addr_impl(struct bpf_sock_addr *ctx,
 	__u32 slot = guard_active_slot();
 	int ruleset;
 
-	guard_net_mark(ctx, outbound);
+	if (outbound)   /* connect only: sendmsg runs per datagram, and judges each */
+		guard_net_mark(ctx);
 	ruleset = guard_current_ruleset(slot);
 	if (ruleset < 0)
 		return 1;
