@@ -21,12 +21,27 @@ for users):
    without, then a rule with a protocol beats one without; any rule beats the
    default.
 3. Ties between equally specific rules (from one policy or several) go to the
-   strongest verdict: DENY > WOULD_DENY > AUDIT > ALLOW. So a tie between allow
-   and deny is deny.
-4. A rule's verdict comes from its action and its policy's mode:
-   allow -> ALLOW, audit -> AUDIT, deny -> DENY (enforce) or WOULD_DENY (audit).
-   ``default: deny`` is a deny at the lowest specificity; ``default: allow`` is
-   ALLOW there. Only AUDIT, WOULD_DENY and DENY produce events.
+   strongest verdict: DENY > AUDIT > ALLOW (then the lowest rule id). So a tie
+   between allow and deny is deny. Among defaults, the strongest wins too.
+4. A rule's verdict comes from its action: allow -> ALLOW, audit -> AUDIT,
+   deny -> DENY. ``default: deny`` is a deny at the lowest specificity;
+   ``default: allow`` is ALLOW there.
+5. Mode: an audit-mode policy never changes what is blocked. Rules 2-4 are
+   applied twice per ruleset: E, over its enforce-mode policies alone (nothing
+   matching and no default: ALLOW, no rule); T, over all its policies as if
+   every one were enforced. The decision is
+     E                            when E is DENY;
+     WOULD_DENY with T's rule     else when T is DENY (enforcing the audit-mode
+                                  policies would block it);
+     E when E is AUDIT, else T when T is AUDIT;
+     ALLOW with E's rule (T's when E has none) otherwise.
+   Without audit-mode policies T = E, so the decision is simply E; with only
+   audit-mode policies it is T, its denials reported as WOULD_DENY. (Why not
+   one merge with deny -> WOULD_DENY: then a more specific rule of a trial
+   policy, even an allow, would override an enforcing deny, so a dry run could
+   open what enforcement closes.) The compiler resolves E and T at every entry
+   and in every port table, so the kernel still makes one most-specific lookup.
+   Only AUDIT, WOULD_DENY and DENY produce events.
 """
 
 from __future__ import annotations
@@ -41,7 +56,10 @@ from guard.model import IPNetwork
 
 
 class Verdict(IntEnum):
-    """Ordered by strength: the stronger verdict wins a tie. Values are the kernel's."""
+    """Ordered by strength: the stronger verdict wins a tie. Values are the kernel's.
+
+    WOULD_DENY is never a rule's own verdict: rule 5 above makes it.
+    """
 
     ALLOW = 0
     AUDIT = 1  # allowed, reported
