@@ -75,7 +75,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     plan = _load_plan(args)
     if isinstance(plan, int):
         return plan
-    sys.stdout.write(plan.to_json() if args.json else summarize(plan))  # type: ignore[attr-defined]
+    sys.stdout.write(plan.to_json() if args.json else summarize(plan))  # type: ignore[attr-defined,arg-type]
     return EXIT_OK
 
 
