@@ -9,18 +9,21 @@ The stages, each a small function taking values and returning values:
     rule_table      every rule and default gets a RuleRef (dense ids from 1)
     scope_paths     each policy's scope as normalized cgroup paths
     rulesets        distinct scope paths -> the policies covering them
-    exec_entries    per ruleset and path, the merged exec decision
-    file_entries    per ruleset and path, the merged read / write decisions
+    exec_entries    per ruleset and path, the exec decision
+    file_entries    per ruleset and path, the read / write decisions
     egress_entries  per ruleset and prefix, a complete port table
-    ruleset_defaults per ruleset, the strongest exec / egress default
+    ruleset_defaults per ruleset, the exec / egress defaults
 
-The combination rule itself is written once, in guard/plan.py's docstring.
+The combination rule itself is written once, in guard/plan.py's docstring. Each
+of the last four stages works it out twice per ruleset (rule 5): layer E, the
+enforce-mode policies, and layer T, all policies as if enforced; ``combine``
+joins the two answers, resolved at each entry, so the kernel needs one lookup.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from guard.errors import Diagnostic, Location, PolicyError
@@ -62,18 +65,20 @@ RuleKey = tuple[str, str, int]  # (policy, section, index); index -1 for the def
 
 # --- verdicts ------------------------------------------------------------------
 
+NO_RULE = Decision(Verdict.ALLOW, 0)  # nothing matched and no default
 
-def rule_verdict(action: Action, mode: Mode) -> Verdict:
-    """allow -> ALLOW, audit -> AUDIT, deny -> DENY (enforce) or WOULD_DENY (audit mode)."""
+
+def rule_verdict(action: Action) -> Verdict:
+    """allow -> ALLOW, audit -> AUDIT, deny -> DENY (plan.py rule 4; modes come in at rule 5)."""
     if action is Action.ALLOW:
         return Verdict.ALLOW
     if action is Action.AUDIT:
         return Verdict.AUDIT
-    return Verdict.DENY if mode is Mode.ENFORCE else Verdict.WOULD_DENY
+    return Verdict.DENY
 
 
-def default_verdict(default: Default, mode: Mode) -> Verdict:
-    return rule_verdict(Action.DENY if default is Default.DENY else Action.ALLOW, mode)
+def default_verdict(default: Default) -> Verdict:
+    return Verdict.DENY if default is Default.DENY else Verdict.ALLOW
 
 
 def stronger(current: Decision | None, candidate: Decision) -> Decision:
@@ -83,6 +88,32 @@ def stronger(current: Decision | None, candidate: Decision) -> Decision:
     if (candidate.verdict, -candidate.rule) > (current.verdict, -current.rule):
         return candidate
     return current
+
+
+def combine(enforced: Decision, trial: Decision) -> Decision:
+    """plan.py rule 5: E decides what is blocked; T can only add a report."""
+    if enforced.verdict is Verdict.DENY:
+        return enforced
+    if trial.verdict is Verdict.DENY:
+        return Decision(Verdict.WOULD_DENY, trial.rule)
+    if enforced.verdict is Verdict.AUDIT:
+        return enforced
+    if trial.verdict is Verdict.AUDIT:
+        return trial
+    return enforced if enforced.rule else trial
+
+
+@dataclass(frozen=True)
+class Layers:
+    """A ruleset's two views (plan.py rule 5): E, its enforce-mode policies; T, all of them."""
+
+    enforced: tuple[Policy, ...]
+    trial: tuple[Policy, ...]
+
+
+def layers(ruleset: Ruleset, by_name: Mapping[str, Policy]) -> Layers:
+    members = tuple(by_name[name] for name in ruleset.policies)
+    return Layers(tuple(p for p in members if p.mode is Mode.ENFORCE), members)
 
 
 # --- stage 1: the rule table ---------------------------------------------------
@@ -178,51 +209,97 @@ def rulesets(
 
 # --- stages 4 and 5: exec and file entries -------------------------------------
 
+PathKey = tuple[str, bool]  # (path, subtree)
 
-def _members(ruleset: Ruleset, by_name: Mapping[str, Policy]) -> Iterator[Policy]:
-    return (by_name[name] for name in ruleset.policies)
+
+def parent_dirs(path: str) -> list[str]:
+    """Parent directories of an absolute path, nearest first, ending with ``/``."""
+    parts = [p for p in path.split("/") if p]
+    return ["/" + "/".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def resolve_path(decisions: Mapping[PathKey, Decision], key: PathKey) -> Decision | None:
+    """The decision one layer gives an access that lands on ``key``: the key's own, else
+    the nearest subtree above it (the kernel's walk), else None."""
+    if key in decisions:
+        return decisions[key]
+    for directory in parent_dirs(key[0]):  # for DIR/** too: what is below DIR is below them
+        if (directory, True) in decisions:
+            return decisions[(directory, True)]
+    return None
+
+
+def _exec_layer(policies: Iterable[Policy], ids: Mapping[RuleKey, int]
+                ) -> tuple[dict[PathKey, Decision], Decision | None]:
+    """Per (path, subtree) the strongest decision of one layer, and its strongest default."""
+    merged: dict[PathKey, Decision] = {}
+    default: Decision | None = None
+    for policy in policies:
+        if policy.exec is None:
+            continue
+        default = stronger(default, Decision(default_verdict(policy.exec.default),
+                                             ids[(policy.name, "exec", -1)]))
+        for rule in policy.exec.rules:
+            decision = Decision(rule_verdict(rule.action), ids[(policy.name, "exec", rule.index)])
+            for pattern in rule.paths:
+                key = (pattern.path, pattern.subtree)
+                merged[key] = stronger(merged.get(key), decision)
+    return merged, default
 
 
 def exec_entries(
     sets: Iterable[Ruleset], by_name: Mapping[str, Policy], ids: Mapping[RuleKey, int]
 ) -> tuple[ExecEntry, ...]:
-    """Per (ruleset, path, subtree): the strongest decision among the rules naming it."""
+    """Per (ruleset, path, subtree) named by a rule: E and T resolved there, combined."""
     entries: list[ExecEntry] = []
     for ruleset in sets:
-        merged: dict[tuple[str, bool], Decision] = {}
-        for policy in _members(ruleset, by_name):
-            if policy.exec is None:
-                continue
-            for rule in policy.exec.rules:
-                decision = Decision(rule_verdict(rule.action, policy.mode),
-                                    ids[(policy.name, "exec", rule.index)])
-                for pattern in rule.paths:
-                    key = (pattern.path, pattern.subtree)
-                    merged[key] = stronger(merged.get(key), decision)
-        entries += [ExecEntry(ruleset.id, path, subtree, decision)
-                    for (path, subtree), decision in merged.items()]
+        both = layers(ruleset, by_name)
+        enforced, enforced_default = _exec_layer(both.enforced, ids)
+        trial, trial_default = _exec_layer(both.trial, ids)
+        for key in trial:  # T names every key E names
+            decision = combine(resolve_path(enforced, key) or enforced_default or NO_RULE,
+                               resolve_path(trial, key) or trial_default or NO_RULE)
+            entries.append(ExecEntry(ruleset.id, key[0], key[1], decision))
     return tuple(sorted(entries))
+
+
+def _files_layer(policies: Iterable[Policy], ids: Mapping[RuleKey, int], access: Access
+                 ) -> dict[PathKey, Decision]:
+    merged: dict[PathKey, Decision] = {}
+    for policy in policies:
+        if policy.files is None:
+            continue
+        for rule in policy.files.rules:
+            if access not in rule.access:
+                continue
+            decision = Decision(rule_verdict(rule.action), ids[(policy.name, "files", rule.index)])
+            for pattern in rule.paths:
+                key = (pattern.path, pattern.subtree)
+                merged[key] = stronger(merged.get(key), decision)
+    return merged
 
 
 def file_entries(
     sets: Iterable[Ruleset], by_name: Mapping[str, Policy], ids: Mapping[RuleKey, int]
 ) -> tuple[FileEntry, ...]:
-    """Per (ruleset, path, subtree): the strongest read and write decisions, each on its own."""
+    """Per (ruleset, path, subtree): read and write decided on their own, as for exec.
+
+    An access no rule at a path names stays None there, so the kernel walks on
+    upward, where it finds what resolving here would have found.
+    """
     entries: list[FileEntry] = []
     for ruleset in sets:
-        reads: dict[tuple[str, bool], Decision] = {}
-        writes: dict[tuple[str, bool], Decision] = {}
-        for policy in _members(ruleset, by_name):
-            if policy.files is None:
-                continue
-            for rule in policy.files.rules:
-                decision = Decision(rule_verdict(rule.action, policy.mode),
-                                    ids[(policy.name, "files", rule.index)])
-                for pattern in rule.paths:
-                    key = (pattern.path, pattern.subtree)
-                    for access, table in ((Access.READ, reads), (Access.WRITE, writes)):
-                        if access in rule.access:
-                            table[key] = stronger(table.get(key), decision)
+        both = layers(ruleset, by_name)
+        per_access: dict[Access, dict[PathKey, Decision]] = {}
+        for access in (Access.READ, Access.WRITE):
+            enforced = _files_layer(both.enforced, ids, access)
+            trial = _files_layer(both.trial, ids, access)
+            per_access[access] = {
+                key: combine(resolve_path(enforced, key) or NO_RULE,
+                             resolve_path(trial, key) or NO_RULE)
+                for key in trial
+            }
+        reads, writes = per_access[Access.READ], per_access[Access.WRITE]
         for key in sorted(reads.keys() | writes.keys()):
             entries.append(FileEntry(ruleset.id, key[0], key[1], reads.get(key),
                                      writes.get(key)))
@@ -272,62 +349,140 @@ class _Table:
     lines: tuple[PortMatch, ...]
 
 
-def _ruleset_tables(
-    ruleset: Ruleset, by_name: Mapping[str, Policy], ids: Mapping[RuleKey, int],
-    default: Decision | None, problems: dict[int, list[str]],
-) -> list[_Table]:
+def _egress_layer(policies: Iterable[Policy], ids: Mapping[RuleKey, int]
+                  ) -> tuple[dict[IPNetwork, list[_Line]], Decision | None]:
+    """One layer's port lines per named network, and its strongest egress default."""
     by_network: dict[IPNetwork, list[_Line]] = {}
-    for policy in _members(ruleset, by_name):
+    default: Decision | None = None
+    for policy in policies:
         if policy.egress is None:
             continue
+        default = stronger(default, Decision(default_verdict(policy.egress.default),
+                                             ids[(policy.name, "egress", -1)]))
         for rule in policy.egress.rules:
-            decision = Decision(rule_verdict(rule.action, policy.mode),
+            decision = Decision(rule_verdict(rule.action),
                                 ids[(policy.name, "egress", rule.index)])
             for network in rule.to:
                 by_network.setdefault(network, []).extend(rule_lines(rule, network, decision))
-    if default is None:  # no policy of this ruleset has an egress section, so no rules either
+    return by_network, default
+
+
+def _complete(by_network: Mapping[IPNetwork, list[_Line]], network: IPNetwork,
+              default: Decision) -> list[PortMatch]:
+    """The lines for ``network``: its own and those of every shorter prefix containing it,
+    in specificity order, then the default; cut after the first catch-all."""
+    found = sorted(
+        line
+        for other, lines in by_network.items()
+        if other.version == network.version and network.subnet_of(other)  # type: ignore[arg-type]
+        for line in lines
+    )
+    # dict.fromkeys: a rule naming one prefix twice must not cost two lines.
+    lines = list(dict.fromkeys(item.line for item in found))
+    lines.append(PortMatch(Proto.ANY, 0, PORT_MAX, default))
+    return _cut(lines)
+
+
+def _cut(lines: list[PortMatch]) -> list[PortMatch]:
+    """Drop the lines no connection can reach: those an earlier line covers entirely,
+    which includes everything after the first catch-all."""
+    kept: list[PortMatch] = []
+    for line in lines:
+        if not any(_covers(earlier, line) for earlier in kept):
+            kept.append(line)
+    return kept
+
+
+def _overlap(a: PortMatch, b: PortMatch) -> tuple[Proto, int, int] | None:
+    """What both lines match, or None."""
+    if a.proto is Proto.ANY:
+        proto = b.proto
+    elif b.proto is Proto.ANY or b.proto is a.proto:
+        proto = a.proto
+    else:
+        return None
+    first, last = max(a.first, b.first), min(a.last, b.last)
+    return (proto, first, last) if first <= last else None
+
+
+def _covers(outer: PortMatch, inner: PortMatch) -> bool:
+    return (outer.proto is Proto.ANY or outer.proto is inner.proto) and \
+        outer.first <= inner.first and inner.last <= outer.last
+
+
+def combine_tables(enforced: list[PortMatch], trial: list[PortMatch]) -> list[PortMatch]:
+    """One first-match table deciding like ``combine(first E match, first T match)``.
+
+    For each E line in order, the T lines that overlap it, in order, each cut to the
+    overlap: the first line matching a connection then pairs the first E line and the
+    first T line that match it. A DENY line of E needs no split (T cannot change it),
+    nor does a line whose pieces would all decide as it does. Both lists end with a
+    catch-all, so every connection finds its pair.
+    """
+    out: list[PortMatch] = []
+    for line in enforced:
+        if line.decision.verdict is Verdict.DENY:
+            out.append(line)
+            continue
+        pieces: list[PortMatch] = []
+        for other in trial:
+            both = _overlap(line, other)
+            if both is None:
+                continue
+            pieces.append(PortMatch(*both, combine(line.decision, other.decision)))
+            if _covers(other, line):
+                break  # every connection this E line matches has found its T line
+        if all(piece.decision == line.decision for piece in pieces):
+            out.append(line)
+        else:
+            out += pieces
+    return _cut(out)
+
+
+def _ruleset_tables(
+    ruleset: Ruleset, by_name: Mapping[str, Policy], ids: Mapping[RuleKey, int],
+    by_id: Mapping[int, RuleRef], problems: dict[int, list[str]],
+) -> list[_Table]:
+    both = layers(ruleset, by_name)
+    enforced, enforced_default = _egress_layer(both.enforced, ids)
+    trial, trial_default = _egress_layer(both.trial, ids)
+    if trial_default is None:  # no policy of this ruleset has an egress section
         return []
-    by_network.setdefault(ZERO_V4, [])
-    by_network.setdefault(ZERO_V6, [])
+    trial_differs = any(p.egress is not None for p in both.trial if p.mode is Mode.AUDIT)
+    networks = set(trial) | {ZERO_V4, ZERO_V6}
     tables: list[_Table] = []
-    for network in sorted(by_network, key=_network_order):
-        # Complete: this prefix's lines and those of every shorter prefix containing it.
-        found = sorted(
-            line
-            for other, lines in by_network.items()
-            if other.version == network.version and network.subnet_of(other)  # type: ignore[arg-type]
-            for line in lines
-        )
-        # dict.fromkeys: a rule naming one prefix twice must not cost two lines.
-        lines = list(dict.fromkeys(item.line for item in found))
-        lines.append(PortMatch(Proto.ANY, 0, PORT_MAX, default))
-        cut = next(i for i, line in enumerate(lines) if _is_catch_all(line))
-        lines = lines[: cut + 1]  # nothing after a catch-all line can match
+    for network in sorted(networks, key=_network_order):
+        lines = _complete(enforced, network, enforced_default or NO_RULE)
+        if trial_differs:
+            lines = combine_tables(lines, _complete(trial, network, trial_default))
         if len(lines) > MAX_PORT_LINES:
-            # Blame the rule whose line is the first that does not fit; when only the
-            # default is pushed out, the last rule line is what pushed it.
-            overflow = lines[MAX_PORT_LINES]
-            if overflow is lines[-1] and overflow.decision == default:
-                overflow = lines[MAX_PORT_LINES - 1]
-            offender = overflow.decision.rule
-            names = ", ".join(ruleset.policies)
-            problems.setdefault(offender, []).append(
-                f"the port table for {network} in the ruleset of policies [{names}] needs "
-                f"{len(lines)} lines")
+            problems.setdefault(_blame(lines, by_id), []).append(
+                f"the port table for {network} in the ruleset of policies "
+                f"[{', '.join(ruleset.policies)}] needs {len(lines)} lines")
         tables.append(_Table(ruleset.id, network, tuple(lines)))
     return tables
 
 
+def _blame(lines: list[PortMatch], by_id: Mapping[int, RuleRef]) -> int:
+    """The rule whose line is the first that does not fit; when that is a default,
+    the last rule line before it (what pushed the default out)."""
+    for line in reversed(lines[: MAX_PORT_LINES + 1]):
+        ref = by_id.get(line.decision.rule)
+        if ref is not None and ref.index >= 0:
+            return ref.id
+    return next(line.decision.rule for line in lines if line.decision.rule in by_id)
+
+
 def egress_entries(
     sets: Iterable[Ruleset], by_name: Mapping[str, Policy], ids: Mapping[RuleKey, int],
-    defaults: Mapping[int, RulesetDefaults], rules: tuple[RuleRef, ...],
+    rules: tuple[RuleRef, ...],
 ) -> tuple[tuple[NetEntry, ...], tuple[PortTable, ...]]:
     """Per ruleset and named prefix, a complete port table; tables deduplicated by content."""
     by_id = {r.id: r for r in rules}
     problems: dict[int, list[str]] = {}
     tables: list[_Table] = []
     for ruleset in sets:
-        tables += _ruleset_tables(ruleset, by_name, ids, defaults[ruleset.id].egress, problems)
+        tables += _ruleset_tables(ruleset, by_name, ids, by_id, problems)
     if problems:
         raise PolicyError([_limit_diagnostic(by_id[rule], found)
                            for rule, found in sorted(problems.items())])
@@ -357,21 +512,20 @@ def _limit_diagnostic(rule: RuleRef, found: list[str]) -> Diagnostic:
 def ruleset_defaults(
     sets: Iterable[Ruleset], by_name: Mapping[str, Policy], ids: Mapping[RuleKey, int]
 ) -> tuple[RulesetDefaults, ...]:
-    """Per ruleset, the strongest exec and egress default of its policies (None: no section)."""
+    """Per ruleset, the exec and egress defaults (None: no policy there has the section).
+
+    Each layer's default is its strongest; the two combine by plan.py rule 5.
+    """
     result: list[RulesetDefaults] = []
     for ruleset in sets:
-        exec_default: Decision | None = None
-        egress_default: Decision | None = None
-        for policy in _members(ruleset, by_name):
-            if policy.exec is not None:
-                exec_default = stronger(exec_default, Decision(
-                    default_verdict(policy.exec.default, policy.mode),
-                    ids[(policy.name, "exec", -1)]))
-            if policy.egress is not None:
-                egress_default = stronger(egress_default, Decision(
-                    default_verdict(policy.egress.default, policy.mode),
-                    ids[(policy.name, "egress", -1)]))
-        result.append(RulesetDefaults(ruleset.id, exec_default, egress_default))
+        both = layers(ruleset, by_name)
+        exec_e, exec_t = _exec_layer(both.enforced, ids)[1], _exec_layer(both.trial, ids)[1]
+        net_e, net_t = _egress_layer(both.enforced, ids)[1], _egress_layer(both.trial, ids)[1]
+        result.append(RulesetDefaults(
+            ruleset.id,
+            None if exec_t is None else combine(exec_e or NO_RULE, exec_t),
+            None if net_t is None else combine(net_e or NO_RULE, net_t),
+        ))
     return tuple(result)
 
 
@@ -388,14 +542,12 @@ def compile_policies(
     ids = rule_ids(rules)
     policy_scopes = scope_paths(policy_set, host_cgroup, dict(unit_cgroups or {}))
     sets, scopes = rulesets(policy_scopes)
-    defaults = ruleset_defaults(sets, by_name, ids)
-    net, port_tables = egress_entries(sets, by_name, ids, {d.ruleset: d for d in defaults},
-                                      rules)
+    net, port_tables = egress_entries(sets, by_name, ids, rules)
     return Plan(
         rules=rules,
         rulesets=sets,
         scopes=scopes,
-        defaults=defaults,
+        defaults=ruleset_defaults(sets, by_name, ids),
         exec=exec_entries(sets, by_name, ids),
         files=file_entries(sets, by_name, ids),
         net=net,

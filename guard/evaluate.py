@@ -24,7 +24,7 @@ import ipaddress
 import sys
 from dataclasses import dataclass
 
-from guard.compile import pattern_text, port_text, rule_text, verdict_word
+from guard.compile import parent_dirs, pattern_text, port_text, rule_text, verdict_word
 from guard.layout import MAX_CGROUP_DEPTH, MAX_PATH_DEPTH
 from guard.plan import (
     Decision,
@@ -134,12 +134,6 @@ def normalize_path(path: str) -> str:
     return "/" + "/".join(parts)
 
 
-def ancestors(path: str) -> list[str]:
-    """Parent directories of ``path``, nearest first, ending with ``/``; none for ``/``."""
-    parts = path.strip("/").split("/") if path != "/" else []
-    return ["/" + "/".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
-
-
 @dataclass(frozen=True)
 class _PathHit:
     pattern: str
@@ -161,7 +155,7 @@ def _walk(path: str, entries: list[PathEntry], access: str | None) -> list[_Path
     found: list[tuple[str, PathEntry, int]] = []
     if path in exact:
         found.append((path, exact[path], 0))
-    for depth, directory in enumerate(ancestors(path), start=1):
+    for depth, directory in enumerate(parent_dirs(path), start=1):
         if directory in subtree:
             found.append((pattern_text(directory, True), subtree[directory], depth))
     return [_PathHit(pattern, _decision_of(entry, access), entry, depth)
@@ -201,18 +195,26 @@ def _path_explanation(
             runner = f"more specific than the ruleset's default ({_describe(plan, default)})"
         else:
             runner = "no other entry matches"
+        rule = plan.rule(hit.decision.rule)
+        matched = hit.pattern
+        if rule is not None and rule.index < 0:
+            # Only plan.py rule 5 puts a default on an entry: an audit-mode policy named
+            # this path, and the enforcing policies have no rule for it.
+            matched = "default"
+            kind += (" (an entry only audit-mode policies name; the enforcing policies' "
+                     "default decides, as audit mode never changes what is blocked)")
         if hit.depth > MAX_PATH_DEPTH:
             notes.append(f"the kernel walks at most {MAX_PATH_DEPTH} parent directories; it "
                          f"cannot reach {hit.pattern} and reports the access as undecided")
         return Explanation(
-            operation, target, cgroup, hit.decision.verdict, plan.rule(hit.decision.rule),
-            ruleset, scope, hit.entry, None, hit.pattern, f"{kind}; {runner}", tuple(notes))
+            operation, target, cgroup, hit.decision.verdict, rule, ruleset, scope, hit.entry,
+            None, matched, f"{kind}; {runner}", tuple(notes))
     if default is not None:
         return Explanation(
             operation, target, cgroup, default.verdict, plan.rule(default.rule), ruleset, scope,
             None, None, "default",
             f"no {what} rule of ruleset {ruleset.id} matches {target}, so the ruleset's "
-            f"default applied (the strongest default among its policies)", tuple(notes))
+            f"default applied", tuple(notes))
     tail = ("no policy there has an exec default" if what == "exec"
             else "file rules have no default")
     return Explanation(

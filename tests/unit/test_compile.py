@@ -295,10 +295,10 @@ def test_egress_ties_and_modes() -> None:
         ]),
     ))
     assert table_lines(plan, 0, "192.168.0.0/16") == [
-        ("TCP", 22, 22, "DENY", "a/egress.rules[1]"),  # the tie goes to deny
-        ("TCP", 20, 30, "WOULD_DENY", "b/egress.rules[0]"),
-        ("TCP", 22, 22, "ALLOW", "a/egress.rules[0]"),  # kept, though it can never decide
-        ("ANY", 0, 65535, "WOULD_DENY", "b/egress.default"),  # stronger than a's allow
+        ("TCP", 22, 22, "DENY", "a/egress.rules[1]"),  # the tie goes to deny; the allow
+        # at tcp 22 can never decide, so it takes no line
+        ("TCP", 20, 30, "WOULD_DENY", "b/egress.rules[0]"),  # audit mode: reported, allowed
+        ("ANY", 0, 65535, "WOULD_DENY", "b/egress.default"),  # a allows, b would deny
     ]
 
 

@@ -26,7 +26,7 @@ from guard.evaluate import (
     normalize_path,
     ruleset_for,
 )
-from guard.model import Access, Action, Default, Mode, PolicySet, Protocol
+from guard.model import Access, Action, Default, Mode, PathPattern, Policy, PolicySet, Protocol
 from guard.plan import Plan, Verdict
 from guard.units import unit_cgroup
 
@@ -50,7 +50,7 @@ def realistic() -> PolicySet:
                        ("allow", ["10.0.0.53/32"], [53], "udp"),
                        ("audit", ["fd00::/8"], [], "any")]),
         policy("ci", mode="audit", cgroups=["/ci.slice"], exec_default="deny",
-               exec_rules=[("allow", ["/usr/bin/**"])],
+               exec_rules=[("allow", ["/usr/bin/**", "/tmp/ci/**"])],
                files=[("deny", "rw", ["/home/**"])],
                egress_default="deny", egress=[("allow", ["192.168.0.0/16"], [], "any")]),
         policy("lab", cgroups=["/lab"], exec_default="allow",
@@ -83,8 +83,9 @@ CASES: list[tuple[str, str, str, str, Verdict, str | None]] = [
     (NGINX + "x", "exec", "/bin/sh", "", A, "base/exec.default"),  # a sibling, not inside
     # exec, an audit-mode policy
     ("/ci.slice", "exec", "/usr/local/bin/x", "", WD, "ci/exec.default"),
-    ("/ci.slice/job-1", "exec", "/usr/bin/make", "", A, "ci/exec.rules[0]"),
+    ("/ci.slice/job-1", "exec", "/usr/bin/make", "", A, "base/exec.default"),  # E decides
     ("/ci.slice", "exec", "/tmp/x", "", D, "base/exec.rules[0]"),  # enforce deny still denies
+    ("/ci.slice", "exec", "/tmp/ci/build", "", D, "base/exec.rules[0]"),  # a trial never opens
     # exec, nested scopes: the deepest scope's ruleset holds both policies
     ("/lab", "exec", "/opt/tool", "", D, "lab/exec.rules[0]"),
     ("/lab/inner", "exec", "/opt/tool", "", D, "lab/exec.rules[0]"),  # tie across policies
@@ -111,7 +112,8 @@ CASES: list[tuple[str, str, str, str, Verdict, str | None]] = [
     (NGINX, "connect", "10.0.0.54", "53/udp", D, "web-tier/egress.default"),
     (NGINX, "connect", "fd00::1", "5353/udp", W, "web-tier/egress.rules[2]"),
     (NGINX, "connect", "::ffff:10.9.9.9", "80/tcp", A, "web-tier/egress.rules[0]"),
-    ("/ci.slice", "connect", "192.168.1.1", "22/tcp", A, "ci/egress.rules[0]"),
+    ("/ci.slice", "connect", "192.168.1.1", "22/tcp", A, "base/egress.default"),
+    ("/ci.slice", "connect", "192.168.1.1", "25/tcp", D, "base/egress.rules[0]"),
     ("/ci.slice", "connect", "8.8.8.8", "53/udp", WD, "ci/egress.default"),
     ("/lab", "connect", "8.8.8.8", "25/tcp", D, "base/egress.rules[0]"),
 ]
@@ -233,12 +235,8 @@ class Answer:
     label: str | None
 
 
-def oracle_verdict(action: Action, mode: Mode) -> Verdict:
-    if action is Action.ALLOW:
-        return A
-    if action is Action.AUDIT:
-        return W
-    return D if mode is Mode.ENFORCE else WD
+def oracle_verdict(action: Action) -> Verdict:
+    return {Action.ALLOW: A, Action.AUDIT: W, Action.DENY: D}[action]
 
 
 def oracle_scopes(policies: PolicySet) -> dict[str, list[str]]:
@@ -273,92 +271,115 @@ def pick(candidates: list[Candidate]) -> Answer | None:
     return Answer(best[1], best[4])
 
 
-def oracle_default(policies: PolicySet, names: list[str], section: str) -> Answer:
+NOTHING = Answer(A, None)
+
+
+def oracle_combine(enforced: Answer, trial: Answer) -> Answer:
+    """Rule 5: E blocks; T only adds a report."""
+    if enforced.verdict is D:
+        return enforced
+    if trial.verdict is D:
+        return Answer(WD, trial.label)
+    if enforced.verdict is W:
+        return enforced
+    if trial.verdict is W:
+        return trial
+    return enforced if enforced.label else trial
+
+
+def layered(policies: PolicySet, names: list[str], layer_answer) -> Answer:  # type: ignore[no-untyped-def]
+    """Ask one layer question of E (enforce-mode policies) and of T (all), and combine."""
+    chosen = [p for p in policies.policies if p.name in names]
+    enforced = layer_answer([p for p in chosen if p.mode is Mode.ENFORCE])
+    return oracle_combine(enforced, layer_answer(chosen))
+
+
+def oracle_default(members: list[Policy], section: str) -> Answer:
     candidates: list[Candidate] = []
-    for p in policies.policies:
+    for p in members:
         part = p.exec if section == "exec" else p.egress
-        if p.name in names and part is not None:
+        if part is not None:
             action = Action.DENY if part.default is Default.DENY else Action.ALLOW
-            candidates.append(((), oracle_verdict(action, p.mode), p.name, -1,
+            candidates.append(((), oracle_verdict(action), p.name, -1,
                                f"{p.name}/{section}.default"))
-    return pick(candidates) or Answer(A, None)
+    return pick(candidates) or NOTHING
+
+
+def path_specificity(pat: PathPattern, path: str) -> tuple[int, int] | None:
+    """(1, 0) for an exact match, (0, depth) for a subtree match, None for no match."""
+    if not pat.subtree:
+        return (1, 0) if pat.path == path else None
+    if path != pat.path and (pat.path == "/" or path.startswith(pat.path + "/")):
+        return (0, len([c for c in pat.path.split("/") if c]))
+    return None
 
 
 def oracle_exec(policies: PolicySet, cgroup: str, path: str) -> Answer:
     names = oracle_covering(policies, cgroup)
     if names is None:
-        return Answer(A, None)
-    candidates: list[Candidate] = []
-    for p in policies.policies:
-        if p.name not in names or p.exec is None:
-            continue
-        for rule in p.exec.rules:
-            for pat in rule.paths:
-                if not pat.subtree and pat.path == path:
-                    specificity = (1, 0)
-                elif pat.subtree and path != pat.path and (
-                        pat.path == "/" or path.startswith(pat.path + "/")):
-                    specificity = (0, len([c for c in pat.path.split("/") if c]))
-                else:
-                    continue
-                candidates.append((specificity, oracle_verdict(rule.action, p.mode), p.name,
-                                   rule.index, f"{p.name}/exec.rules[{rule.index}]"))
-    return pick(candidates) or oracle_default(policies, names, "exec")
+        return NOTHING
+
+    def layer(members: list[Policy]) -> Answer:
+        candidates: list[Candidate] = []
+        for p in members:
+            for rule in p.exec.rules if p.exec else ():
+                for pat in rule.paths:
+                    specificity = path_specificity(pat, path)
+                    if specificity is not None:
+                        candidates.append((specificity, oracle_verdict(rule.action), p.name,
+                                           rule.index, f"{p.name}/exec.rules[{rule.index}]"))
+        return pick(candidates) or oracle_default(members, "exec")
+
+    return layered(policies, names, layer)
 
 
 def oracle_open(policies: PolicySet, cgroup: str, path: str, access: str) -> Answer:
     names = oracle_covering(policies, cgroup)
     if names is None:
-        return Answer(A, None)
-    candidates: list[Candidate] = []
-    for p in policies.policies:
-        if p.name not in names or p.files is None:
-            continue
-        for rule in p.files.rules:
-            if Access(access) not in rule.access:
-                continue
-            for pat in rule.paths:
-                if not pat.subtree and pat.path == path:
-                    specificity = (1, 0)
-                elif pat.subtree and path != pat.path and (
-                        pat.path == "/" or path.startswith(pat.path + "/")):
-                    specificity = (0, len([c for c in pat.path.split("/") if c]))
-                else:
+        return NOTHING
+
+    def layer(members: list[Policy]) -> Answer:
+        candidates: list[Candidate] = []
+        for p in members:
+            for rule in p.files.rules if p.files else ():
+                if Access(access) not in rule.access:
                     continue
-                candidates.append((specificity, oracle_verdict(rule.action, p.mode), p.name,
-                                   rule.index, f"{p.name}/files.rules[{rule.index}]"))
-    return pick(candidates) or Answer(A, None)
+                for pat in rule.paths:
+                    specificity = path_specificity(pat, path)
+                    if specificity is not None:
+                        candidates.append((specificity, oracle_verdict(rule.action), p.name,
+                                           rule.index, f"{p.name}/files.rules[{rule.index}]"))
+        return pick(candidates) or NOTHING
+
+    return layered(policies, names, layer)
 
 
 def oracle_connect(policies: PolicySet, cgroup: str, address: str, port: int,
                    proto: str) -> Answer:
     names = oracle_covering(policies, cgroup)
     if names is None:
-        return Answer(A, None)
+        return NOTHING
     addr = ipaddress.ip_address(address)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    candidates: list[Candidate] = []
-    any_egress = False
-    for p in policies.policies:
-        if p.name not in names or p.egress is None:
-            continue
-        any_egress = True
-        for rule in p.egress.rules:
-            if rule.protocol is not Protocol.ANY and rule.protocol.value != proto:
-                continue
-            if rule.ports and not any(r.first <= port <= r.last for r in rule.ports):
-                continue
-            for net in rule.to:
-                if net.version == addr.version and addr in net:
-                    specificity = (net.prefixlen, int(bool(rule.ports)),
-                                   int(rule.protocol is not Protocol.ANY))
-                    candidates.append((
-                        specificity, oracle_verdict(rule.action, p.mode), p.name, rule.index,
-                        f"{p.name}/egress.rules[{rule.index}]"))
-    if not any_egress:
-        return Answer(A, None)
-    return pick(candidates) or oracle_default(policies, names, "egress")
+
+    def layer(members: list[Policy]) -> Answer:
+        candidates: list[Candidate] = []
+        for p in members:
+            for rule in p.egress.rules if p.egress else ():
+                if rule.protocol is not Protocol.ANY and rule.protocol.value != proto:
+                    continue
+                if rule.ports and not any(r.first <= port <= r.last for r in rule.ports):
+                    continue
+                for net in rule.to:
+                    if net.version == addr.version and addr in net:
+                        specificity = (net.prefixlen, int(bool(rule.ports)),
+                                       int(rule.protocol is not Protocol.ANY))
+                        candidates.append((specificity, oracle_verdict(rule.action), p.name,
+                                           rule.index, f"{p.name}/egress.rules[{rule.index}]"))
+        return pick(candidates) or oracle_default(members, "egress")
+
+    return layered(policies, names, layer)
 
 
 # --- random policy sets --------------------------------------------------------
@@ -478,9 +499,40 @@ def test_connect_matches_the_oracle_on_random_ipv4(policies: PolicySet, cgroup: 
 
 
 def test_the_oracle_is_not_vacuous() -> None:
-    """The oracle disagrees with a wrong answer: guard against a test that always passes."""
+    """The oracle gives the answers the semantics say, so it cannot pass everything."""
     policies = policy_set(policy("p", exec_default="allow", exec_rules=[
         ("allow", ["/usr/**"]), ("deny", ["/usr/bin/**"])]))
     assert oracle_exec(policies, "/", "/usr/bin/curl") == Answer(D, "p/exec.rules[1]")
     assert oracle_exec(policies, "/", "/usr/lib/x") == Answer(A, "p/exec.rules[0]")
     assert oracle_exec(policies, "/", "/bin/sh") == Answer(A, "p/exec.default")
+    trial = policy_set(
+        policy("e", exec_default="deny", exec_rules=[("allow", ["/usr/**"])]),
+        policy("t", mode="audit", exec_default="allow", exec_rules=[
+            ("allow", ["/opt/x"]), ("deny", ["/usr/bin/**"])]))
+    assert oracle_exec(trial, "/", "/opt/x") == Answer(D, "e/exec.default")
+    assert oracle_exec(trial, "/", "/usr/bin/ls") == Answer(WD, "t/exec.rules[1]")
+    assert oracle_exec(trial, "/", "/usr/lib/x") == Answer(A, "e/exec.rules[0]")
+
+
+def test_an_audit_mode_policy_never_opens_what_enforcement_closes() -> None:
+    """The flaw plan.py rule 5 fixes: a trial's more specific allow must not unblock."""
+    plan = compile_policies(policy_set(
+        policy("base", exec_default="allow", exec_rules=[("deny", ["/tmp/**"])]),
+        policy("trial", mode="audit", exec_default="deny",
+               exec_rules=[("allow", ["/tmp/build/**"])]),
+        policy("svc", cgroups=["/svc"], egress_default="deny",
+               egress=[("allow", ["10.0.0.0/8"], [443], "tcp")]),
+        policy("svc-trial", cgroups=["/svc"], mode="audit", egress_default="allow",
+               egress=[("allow", ["0.0.0.0/0"], [], "any"),
+                       ("deny", ["10.1.0.0/16"], [443], "tcp")]),
+    ))
+    assert answer(decide_exec(plan, "/", "/tmp/build/x")) == Answer(D, "base/exec.rules[0]")
+    assert answer(decide_exec(plan, "/", "/usr/bin/x")) == Answer(WD, "trial/exec.default")
+    assert answer(decide_connect(plan, "/svc", "8.8.8.8", 53, "udp")) == \
+        Answer(D, "svc/egress.default")
+    assert answer(decide_connect(plan, "/svc", "10.1.1.1", 443, "tcp")) == \
+        Answer(WD, "svc-trial/egress.rules[1]")
+    assert answer(decide_connect(plan, "/svc", "10.2.1.1", 443, "tcp")) == \
+        Answer(A, "svc/egress.rules[0]")
+    assert answer(decide_connect(plan, "/svc", "10.1.1.1", 443, "udp")) == \
+        Answer(D, "svc/egress.default")
