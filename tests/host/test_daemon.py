@@ -499,3 +499,44 @@ def test_a_family_the_kernel_cannot_run_is_a_loud_error_and_the_rest_is_enforced
         assert "exec" in status["families"]["unavailable"]
         assert "exec" not in status["families"]["enforced"]
         assert any(where in message for message in status["families"]["unenforced"])
+
+
+def test_ring_buffer_overflow_is_counted_and_reported(lab: Lab) -> None:
+    """The daemon is stopped (SIGSTOP) while 10,000 connects are denied: more
+    events than the 4 MiB ring buffer holds. After SIGCONT, every denial is
+    either inside a deny line's count or inside the kind=lost line's count."""
+    denied = lab.port()
+    total = 10_000
+    policies = lab.policy_dir("overflow")
+    (policies / "lock.yaml").write_text(egress_policy("lock", denied))
+    with running_guard(lab, policies, "overflow") as guard:
+        os.kill(guard.proc.pid, signal.SIGSTOP)
+        try:
+            pid, results = lab.connect(denied, count=total)
+        finally:
+            os.kill(guard.proc.pid, signal.SIGCONT)
+        assert results == [errno.EPERM] * total
+        mine = str(guard.proc.pid)
+
+        def accounted(lines: list[str]) -> int:
+            messages = guard_messages(lines)
+            denies = sum(int(m.fields["count"]) for m in messages
+                         if m.fields.get("pid") == str(pid))
+            lost = sum(int(m.fields["count"]) for m in messages
+                       if m.procid == mine and m.fields.get("kind") == "lost")
+            return denies + lost
+
+        lab.syslog.wait_for(lambda lines: accounted(lines) >= total, timeout=30)
+        time.sleep(1.5)  # anything more would be a double count
+        lines = lab.syslog.lines()
+        assert accounted(lines) == total
+        [lost] = [m for m in guard_messages(lines)
+                  if m.procid == mine and m.fields.get("kind") == "lost"]
+        assert lost.fields["source"] == "ringbuf" and int(lost.fields["count"]) > 0
+        status = guard.status()
+        assert status["kernel"]["denied"] == total
+        assert status["kernel"]["lost"] == status["events"]["lost"]["ringbuf"] \
+            == int(lost.fields["count"])
+        assert status["events"]["received"] + status["kernel"]["lost"] == total
+        print(f"{total} denials while stopped: {status['events']['received']} through the "
+              f"ring buffer, {lost.fields['count']} counted lost")
