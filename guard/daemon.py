@@ -231,6 +231,8 @@ class Daemon:
         self._status_thread: threading.Thread | None = None
         self._next_lost_check = 0.0
         self._enricher: Enricher | None = None
+        self._ring: Any = None
+        self._stats: Any = None
         self._ringbuf_fd = -1
 
     # -- messages ------------------------------------------------------------------
@@ -337,9 +339,13 @@ class Daemon:
 
         index = CgroupIndex()
         self._enricher = Enricher(rules=self.applier.rule_for, cgroups=index.path)
-        ring = self.kernel.map("guard_events")
-        ring.open_ring_buffer(self._on_record)
-        self._ringbuf_fd = ring.map_fd
+        # Keep the table: bcc keeps the ctypes callback alive only as long as the
+        # table object that opened the ring buffer, and Kernel.map() makes a new
+        # object per call. A collected callback is a segfault at the next event.
+        self._ring = self.kernel.map("guard_events")
+        self._ring.open_ring_buffer(self._on_record)
+        self._ringbuf_fd = self._ring.map_fd
+        self._stats = self.kernel.map("guard_stats")
 
     def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
         """Called by bcc from inside ring_buffer_consume: copy and return, never raise."""
@@ -449,10 +455,10 @@ class Daemon:
 
     def kernel_stat(self, index: int) -> int | None:
         """A guard_stats counter summed over CPUs, or None without a kernel."""
-        if self.kernel is None:
+        if self.kernel is None or self._stats is None:
             return None
         try:
-            table = self.kernel.map("guard_stats")
+            table = self._stats
             return int(sum(int(v) for v in table.getvalue(table.Key(index))))
         except (KeyError, OSError, ValueError):
             return None
@@ -526,11 +532,19 @@ class Daemon:
     def _close_kernel(self) -> None:
         kernel, self.kernel = self.kernel, None
         self._ringbuf_fd = -1
+        self._stats = None
         if kernel is not None:
             try:
                 kernel.close()
             except Exception as error:
                 self.say(SEV_ERR, "stop", f"detaching failed: {error}")
+        self._ring = None  # only now: the ring buffer's callback is gone with the kernel
+
+    def abort(self) -> None:
+        """After a failed start: detach whatever was attached, say what is queued."""
+        self._close_kernel()
+        self.sink.close(timeout=0.5)
+        self._close_status_socket()
 
     # -- status --------------------------------------------------------------------
 
@@ -708,14 +722,9 @@ def run(args: argparse.Namespace) -> int:
     daemon.install_signals()
     code = daemon.start()
     if code != EXIT_OK:
-        daemon._close_kernel()
-        sink.close(timeout=0.5)
-        daemon._close_status_socket()
+        daemon.abort()
         return code
-    if daemon._stop:  # asked to stop while starting
-        daemon.shutdown()
-        return EXIT_OK
-    return daemon.serve()
+    return daemon.serve()  # returns at once, cleanly, if SIGTERM came during the start
 
 
 def query(state_dir: str, command: str = "status", timeout: float = 5.0) -> dict[str, Any]:
