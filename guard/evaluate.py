@@ -293,7 +293,8 @@ def decide_connect(
     notes: list[str] = []
     original = ipaddress.ip_address(address) if isinstance(address, str) else address
     if original.version != addr.version:
-        notes.append(f"{original} is an IPv4-mapped IPv6 address: decided as IPv4 {addr}")
+        shown_original = address if isinstance(address, str) else original
+        notes.append(f"{shown_original} is an IPv4-mapped IPv6 address: decided as IPv4 {addr}")
     found = ruleset_for(plan, cgroup)
     if found is None:
         return _unscoped("connect", target, cgroup, plan)
@@ -333,7 +334,8 @@ def decide_connect(
         why += f" (inherited from the shorter prefix {origin.network})"
     if len(matching) > 1:
         after = matching[1]
-        why += f"; the next matching line is {port_text(after)} ({_describe(plan, after.decision)})"
+        why += (f"; next matching line: {verdict_word(after.decision.verdict)} "
+                f"{port_text(after)} by {rule_text(plan, after.decision.rule)}")
     return Explanation("connect", target, cgroup, line.decision.verdict, rule, ruleset, scope,
                        best, line, f"to {origin.network} {port_text(line)}", why, tuple(notes))
 
