@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import operator
 import os
+import re
 import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from guard import layout
@@ -118,6 +120,9 @@ def decode(data: bytes | bytearray | memoryview) -> RawEvent:
     )
 
 
+_PLAIN_ASCII = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the backslash
+
+
 def printable(raw: bytes) -> str:
     """Kernel strings are bytes; make them one safe line of text.
 
@@ -125,6 +130,8 @@ def printable(raw: bytes) -> str:
     file name must not start a forged log line) and the backslash itself become
     ``\\xNN``, so the text maps back to exactly one byte string.
     """
+    if _PLAIN_ASCII.fullmatch(raw):  # the common case, and the cheap one
+        return raw.decode("ascii")
     text = raw.decode("utf-8", errors="surrogateescape")
     out: list[str] = []
     for ch in text:
@@ -178,9 +185,16 @@ class AuditEvent:
         host = f"[{self.addr}]" if ":" in self.addr else self.addr
         return f"{host}:{self.port}/{self.proto}"
 
-    def identity(self) -> AuditEvent:
-        """The event with what may differ between identical events cleared."""
-        return replace(self, time_ns=0, tid=0, count=0)
+    def identity(self) -> tuple[object, ...]:
+        """Every field except those that may differ between identical events
+        (time, tid, count): the aggregation key."""
+        key: tuple[object, ...] = _identity(self)
+        return key
+
+
+# attrgetter builds the key tuple in C: this runs once per event of a flood
+_identity = operator.attrgetter(
+    *(f.name for f in fields(AuditEvent) if f.name not in ("time_ns", "tid", "count")))
 
 
 def lost_event(count: int, source: str, time_ns: int | None = None) -> AuditEvent:
@@ -402,12 +416,16 @@ class Aggregator:
         self.window = window
         self.clock = clock
         self.max_keys = max_keys
-        self._open: OrderedDict[AuditEvent, _Window] = OrderedDict()
+        # Ordered by closing time: a window is appended when it opens and moved to
+        # the end when it reopens, and every window is ``window`` long, so flush()
+        # only looks at the front.
+        self._open: OrderedDict[tuple[object, ...], _Window] = OrderedDict()
         self.seen = 0
         self.emitted_lines = 0
+        self._pending = 0
 
     def stats(self) -> AggregatorStats:
-        return AggregatorStats(self.seen, self.emitted_lines, self.pending)
+        return AggregatorStats(self.seen, self.emitted_lines, self._pending)
 
     def push(self, event: AuditEvent) -> list[AuditEvent]:
         """Take one event; return what must go out now (closed windows first)."""
@@ -420,6 +438,7 @@ class Aggregator:
         if window is not None:
             window.repeats += event.count
             window.last = event
+            self._pending += event.count
             return out
         if len(self._open) < self.max_keys:
             self._open[key] = _Window(first=event, closes_at=self.clock() + self.window)
@@ -429,29 +448,32 @@ class Aggregator:
         """Lines of the windows that have closed (all of them with ``force``)."""
         now = self.clock()
         out: list[AuditEvent] = []
-        for key in list(self._open):
-            window = self._open[key]
+        reopened: list[tuple[tuple[object, ...], _Window]] = []
+        while self._open:
+            key, window = next(iter(self._open.items()))
             if not force and window.closes_at > now:
-                continue
+                break
+            del self._open[key]
             if window.repeats and window.last is not None:
                 out.append(replace(window.last, count=window.repeats))
-                if force:
-                    del self._open[key]
-                else:
+                self._pending -= window.repeats
+                if not force:
                     window.repeats, window.last = 0, None
                     window.closes_at = now + self.window
-            else:
-                del self._open[key]
+                    reopened.append((key, window))
+        self._open.update(reopened)  # at the end: they close last
         return self._emit([], out)
 
     def next_deadline(self) -> float | None:
         """Clock time when the earliest open window closes."""
-        return min((w.closes_at for w in self._open.values()), default=None)
+        for window in self._open.values():
+            return window.closes_at
+        return None
 
     @property
     def pending(self) -> int:
         """Events counted but not yet sent in a line."""
-        return sum(w.repeats for w in self._open.values())
+        return self._pending
 
     def _emit(self, out: list[AuditEvent], events: Iterable[AuditEvent]) -> list[AuditEvent]:
         new = list(events)

@@ -3,6 +3,7 @@ runs the real daemon)."""
 
 from __future__ import annotations
 
+import argparse
 import secrets
 import socket
 import textwrap
@@ -185,3 +186,33 @@ def test_format_status() -> None:
     assert "syslog: unix:/dev/log NOT connected, delivered 3, queued 5" in text
     assert "last reload: REJECTED" in text
     assert "  /etc/guard/policies/m.yaml:3:1: error: bad" in text
+
+
+# --- guard run: refusals before anything is touched -------------------------------------------
+
+
+def run_args(policies: str, syslog: str, state_dir: str) -> argparse.Namespace:
+    from guard.cli import build_parser
+
+    return build_parser().parse_args(["run", "--policies", policies, "--syslog", syslog,
+                                      "--state-dir", state_dir])
+
+
+@pytest.mark.parametrize("target", ["syslog.example:514", "tcp://host", "unix:relative"])
+def test_run_refuses_a_bad_syslog_target(tmp_path: Path, target: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from guard.daemon import run
+
+    assert run(run_args(str(tmp_path), target, str(tmp_path / "state"))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("guard run: ") and "syslog target" in err
+    assert not (tmp_path / "state").exists()
+
+
+def test_run_refuses_a_missing_policy_directory(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from guard.daemon import run
+
+    missing = str(tmp_path / "nope")
+    assert run(run_args(missing, "/dev/log", str(tmp_path / "state"))) == 2
+    assert "not a directory" in capsys.readouterr().err
