@@ -56,7 +56,6 @@ from guard.plan import (
 )
 from guard.units import cgroup_contains, check_unit_name, normalize_cgroup, resolve_unit
 
-SECTIONS = ("egress", "exec", "files")  # sorted: RuleRef ids follow this order
 PROTO_OF = {Protocol.ANY: Proto.ANY, Protocol.TCP: Proto.TCP, Protocol.UDP: Proto.UDP}
 PORT_MAX = 65535
 
@@ -318,10 +317,6 @@ class _Line:
 
     key: tuple[int, int, int, int, int, int, int, int]
     line: PortMatch
-
-
-def _is_catch_all(line: PortMatch) -> bool:
-    return line.proto is Proto.ANY and line.first == 0 and line.last == PORT_MAX
 
 
 def rule_lines(rule: NetRule, network: IPNetwork, decision: Decision) -> list[_Line]:

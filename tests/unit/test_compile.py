@@ -399,7 +399,14 @@ def sample_policies(shuffle: random.Random | None = None) -> list[Policy]:
                         mix_ports([443, 80, (8000, 8100)]), "tcp"),
                        ("allow", ["10.0.0.53/32"], [53], "udp")]),
         policy("watch", mode="audit", cgroups=mix(["/a", "/a/b", "/c"]), exec_default="deny",
-               exec_rules=[("audit", ["/usr/bin/**"])]),
+               exec_rules=[("audit", ["/usr/bin/**"])],
+               files=[("deny", "rw", mix(["/home/**", "/root/**"]))],
+               egress_default="deny",
+               egress=[("allow", mix(["10.0.0.0/8", "2001:db8::/32"]), mix_ports([22, 443]),
+                        "tcp"),
+                       ("audit", ["10.9.0.0/16"], [], "any")]),
+        policy("watch-too", mode="audit", units=["php-fpm.service"], exec_default="allow",
+               exec_rules=[("deny", mix(["/usr/bin/curl", "/usr/lib/x/**"]))]),
     ]
     if shuffle:
         shuffle.shuffle(found)
@@ -462,8 +469,8 @@ def test_json_identical_under_different_hash_seeds() -> None:
 def test_summarize_lists_rulesets_scopes_and_rules_with_locations() -> None:
     plan = compile_policies(policy_set(*sample_policies()))
     text = summarize(plan)
-    assert "ruleset 2: policies base, web\n" in text
-    assert "scope cgroups: /system.slice/nginx.service, /system.slice/php-fpm.service" in text
+    assert "ruleset 3: policies base, web\n  scope cgroups: /system.slice/nginx.service\n" in text
+    assert "ruleset 2: policies base, watch-too, web\n" in text
     assert "deny   /usr/bin/curl    web/exec.rules[1] (web.yaml:102:9)" in text
     assert "tcp port 25" in text and "any port (any protocol)" in text
     assert text.endswith("\n")
