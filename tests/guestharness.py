@@ -32,6 +32,7 @@ Inside the guest, ``GUARD_IN_GUEST=1`` is set; tests can use :func:`in_guest`.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shlex
@@ -61,6 +62,7 @@ KERNEL_FILE = STATE_DIR / "guest-kernel"
 LSM_APPEND = "lsm=lockdown,capability,landlock,bpf"
 DEFAULT_TIMEOUT_S = 45 * 60
 POLL_S = 0.2
+GRACEFUL_EXIT_S = 90.0  # for the guest to finish its pytest and power off after the last test
 
 RESULTS = "results.jsonl"
 NODEIDS = "nodeids.json"
@@ -186,6 +188,7 @@ class GuestRun:
         self.ended_at: float | None = None
         self.booted_after: float | None = None
         self._buffer = b""
+        self._announced = False
         self._offset = 0
         self._log: IO[bytes] | None = None
         self._pump: threading.Thread | None = None
@@ -324,11 +327,10 @@ class GuestRun:
 
     def wait_for(self, nodeid: str, on_boot: Any = None) -> _ItemResult | None:
         """Wait until the guest has reported ``nodeid`` (or the run has ended); None if never."""
-        announced = False
         while True:
             self._read_results()
-            if on_boot is not None and not announced and self.guest_info is not None:
-                announced = True
+            if on_boot is not None and not self._announced and self.guest_info is not None:
+                self._announced = True
                 on_boot(self)
             result = self.results.get(nodeid)
             if result is not None and result.finished:
@@ -344,6 +346,10 @@ class GuestRun:
                 self._finish(f"the guest run timed out after {self.timeout_s:.0f} s and was killed")
                 continue
             time.sleep(POLL_S)
+
+    def all_finished(self) -> bool:
+        self._read_results()
+        return all(n in self.results and self.results[n].finished for n in self.nodeids)
 
     # -- ending --------------------------------------------------------------------------
 
@@ -425,6 +431,9 @@ class HostController:
             self.run.start()
         except (_GuestUnavailable, OSError) as exc:
             self.unavailable = str(exc)
+            self.run.kill()
+            shutil.rmtree(self.run.dir, ignore_errors=True)
+            self.run = None
             return
         self._say(
             f"booting a {self.run.kernel} guest (TCG) for {len(nodeids)} guest test(s); "
@@ -461,7 +470,8 @@ class HostController:
         received = result.reports if result is not None else []
         reports = [self._relay(item, rec) for rec in received]
         if result is not None and result.finished:
-            self.relayed[item.nodeid] = "ok"
+            failed = any(r.failed for r in reports)
+            self.relayed[item.nodeid] = "failed" if failed else "ok"
             return reports
         # The run ended before this test finished: fail it, keeping what did arrive.
         reason = run.failure or "the guest run ended"
@@ -562,7 +572,12 @@ class HostController:
         kept = failed or self._keep()
         terminalreporter.write_line(
             f"guard guest: {len(self.relayed)} guest test(s) relayed, "
-            f"{end - run.started_at:.1f} s in all (boot {run.booted_after or 0:.1f} s); "
+            f"{end - run.started_at:.1f} s in all ("
+            + (
+                f"boot {run.booted_after:.1f} s); "
+                if run.booted_after is not None
+                else "no boot); "
+            )
             + (f"run directory kept: {run.dir}" if kept else "run directory removed")
         )
 
@@ -576,10 +591,11 @@ class HostController:
             return
         if run.failure is None:
             # Every guest test reported (or the session stopped early, e.g. -x / Ctrl-C).
-            # After its pytest ended the guest powers off by itself; give it a moment.
-            if run.guest_exit is not None and run.proc is not None:
+            # When every guest test has reported, the guest's pytest finishes and the guest
+            # powers off by itself: give it a bounded moment, so its log is complete.
+            if run.all_finished() and run.proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    run.proc.wait(timeout=60)
+                    run.proc.wait(timeout=GRACEFUL_EXIT_S)
             run.kill()
             run.ended_at = run.ended_at or time.monotonic()
 
@@ -589,9 +605,6 @@ class HostController:
             return
         run.kill()
         all_ok = bool(self.relayed) and all(v == "ok" for v in self.relayed.values())
-        all_ok = all_ok and not any(
-            r.get("outcome") == "failed" for res in run.results.values() for r in res.reports
-        )
         if all_ok and not self._keep():
             shutil.rmtree(run.dir, ignore_errors=True)
 
@@ -651,7 +664,7 @@ class GuestReporter:
             longrepr = {"kind": "tuple", "value": list(report.longrepr)}
         else:
             crash = getattr(getattr(report.longrepr, "reprcrash", None), "message", None)
-            longrepr = {"kind": "text", "value": report.longreprtext, "crash": crash}
+            longrepr = {"kind": "text", "value": _longrepr_text(report), "crash": crash}
         record: dict[str, Any] = {
             "event": "report",
             "nodeid": report.nodeid,
@@ -667,6 +680,20 @@ class GuestReporter:
 
     def pytest_runtest_logfinish(self, nodeid: str) -> None:
         self.recorder.write({"event": "finish", "nodeid": nodeid})
+
+
+def _longrepr_text(report: pytest.TestReport) -> str:
+    """The failure text as pytest prints it (``longreprtext`` strips the first indent)."""
+    try:
+        from _pytest._io import TerminalWriter
+
+        out = io.StringIO()
+        tw = TerminalWriter(out)
+        tw.hasmarkup = False
+        report.toterminal(tw)
+        return out.getvalue().rstrip()
+    except Exception:
+        return report.longreprtext
 
 
 def _mounted(target: str, fstype: str) -> bool:

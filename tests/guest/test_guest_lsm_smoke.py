@@ -20,7 +20,7 @@ import pytest
 
 pytestmark = pytest.mark.guest
 
-DENY_EXEC_BY_INODE = r"""
+DENY_EXEC_BY_INODE = rb"""
 #include <linux/fs.h>
 #include <linux/binfmts.h>
 #include <linux/errno.h>
@@ -58,7 +58,7 @@ def true_copy(tmp_path: Path) -> Path:
 
 
 def test_exec_of_denied_inode_fails_with_eperm(deny_exec_program: Any, true_copy: Path) -> None:
-    table = deny_exec_program["denied_inodes"]
+    table = deny_exec_program[b"denied_inodes"]
     ino = os.stat(true_copy).st_ino
     assert ino != os.stat("/usr/bin/true").st_ino
 
