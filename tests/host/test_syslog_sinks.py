@@ -39,7 +39,7 @@ def event(pid: int, **changes: object) -> AuditEvent:
     return AuditEvent(**fields)  # type: ignore[arg-type]
 
 
-def pump_until(sink: Sink, done: bool | None = None, timeout: float = 10.0) -> None:
+def pump_until(sink: Sink, timeout: float = 10.0) -> None:
     """Drive the sink the way the daemon's loop does, until its queue is empty."""
     deadline = time.monotonic() + timeout
     while sink.stats().queued or sink.stats().overflow_unreported:
@@ -98,6 +98,17 @@ def test_each_transport_delivers_parseable_fields(syslog: Rsyslog, transport: st
     assert message.msg.startswith("deny connect to 127.0.0.1:9/tcp by pid")
     if transport == "unix-stream":
         assert sink.transport.stream  # found a stream socket there and framed for it
+
+    # rsyslogd's own RFC 5424 parser read the same fields
+    views = [v for v in syslog.parsed_lines() if f'pid="{pid}"' in v.structured_data]
+    assert len(views) == 1, syslog.parsed_lines()[-5:]
+    view = views[0]
+    assert (view.protocol_version, view.pri) == ("1", "84")
+    assert (view.app_name, view.procid, view.msgid) == ("guard", "4242", "connect")
+    assert view.timereported.startswith("2025-11-25T09:41:00.123456")
+    assert view.structured_data.startswith('[guard@32473 action="deny" kind="connect" ')
+    assert 'comm="we\\"ird\\]\\\\name"' in view.structured_data
+    assert view.msg.startswith("deny connect to 127.0.0.1:9/tcp")
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix-datagram", "unix-stream"])

@@ -124,6 +124,21 @@ def guard_messages(lines: list[str]) -> list[Syslog5424]:
     return found
 
 
+@dataclass(frozen=True)
+class RsyslogView:
+    """One message as rsyslogd's RFC 5424 parser saw it (its property names)."""
+
+    protocol_version: str  # "1" only when rsyslogd parsed the line as RFC 5424
+    pri: str
+    timereported: str
+    hostname: str
+    app_name: str
+    procid: str
+    msgid: str
+    structured_data: str
+    msg: str
+
+
 # --- the daemon -----------------------------------------------------------------------
 
 
@@ -168,6 +183,11 @@ class Rsyslog:
         return self.directory / "messages"
 
     @property
+    def parsed(self) -> Path:
+        """rsyslogd's own parse of each message (see ``parsed_lines``)."""
+        return self.directory / "parsed"
+
+    @property
     def pidfile(self) -> Path:
         return self.directory / "rsyslogd.pid"
 
@@ -186,12 +206,18 @@ class Rsyslog:
             f'global(workDirectory="{work}" maxMessageSize="64k")',
             # %rawmsg%: the bytes as received, so the test parses what guard wrote
             'template(name="raw" type="string" string="%rawmsg%\\n")',
+            # rsyslog's own reading of each message, fields joined by a tab: proves
+            # a real syslog daemon parses the line as RFC 5424, not only that the
+            # bytes passed through
+            'template(name="parsed" type="string" string="%protocol-version%\\t%pri%\\t'
+            '%timereported:::date-rfc3339%\\t%hostname%\\t%app-name%\\t%procid%\\t'
+            '%msgid%\\t%structured-data%\\t%msg%\\n")',
         ]
         if self.unix:
             lines += [
                 'module(load="imuxsock" SysSock.Use="off")',
                 f'input(type="imuxsock" Socket="{self.unix_path}" CreatePath="on" '
-                'RateLimit.Interval="0" UseSpecialParser="off")',
+                'RateLimit.Interval="0" UseSpecialParser="off" IgnoreTimestamp="off")',
             ]
         if self.unix_stream:
             lines += [
@@ -207,6 +233,8 @@ class Rsyslog:
                       f'input(type="imtcp" address="127.0.0.1" port="{self.tcp_port}" '
                       'SupportOctetCountedFraming="on")']
         lines.append(f'*.* action(type="omfile" file="{self.messages}" template="raw" '
+                     'flushOnTXEnd="on" asyncWriting="off")')
+        lines.append(f'*.* action(type="omfile" file="{self.parsed}" template="parsed" '
                      'flushOnTXEnd="on" asyncWriting="off")')
         return "\n".join(lines) + "\n"
 
@@ -299,6 +327,19 @@ class Rsyslog:
         except FileNotFoundError:
             return []
         return [line for line in data.decode("utf-8", "replace").split("\n") if line]
+
+    def parsed_lines(self) -> list[RsyslogView]:
+        """What rsyslogd itself made of each message it received."""
+        try:
+            data = self.parsed.read_bytes()
+        except FileNotFoundError:
+            return []
+        views = []
+        for line in data.decode("utf-8", "replace").split("\n"):
+            parts = line.split("\t", 8)
+            if len(parts) == 9:
+                views.append(RsyslogView(*parts))
+        return views
 
     def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float = 10.0,
                  interval: float = 0.05) -> list[str]:
