@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
+import guard.parse
 from guard.cli import main
 from guard.errors import Diagnostic
 from guard.parse import CODES, load_policy_paths
@@ -37,6 +39,15 @@ OUTPUT_RE = re.compile(r"(?P<file>.+?):(?P<line>\d+):(?P<col>\d+): (?P<severity>
                        r"(?P<message>.*)")
 # Codes that need a situation a fixture directory cannot hold; test_parse covers them.
 CODES_TESTED_ELSEWHERE = {"path-not-found", "read-error", "file-too-large", "too-many-errors"}
+
+
+@pytest.fixture(params=["libyaml", "python"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with each YAML parser guard can use: positions must not differ."""
+    if request.param == "libyaml" and not yaml.__with_libyaml__:
+        pytest.skip("PyYAML without libyaml")
+    monkeypatch.setattr(guard.parse, "USE_LIBYAML", request.param == "libyaml")
+    return str(request.param)
 
 
 @dataclass(frozen=True)
@@ -142,7 +153,7 @@ def test_every_code_has_a_broken_fixture() -> None:
         f"no fixture for {sorted(set(CODES) - CODES_TESTED_ELSEWHERE - covered)}"
 
 
-def test_load_reports_exactly_the_expected_diagnostics_with_codes() -> None:
+def test_load_reports_exactly_the_expected_diagnostics_with_codes(backend: str) -> None:
     result = load_policy_paths([str(BROKEN)])
     assert result.policy_set is None
     assert [Path(f).name for f in result.files] == [p.name for p in _policy_files(BROKEN)]
@@ -153,7 +164,8 @@ def test_load_reports_exactly_the_expected_diagnostics_with_codes() -> None:
     assert all(isinstance(d, Diagnostic) for d in result.errors)
 
 
-def test_check_reports_every_error_in_one_run(capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_reports_every_error_in_one_run(backend: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(BROKEN)]) == 1
     captured = capsys.readouterr()
     rows = _parse_output(captured.err)
@@ -177,7 +189,7 @@ def test_check_as_a_subprocess() -> None:
     _assert_sorted(rows)
 
 
-def test_valid_fixtures_pass(capsys: pytest.CaptureFixture[str]) -> None:
+def test_valid_fixtures_pass(backend: str, capsys: pytest.CaptureFixture[str]) -> None:
     files = _policy_files(VALID)
     assert len(files) >= 5
     # The walk reads exactly these (recursively; dot-names and editor backups, which are

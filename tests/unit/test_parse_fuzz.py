@@ -19,6 +19,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import guard.parse
 from guard.errors import Diagnostic
 from guard.model import Access, Action, Default, Protocol
 from guard.parse import CODES, load_policy_paths, parse_text
@@ -27,10 +28,14 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 VALID_TEXTS = sorted(p.read_text() for p in (FIXTURES / "valid").rglob("*.y*ml")
                      if not any(part.startswith(".") for part in p.parts[-3:]))
 DESIGN = yaml.safe_load((FIXTURES / "valid" / "design-example.yaml").read_text())
+# Generating text is most of these tests' time: dump with libyaml when there is one.
+DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 BREAKS = re.compile("\r\n|[\n\r\x85\u2028\u2029]")  # PyYAML's line breaks
 
 SETTINGS = settings(deadline=None, max_examples=200,
                     suppress_health_check=[HealthCheck.too_slow])
+# For the tests whose examples are costly to generate (nested structures, whole policies).
+HEAVY = settings(SETTINGS, max_examples=100)
 
 WORDS = [
     "apiVersion", "kind", "metadata", "name", "description", "spec", "mode", "scope",
@@ -74,8 +79,14 @@ def assert_well_formed(text: str, filename: str, policies: list[Any],
                                                     for d in diagnostics)
 
 
-def check(text: str) -> None:
-    policies, diagnostics = parse_text(text, "fuzz.yaml")
+def check(text: str, libyaml: bool) -> None:
+    """Parse with the chosen YAML parser (both, across examples) and check the invariants."""
+    saved = guard.parse.USE_LIBYAML
+    guard.parse.USE_LIBYAML = libyaml and yaml.__with_libyaml__
+    try:
+        policies, diagnostics = parse_text(text, "fuzz.yaml")
+    finally:
+        guard.parse.USE_LIBYAML = saved
     assert_well_formed(text, "fuzz.yaml", policies, diagnostics)
 
 
@@ -115,26 +126,27 @@ def planted_documents(draw: st.DrawFn) -> str:
         else:
             node.append(draw(values))
         break
-    return yaml.safe_dump(document, default_flow_style=draw(st.sampled_from([None, True, False])),
-                          allow_unicode=draw(st.booleans()), sort_keys=draw(st.booleans()))
+    flow = draw(st.sampled_from([None, True, False]))
+    return yaml.dump(document, Dumper=DUMPER, default_flow_style=flow,
+                     allow_unicode=draw(st.booleans()), sort_keys=draw(st.booleans()))
 
 
 @SETTINGS
-@given(planted_documents())
-def test_planted_random_values(text: str) -> None:
-    check(text)
+@given(planted_documents(), st.booleans())
+def test_planted_random_values(text: str, libyaml: bool) -> None:
+    check(text, libyaml)
 
 
-@SETTINGS
-@given(st.dictionaries(keys, values, max_size=6))
-def test_random_documents(document: dict[Any, Any]) -> None:
-    check(yaml.safe_dump(document))
+@HEAVY
+@given(st.dictionaries(keys, values, max_size=6), st.booleans())
+def test_random_documents(document: dict[Any, Any], libyaml: bool) -> None:
+    check(yaml.dump(document, Dumper=DUMPER), libyaml)
 
 
-@SETTINGS
-@given(st.lists(st.dictionaries(keys, values, max_size=5), min_size=1, max_size=3))
-def test_random_multi_documents(documents: list[dict[Any, Any]]) -> None:
-    check(yaml.safe_dump_all(documents))
+@HEAVY
+@given(st.lists(st.dictionaries(keys, values, max_size=5), min_size=1, max_size=3), st.booleans())
+def test_random_multi_documents(documents: list[dict[Any, Any]], libyaml: bool) -> None:
+    check(yaml.dump_all(documents, Dumper=DUMPER), libyaml)
 
 
 # --------------------------------------------------------------------------- text
@@ -167,21 +179,21 @@ def mutated_texts(draw: st.DrawFn) -> str:
 
 
 @SETTINGS
-@given(mutated_texts())
-def test_mutated_valid_documents(text: str) -> None:
-    check(text)
+@given(mutated_texts(), st.booleans())
+def test_mutated_valid_documents(text: str, libyaml: bool) -> None:
+    check(text, libyaml)
 
 
 @SETTINGS
-@given(st.text(alphabet=YAML_CHARS, max_size=120))
-def test_yaml_shaped_text(text: str) -> None:
-    check(text)
+@given(st.text(alphabet=YAML_CHARS, max_size=120), st.booleans())
+def test_yaml_shaped_text(text: str, libyaml: bool) -> None:
+    check(text, libyaml)
 
 
 @SETTINGS
-@given(st.text(max_size=120))
-def test_any_text(text: str) -> None:
-    check(text)
+@given(st.text(max_size=120), st.booleans())
+def test_any_text(text: str, libyaml: bool) -> None:
+    check(text, libyaml)
 
 
 @settings(deadline=None, max_examples=60)
@@ -247,7 +259,7 @@ def dedupe(items: list[Any]) -> list[Any]:
     return list(dict.fromkeys(items))
 
 
-@SETTINGS
+@HEAVY
 @given(st.data())
 def test_generated_valid_policies_come_back_exactly(data: st.DataObject) -> None:
     name = data.draw(names)
@@ -274,8 +286,9 @@ def test_generated_valid_policies_come_back_exactly(data: st.DataObject) -> None
                                    "rules": [net_rule(*rule) for rule in net_rules]}},
         },
     }
-    text = yaml.safe_dump(document, default_flow_style=data.draw(st.sampled_from([None, False])),
-                          allow_unicode=data.draw(st.booleans()))
+    flow = data.draw(st.sampled_from([None, False]))
+    text = yaml.dump(document, Dumper=DUMPER, default_flow_style=flow,
+                     allow_unicode=data.draw(st.booleans()))
     policies, diagnostics = parse_text(text, "gen.yaml")
     assert diagnostics == [], (text, diagnostics)
     (got,) = policies
@@ -290,3 +303,28 @@ def test_generated_valid_policies_come_back_exactly(data: st.DataObject) -> None
     assert [(r.action, list(r.to), [(p.first, p.last) for p in r.ports], r.protocol)
             for r in got.egress.rules] == [
         (a, dedupe(nets), dedupe(pl), proto) for a, nets, pl, proto in net_rules]
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def parse_with(text: str, libyaml: bool) -> tuple[list[Any], list[Diagnostic]]:
+    saved = guard.parse.USE_LIBYAML
+    guard.parse.USE_LIBYAML = libyaml
+    try:
+        return parse_text(text, "diff.yaml")
+    finally:
+        guard.parse.USE_LIBYAML = saved
+
+
+@SETTINGS
+@given(mutated_texts() | planted_documents())
+def test_both_yaml_parsers_agree_on_well_formed_yaml(text: str) -> None:
+    # The parsers word syntax errors differently; on text both accept, everything
+    # guard reports (and builds) must be the same.
+    if not yaml.__with_libyaml__:
+        return
+    python = parse_with(text, libyaml=False)
+    if any(d.code == "yaml-syntax" for d in python[1]) or "\\u" in text or "\\U" in text:
+        return
+    assert parse_with(text, libyaml=True) == python
