@@ -54,7 +54,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,8 +192,6 @@ class Daemon:
         sink: Sink,
         *,
         aggregate_window: float = 1.0,
-        kernel_factory: Callable[..., Any] | None = None,
-        probe: Callable[[Iterable[str]], Mapping[str, tuple[bool, str]]] | None = None,
         stderr: Any = None,
     ) -> None:
         self.policies = policies
@@ -201,8 +199,6 @@ class Daemon:
         self.state_dir = Path(state_dir)
         self.sink = sink
         self.stderr = stderr if stderr is not None else sys.stderr
-        self.kernel_factory = kernel_factory
-        self.probe = probe
         self.aggregator = Aggregator(window=aggregate_window)
         self.losses = LossTracker()
         self.kernel: Any = None
@@ -319,17 +315,12 @@ class Daemon:
         present = [f for f in FAMILIES if family_source(f).exists()]
         absent = {f: (False, f"this guard has no {family_source(f).name}")
                   for f in FAMILIES if f not in present}
-        if self.probe is not None:
-            found = dict(self.probe(present))
-        else:
-            found = {f: (feature.available, feature.reason)
-                     for f, feature in probe_features(present).items()}
+        found = {f: (feature.available, feature.reason)
+                 for f, feature in probe_features(present).items()}
         found.update(absent)
         return found
 
     def _make_kernel(self, families: set[str]) -> Any:
-        if self.kernel_factory is not None:
-            return self.kernel_factory(families=families, host_cgroup=self.host_cgroup)
         from guard.loader import Kernel
 
         return Kernel(families=families, host_cgroup=self.host_cgroup)
