@@ -570,7 +570,9 @@ def _parse_documents(text: str, filename: str) -> tuple[list[_Document], list[Di
     for root in _compose(text, ctx):
         seen_any = True
         _yaml_checks(ctx, root)
-        if isinstance(root, ScalarNode) and root.tag == _NULL and root.value == "":
+        if id(root) in ctx.rejected:
+            pass  # the whole document is an alias or a tagged value: already reported
+        elif isinstance(root, ScalarNode) and root.tag == _NULL and root.value == "":
             ctx.warning(root, "empty-document", "empty document: it contains no policy")
         else:
             documents.append(_read_document(ctx, root, errors_before))
@@ -867,7 +869,7 @@ def _list(ctx: _Context, node: Node, where: str, empty: str | None) -> list[Node
         return []
     if not isinstance(node, SequenceNode):
         hint = ""
-        if isinstance(node, ScalarNode) and node.value != "":
+        if isinstance(node, ScalarNode) and node.tag != _NULL:
             hint = f" (a list of one is written [{_q(node.value)[1:-1]}])"
         elif isinstance(node, MappingNode):
             hint = " (write each item on a line of its own starting with '- ')"

@@ -475,10 +475,18 @@ def test_duplicate_keys_are_caught_even_where_yaml_would_keep_the_last() -> None
 
 
 def test_null_is_never_a_value() -> None:
-    for spec in ("exec:", "exec: ~", "exec: null", "mode:", "network: {egress: }"):
+    for spec in ("exec:", "exec: ~", "exec: null", "mode:", "network: {egress: }",
+                 "exec: {rules: [{action: deny, paths: null}]}"):
         error = only_error(policy(spec))
         assert error.code == "wrong-type"
         assert "is empty" in error.message
+        assert "[null]" not in error.message
+
+
+def test_a_document_that_is_only_an_alias_or_a_tag_is_one_error() -> None:
+    for text, code in [("--- *x\n", "yaml-alias"), ("--- !!binary aGk=\n", "yaml-tag")]:
+        _, diagnostics = parse_text(text, "t.yaml")
+        assert [d.code for d in diagnostics] == [code]
 
 
 def test_wrong_types() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import os
 import re
 import string
 import tempfile
@@ -32,10 +33,12 @@ DESIGN = yaml.safe_load((FIXTURES / "valid" / "design-example.yaml").read_text()
 DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 BREAKS = re.compile("\r\n|[\n\r\x85\u2028\u2029]")  # PyYAML's line breaks
 
-SETTINGS = settings(deadline=None, max_examples=200,
+# Modest by default so the unit layer stays fast; GUARD_FUZZ_EXAMPLES=5000 for a deep run.
+EXAMPLES = int(os.environ.get("GUARD_FUZZ_EXAMPLES", "200"))
+SETTINGS = settings(deadline=None, max_examples=EXAMPLES,
                     suppress_health_check=[HealthCheck.too_slow])
 # For the tests whose examples are costly to generate (nested structures, whole policies).
-HEAVY = settings(SETTINGS, max_examples=100)
+HEAVY = settings(SETTINGS, max_examples=max(1, EXAMPLES // 2))
 
 WORDS = [
     "apiVersion", "kind", "metadata", "name", "description", "spec", "mode", "scope",
@@ -196,7 +199,7 @@ def test_any_text(text: str, libyaml: bool) -> None:
     check(text, libyaml)
 
 
-@settings(deadline=None, max_examples=60)
+@settings(SETTINGS, max_examples=max(1, EXAMPLES * 3 // 10))
 @given(st.binary(max_size=200) | mutated_texts().map(lambda t: t.encode("utf-8", "surrogatepass")))
 def test_any_bytes_in_a_file(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as directory:
