@@ -554,7 +554,8 @@ def _tag_fits(node: Node) -> bool:
 
 
 def _show_tag(tag: str) -> str:
-    return "!!" + tag[len(_TAG):] if tag.startswith(_TAG) else tag
+    # Quoted like any echoed value: a tag may hold %-escapes such as a line break.
+    return _q("!!" + tag[len(_TAG):] if tag.startswith(_TAG) else tag)
 
 
 # --------------------------------------------------------------------------- documents
