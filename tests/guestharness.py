@@ -187,6 +187,7 @@ class GuestRun:
         self.started_at = 0.0
         self.ended_at: float | None = None
         self.booted_after: float | None = None
+        self.last_result_at: float | None = None
         self._buffer = b""
         self._announced = False
         self._offset = 0
@@ -334,6 +335,7 @@ class GuestRun:
                 on_boot(self)
             result = self.results.get(nodeid)
             if result is not None and result.finished:
+                self.last_result_at = time.monotonic()
                 return result
             if self.failure is not None:
                 return result
@@ -567,12 +569,15 @@ class HostController:
             terminalreporter.write_line(f"guard guest: not started: {self.unavailable}")
             return
         assert run is not None
-        end = run.ended_at or time.monotonic()
+        if run.failure is not None and run.ended_at is not None:
+            end = run.ended_at
+        else:
+            end = run.last_result_at or run.ended_at or time.monotonic()
         failed = sum(1 for v in self.relayed.values() if v != "ok")
         kept = failed or self._keep()
         terminalreporter.write_line(
             f"guard guest: {len(self.relayed)} guest test(s) relayed, "
-            f"{end - run.started_at:.1f} s in all ("
+            f"results in {end - run.started_at:.1f} s after the start ("
             + (
                 f"boot {run.booted_after:.1f} s); "
                 if run.booted_after is not None
