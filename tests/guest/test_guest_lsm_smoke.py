@@ -42,7 +42,7 @@ def deny_exec_program() -> Iterator[Any]:
     """The compiled and attached program, shared by the session (compiling takes ~30 s)."""
     from bcc import BPF
 
-    bpf = BPF(text=DENY_EXEC_BY_INODE)  # LSM_PROBE functions attach on load
+    bpf = BPF(text=DENY_EXEC_BY_INODE, cflags=["-w"])  # attaches on load; -w: no header noise
     try:
         yield bpf
     finally:
