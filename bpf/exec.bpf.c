@@ -68,6 +68,13 @@ struct guard_exec_result {
 	__u8  _pad;
 };
 
+/*
+ * Every read below a dentry goes through bpf_probe_read_kernel: the dentry of
+ * an overlayfs mapping (guard_user_dentry) is not a pointer the verifier lets
+ * a program dereference directly, and one code path serves all hooks.
+ */
+#define GUARD_READ(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), &(src))
+
 /* Scratch space for a dentry name: too large for the 512-byte stack. */
 struct guard_exec_name {
 	unsigned char bytes[GUARD_NAME_BUF];
@@ -77,29 +84,63 @@ BPF_PERCPU_ARRAY(guard_exec_names, struct guard_exec_name, 1);
 /*
  * FNV-1a 32 of a dentry's name, byte for byte what guard.resolve.fnv1a32()
  * computes for the basename. A name that cannot be read hashes to 0, which
- * user space never registers (it would be a legal hash, so it also refuses
- * to rely on it: see resolve.py).
+ * user space never registers (resolve.py warns about the one name in four
+ * billion whose real hash is 0).
  */
 static __always_inline __u32 guard_name_hash(struct dentry *dentry)
 {
 	__u32 zero = 0;
 	struct guard_exec_name *buf = guard_exec_names.lookup(&zero);
-	const unsigned char *name = dentry->d_name.name;
+	const unsigned char *name = 0;
 	__u32 hash = GUARD_FNV_OFFSET;
 	int len;
 
 	if (!buf)
 		return 0;
+	GUARD_READ(name, dentry->d_name.name);
+	if (!name)
+		return 0;
 	len = bpf_probe_read_kernel_str(buf->bytes, sizeof(buf->bytes), name);
 	if (len <= 1)
 		return 0;
-	for (int i = 0; i < GUARD_NAME_BUF - 1; i++) {
+	/* Not unrolled: an unrolled copy hides the index bound from the verifier. */
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < GUARD_NAME_BUF; i++) {
 		if (i >= len - 1)
 			break;
-		hash ^= buf->bytes[i & (GUARD_NAME_BUF - 1)];
+		hash ^= buf->bytes[i];
 		hash *= GUARD_FNV_PRIME;
 	}
 	return hash;
+}
+
+/* The kernel's identity of a dentry's inode: i_ino and i_sb->s_dev. 0 if unreadable. */
+static __always_inline int guard_dentry_identity(struct dentry *dentry, __u64 *ino, __u32 *dev)
+{
+	struct inode *inode = 0;
+	struct super_block *sb = 0;
+	unsigned long i_ino = 0;
+	dev_t s_dev = 0;
+
+	GUARD_READ(inode, dentry->d_inode);
+	if (!inode)
+		return 0;
+	GUARD_READ(i_ino, inode->i_ino);
+	GUARD_READ(sb, inode->i_sb);
+	if (!sb)
+		return 0;
+	GUARD_READ(s_dev, sb->s_dev);
+	*ino = i_ino;
+	*dev = s_dev;
+	return 1;
+}
+
+static __always_inline struct dentry *guard_dentry_parent(struct dentry *dentry)
+{
+	struct dentry *parent = 0;
+
+	GUARD_READ(parent, dentry->d_parent);
+	return parent;
 }
 
 /* Take d into res when it exists and is more specific, or as specific and stronger. */
@@ -115,14 +156,34 @@ static __always_inline void guard_exec_take(struct guard_exec_result *res,
 	}
 }
 
+/* The strongest verdict the ruleset could have given: a walk that cannot finish. */
+static __always_inline void guard_exec_undecided(struct guard_exec_result *res,
+						 struct guard_decision *summary,
+						 struct guard_ruleset *rs, int use_default)
+{
+	res->undecided = 1;
+	res->from = GUARD_FROM_SUBTREE;
+	res->rule_id = 0;
+	res->verdict = GUARD_ALLOW;
+	if (summary && summary->present) {
+		res->rule_id = summary->rule_id;
+		res->verdict = summary->verdict;
+	}
+	if (use_default && rs->exec_default.present &&
+	    (rs->exec_default.verdict > res->verdict || !res->rule_id)) {
+		res->rule_id = rs->exec_default.rule_id;
+		res->verdict = rs->exec_default.verdict;
+	}
+}
+
 /*
- * Decide for the file whose dentry and inode are given, in a slot-qualified
- * ruleset. use_default: 1 for exec (the ruleset default applies), 0 for
- * mappings (only explicit rules apply).
+ * Decide for the file behind a dentry, in a slot-qualified ruleset.
+ * use_default: 1 for exec (the ruleset default applies), 0 for mappings
+ * (only explicit rules apply).
  */
-static __always_inline void guard_exec_decide(struct dentry *dentry, struct inode *inode,
-					      __u32 ruleset, struct guard_ruleset *rs,
-					      int use_default, struct guard_exec_result *res)
+static __always_inline void guard_exec_decide(struct dentry *dentry, __u32 ruleset,
+					      struct guard_ruleset *rs, int use_default,
+					      struct guard_exec_result *res)
 {
 	struct guard_inode_key key = {};
 	struct guard_decision *summary;
@@ -132,18 +193,18 @@ static __always_inline void guard_exec_decide(struct dentry *dentry, struct inod
 
 	key.ruleset = ruleset;
 
-	/* 1. the file itself */
-	key.ino = inode->i_ino;
-	key.dev = inode->i_sb->s_dev;
+	/* 1. the file itself: its inode, and its name in its directory */
 	key.match = GUARD_MATCH_EXACT;
+	if (!guard_dentry_identity(dentry, &key.ino, &key.dev)) {
+		guard_exec_undecided(res, 0, rs, use_default);
+		return;
+	}
 	guard_exec_take(res, guard_exec.lookup(&key), GUARD_FROM_FILE);
 
-	parent = dentry->d_parent;
+	parent = guard_dentry_parent(dentry);
 	if (parent && parent != dentry) {
 		key.name_hash = guard_name_hash(dentry);
-		if (key.name_hash) {
-			key.ino = parent->d_inode->i_ino;
-			key.dev = parent->d_sb->s_dev;
+		if (key.name_hash && guard_dentry_identity(parent, &key.ino, &key.dev)) {
 			key.match = GUARD_MATCH_NAME;
 			guard_exec_take(res, guard_exec.lookup(&key), GUARD_FROM_FILE);
 		}
@@ -158,35 +219,29 @@ static __always_inline void guard_exec_decide(struct dentry *dentry, struct inod
 	key.name_hash = 0;
 	summary = guard_exec.lookup(&key);
 	if (summary && summary->present) {
+		int failed = 0;
+
 		cur = dentry;
 		for (int depth = 0; depth < GUARD_MAX_PATH_DEPTH; depth++) {
-			parent = cur->d_parent;
-			if (!parent || parent == cur) {
+			parent = guard_dentry_parent(cur);
+			if (parent == cur) {
 				complete = 1;   /* cur is the superblock's root */
 				break;
 			}
-			key.ino = parent->d_inode->i_ino;
-			key.dev = parent->d_sb->s_dev;
+			if (!parent || !guard_dentry_identity(parent, &key.ino, &key.dev)) {
+				failed = 1;     /* unreadable: undecided */
+				break;
+			}
 			guard_exec_take(res, guard_exec.lookup(&key), GUARD_FROM_SUBTREE);
 			if (res->from == GUARD_FROM_SUBTREE)
 				return;
 			cur = parent;
 		}
+		/* At the bound, the last directory checked may be the root itself. */
+		if (!complete && !failed)
+			complete = guard_dentry_parent(cur) == cur;
 		if (!complete) {
-			/* The last directory checked may itself be the root. */
-			parent = cur->d_parent;
-			complete = !parent || parent == cur;
-		}
-		if (!complete) {
-			res->undecided = 1;
-			res->rule_id = summary->rule_id;
-			res->verdict = summary->verdict;
-			res->from = GUARD_FROM_SUBTREE;
-			if (use_default && rs->exec_default.present &&
-			    rs->exec_default.verdict > res->verdict) {
-				res->rule_id = rs->exec_default.rule_id;
-				res->verdict = rs->exec_default.verdict;
-			}
+			guard_exec_undecided(res, summary, rs, use_default);
 			return;
 		}
 	}
@@ -216,7 +271,7 @@ static __always_inline int guard_exec_report(struct guard_exec_result *res, __u3
 	e = guard_event_reserve();
 	if (e) {
 		guard_event_fill_task(e);
-		task = (struct task_struct *)bpf_get_current_task();
+		task = bpf_get_current_task_btf();
 		e->ppid = task->real_parent->tgid;
 		e->kind = GUARD_KIND_EXEC;
 		e->hook = hook;
@@ -256,7 +311,7 @@ LSM_PROBE(bprm_check_security, struct linux_binprm *bprm, int ret)
 	file = bprm->file;
 	if (!file)
 		return 0;
-	guard_exec_decide(file->f_path.dentry, file->f_inode, (__u32)ruleset, rs, 1, &res);
+	guard_exec_decide(file->f_path.dentry, (__u32)ruleset, rs, 1, &res);
 	/* interp is the file really run at this stage: the script, then its interpreter */
 	return guard_exec_report(&res, (__u32)ruleset, GUARD_HOOK_BPRM_CHECK, bprm->interp);
 }
@@ -273,8 +328,10 @@ static __always_inline struct dentry *guard_user_dentry(struct file *file)
 	 */
 	if (file->f_mode & FMODE_BACKING) {
 		struct path *user = (struct path *)((char *)file + sizeof(struct file));
+		struct dentry *dentry = 0;
 
-		return user->dentry;
+		GUARD_READ(dentry, user->dentry);
+		return dentry;
 	}
 #endif
 	return file->f_path.dentry;
@@ -285,8 +342,8 @@ static __always_inline int guard_exec_map(struct file *file, unsigned long prot,
 	struct guard_exec_result res = {};
 	struct guard_ruleset *rs;
 	struct task_struct *task;
+	const unsigned char *name = 0;
 	struct dentry *dentry;
-	struct inode *inode;
 	__u32 slot;
 	int ruleset;
 
@@ -304,18 +361,15 @@ static __always_inline int guard_exec_map(struct file *file, unsigned long prot,
 	 * file was judged by bprm_check_security a moment ago (only an allowed or
 	 * audited one gets here), so judging it again would only repeat events.
 	 */
-	task = (struct task_struct *)bpf_get_current_task();
+	task = bpf_get_current_task_btf();
 	if (hook == GUARD_HOOK_MMAP_FILE && task->mm->exe_file == file)
 		return 0;
 	dentry = guard_user_dentry(file);
 	if (!dentry)
 		return 0;
-	inode = dentry->d_inode;
-	if (!inode)
-		return 0;
-	guard_exec_decide(dentry, inode, (__u32)ruleset, rs, 0, &res);
-	return guard_exec_report(&res, (__u32)ruleset, hook,
-				 (const char *)dentry->d_name.name);
+	guard_exec_decide(dentry, (__u32)ruleset, rs, 0, &res);
+	GUARD_READ(name, dentry->d_name.name);
+	return guard_exec_report(&res, (__u32)ruleset, hook, (const char *)name);
 }
 
 LSM_PROBE(mmap_file, struct file *file, unsigned long reqprot, unsigned long prot,

@@ -1,0 +1,450 @@
+"""From the plan's paths to the inode keys the kernel programs look up.
+
+The kernel programs (bpf/exec.bpf.c, and the file programs) never see a path:
+they see a ``struct file`` and walk its dentries. This module turns each path
+entry of a plan into the keys that walk will meet, *as the kernel sees them*:
+
+- EXACT   the file's inode: ``(i_ino, i_sb->s_dev)``; follows the file through
+          symlinks, hard links and bind mounts, because they all lead to it.
+- NAME    the parent directory's inode + FNV-1a 32 of the file's name; follows
+          the name through a rename-over (a package upgrade replaces the inode)
+          and matches a file created at that path after the policy was loaded.
+- SUBTREE a directory's inode; the kernel looks it up for every parent
+          directory of the file, deepest first, up to the root of the file's
+          superblock. The walk cannot cross into the mount above, so a subtree
+          entry also registers the root of every mount below its directory
+          (from /proc/self/mountinfo), with the same decision.
+
+Identity is read from the kernel, not from stat(): the path is opened with
+O_PATH and ``/proc/self/fdinfo/FD`` gives ``ino`` (``file_inode()->i_ino``) and
+``mnt_id``; the mount's ``major:minor`` in mountinfo is its superblock's
+``s_dev``. stat() may disagree: on overlayfs and btrfs ``st_dev`` is not
+``s_dev`` (seen in the test guest: st_dev 0:43, s_dev 0:41 for /usr/bin/true).
+
+Several entries can produce the same key (a mount root below two subtree
+rules, two paths naming one inode). The key keeps the most specific entry's
+decision, the deeper directory for subtrees, and the stronger verdict on a tie,
+as plan.py says rules combine.
+
+For each ruleset with subtree entries, one *summary* key (SUBTREE, ino 0,
+dev 0) carries the strongest verdict of those entries: the kernel skips the
+walk without it, and applies it when its walk hits GUARD_MAX_PATH_DEPTH before
+the root (see bpf/exec.bpf.c).
+
+Resolution happens at load: a subtree's new mounts, a new symlink target or a
+directory moved after load are seen at the next reload, not before.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+from guard import layout
+from guard.plan import Decision, ExecEntry, FileEntry, Plan
+
+FNV_OFFSET = 0x811C9DC5
+FNV_PRIME = 0x01000193
+
+
+def fnv1a32(data: bytes) -> int:
+    """FNV-1a, 32 bits: what the kernel computes over a dentry's name."""
+    value = FNV_OFFSET
+    for byte in data:
+        value = ((value ^ byte) * FNV_PRIME) & 0xFFFFFFFF
+    return value
+
+
+class Match(IntEnum):
+    """enum guard_inode_match in bpf/guard.h."""
+
+    EXACT = layout.MATCH_EXACT
+    SUBTREE = layout.MATCH_SUBTREE
+    NAME = layout.MATCH_NAME
+
+
+@dataclass(frozen=True, order=True)
+class Identity:
+    """An inode as the kernel names it: ``i_ino`` and the superblock's ``s_dev``."""
+
+    ino: int
+    dev: int  # kernel dev_t: (major << 20) | minor
+
+    def __str__(self) -> str:
+        return f"{self.dev >> 20}:{self.dev & 0xFFFFF}/{self.ino}"
+
+
+@dataclass(frozen=True, order=True)
+class InodeKey:
+    """struct guard_inode_key with a slot-local ruleset id (apply adds the slot)."""
+
+    ino: int
+    dev: int
+    ruleset: int
+    match: Match
+    name_hash: int = 0
+
+    def to_c(self, slot: int) -> layout.InodeKey:
+        return layout.InodeKey(
+            ino=self.ino,
+            dev=self.dev,
+            ruleset=slot * layout.MAX_RULESETS + self.ruleset,
+            match=int(self.match),
+            name_hash=self.name_hash,
+        )
+
+
+@dataclass(frozen=True, order=True)
+class InodeEntry:
+    """One guard_exec map entry: key -> decision. ``path`` is the entry that produced it."""
+
+    key: InodeKey
+    decision: Decision
+    path: str
+
+
+@dataclass(frozen=True, order=True)
+class FileInodeEntry:
+    """One guard_files map entry: key -> read and write decisions (None: no decision)."""
+
+    key: InodeKey
+    read: Decision | None
+    write: Decision | None
+    path: str
+
+
+@dataclass(frozen=True, order=True)
+class ResolveWarning:
+    """A plan path that produced fewer keys than it should; the rest of the plan still loads."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: warning: {self.message}"
+
+
+def summary_key(ruleset: int) -> InodeKey:
+    """The key that says a ruleset has subtree entries (see the module docstring)."""
+    return InodeKey(ino=0, dev=0, ruleset=ruleset, match=Match.SUBTREE, name_hash=0)
+
+
+# --- the kernel's view of paths and mounts -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of /proc/self/mountinfo."""
+
+    mnt_id: int
+    parent_id: int
+    dev: int  # kernel dev_t of the superblock
+    root: str  # the directory of the filesystem mounted here
+    point: str  # where, relative to this process's root
+    fstype: str
+
+
+def unescape(text: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as ``\\NNN`` (octal)."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        chunk = text[i + 1 : i + 4]
+        if text[i] == "\\" and len(chunk) == 3 and all(c in "01234567" for c in chunk):
+            out.append(chr(int(chunk, 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> tuple[Mount, ...]:
+    """``ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER``."""
+    mounts: list[Mount] = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5:
+            continue
+        major, _, minor = fields[2].partition(":")
+        mounts.append(Mount(
+            mnt_id=int(fields[0]),
+            parent_id=int(fields[1]),
+            dev=layout.kernel_dev(int(major), int(minor)),
+            root=unescape(fields[3]),
+            point=unescape(fields[4]),
+            fstype=(right.split() or [""])[0],
+        ))
+    return tuple(mounts)
+
+
+def parse_fdinfo(text: str) -> dict[str, int]:
+    """The numeric ``key:\\tvalue`` lines of /proc/PID/fdinfo/FD (flags is octal)."""
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        value = value.strip()
+        try:
+            found[key.strip()] = int(value, 8 if key.strip() == "flags" else 10)
+        except ValueError:
+            continue
+    return found
+
+
+class Resolver:
+    """Kernel identities of paths, from this process's view of the file systems.
+
+    ``proc`` is where /proc/self lives (tests point it elsewhere only for error
+    paths: identity must come from the real kernel).
+    """
+
+    def __init__(self, proc_self: Path = Path("/proc/self")) -> None:
+        self.proc_self = proc_self
+        self.mounts = parse_mountinfo((proc_self / "mountinfo").read_text())
+        self._by_id: Mapping[int, Mount] = {m.mnt_id: m for m in self.mounts}
+        self._cache: dict[str, tuple[Identity, int] | None] = {}
+
+    def reload_mounts(self) -> None:
+        self.mounts = parse_mountinfo((self.proc_self / "mountinfo").read_text())
+        self._by_id = {m.mnt_id: m for m in self.mounts}
+
+    def lookup(self, path: str) -> tuple[Identity, int] | None:
+        """(identity, mount id) of what ``path`` leads to (symlinks followed); None if nothing."""
+        if path in self._cache:
+            return self._cache[path]
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            self._cache[path] = None
+            return None
+        try:
+            info = parse_fdinfo((self.proc_self / "fdinfo" / str(fd)).read_text())
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        ino = info.get("ino", st.st_ino)
+        mount = self._by_id.get(info.get("mnt_id", -1))
+        if mount is None:  # a mount newer than our copy of mountinfo
+            self.reload_mounts()
+            mount = self._by_id.get(info.get("mnt_id", -1))
+        # Without the mount, fall back on stat: right on plain file systems only.
+        dev = mount.dev if mount is not None else layout.kernel_dev(
+            os.major(st.st_dev), os.minor(st.st_dev))
+        found = (Identity(ino, dev), mount.mnt_id if mount is not None else -1)
+        self._cache[path] = found
+        return found
+
+    def identity(self, path: str) -> Identity | None:
+        found = self.lookup(path)
+        return found[0] if found is not None else None
+
+    def mount_roots_below(self, directory: str) -> list[tuple[str, Identity]]:
+        """The root of every mount visible strictly below ``directory`` (a real path).
+
+        A mount point that leads to another mount (overmounted, stacked) is
+        skipped: its files cannot be reached by path.
+        """
+        prefix = directory.rstrip("/") + "/"
+        found: list[tuple[str, Identity]] = []
+        for mount in self.mounts:
+            if mount.point == directory or not mount.point.startswith(prefix):
+                continue
+            seen = self.lookup(mount.point)
+            if seen is not None and seen[1] == mount.mnt_id:
+                found.append((mount.point, seen[0]))
+        return found
+
+
+# --- from plan entries to keys --------------------------------------------------------
+
+# Specificity of a key's source, compared first when two entries give one key:
+# any exact path beats any subtree, and a deeper subtree directory beats a shallower.
+EXACT_SPECIFICITY = 1 << 16
+
+
+def _depth(path: str) -> int:
+    return len([p for p in path.split("/") if p])
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    key: InodeKey
+    specificity: int
+    path: str
+
+
+def path_keys(
+    resolver: Resolver, ruleset: int, path: str, subtree: bool
+) -> tuple[list[_Candidate], list[ResolveWarning]]:
+    """Every key one plan path registers, with its specificity."""
+    keys: list[_Candidate] = []
+    warnings: list[ResolveWarning] = []
+    shown = f"{path.rstrip('/')}/**" if subtree else path
+    if subtree:
+        specificity = _depth(path)
+        found = resolver.identity(path)
+        if found is None:
+            warnings.append(ResolveWarning(shown, "the directory does not exist; rule not loaded"))
+            return keys, warnings
+        keys.append(_Candidate(InodeKey(found.ino, found.dev, ruleset, Match.SUBTREE),
+                               specificity, shown))
+        for point, root in resolver.mount_roots_below(os.path.realpath(path)):
+            keys.append(_Candidate(InodeKey(root.ino, root.dev, ruleset, Match.SUBTREE),
+                                   specificity, f"{shown} (mount {point})"))
+        return keys, warnings
+    found = resolver.identity(path)
+    if found is not None:
+        keys.append(_Candidate(InodeKey(found.ino, found.dev, ruleset, Match.EXACT),
+                               EXACT_SPECIFICITY, shown))
+    # The name the kernel sees is the last component of the real path.
+    real = os.path.realpath(path)
+    parent, name = os.path.split(real)
+    name_hash = fnv1a32(os.fsencode(name)) if name else 0
+    parent_id = resolver.identity(parent) if name else None
+    if parent_id is not None and name_hash != 0:
+        keys.append(_Candidate(InodeKey(parent_id.ino, parent_id.dev, ruleset, Match.NAME,
+                                        name_hash), EXACT_SPECIFICITY, shown))
+    elif found is None:
+        warnings.append(ResolveWarning(
+            shown, f"neither the file nor its directory {parent} exists; rule not loaded"))
+    elif name_hash == 0 and name:
+        warnings.append(ResolveWarning(
+            shown, "its name hashes to 0, which the kernel does not look up: a file renamed "
+                   "over it is not matched"))
+    return keys, warnings
+
+
+def _prefer(a: Decision, b: Decision) -> Decision:
+    """The stronger verdict, then the lower rule id (compile.stronger's tie-break)."""
+    return a if (a.verdict, -a.rule) >= (b.verdict, -b.rule) else b
+
+
+def _merge(
+    found: Iterable[tuple[_Candidate, Decision | None]],
+) -> dict[InodeKey, tuple[int, Decision, str]]:
+    """Per key: the most specific candidate's decision; the stronger one on a tie."""
+    best: dict[InodeKey, tuple[int, Decision, str]] = {}
+    for cand, decision in found:
+        if decision is None:
+            continue
+        old = best.get(cand.key)
+        if old is None or cand.specificity > old[0]:
+            best[cand.key] = (cand.specificity, decision, cand.path)
+        elif cand.specificity == old[0]:
+            chosen = _prefer(old[1], decision)
+            best[cand.key] = (old[0], chosen, old[2] if chosen is old[1] else cand.path)
+    return best
+
+
+def _summaries(
+    entries: Iterable[tuple[int, bool, Decision | None]],
+) -> dict[int, Decision]:
+    """Per ruleset: the strongest decision of its subtree entries."""
+    result: dict[int, Decision] = {}
+    for ruleset, subtree, decision in entries:
+        if subtree and decision is not None:
+            old = result.get(ruleset)
+            result[ruleset] = decision if old is None else _prefer(old, decision)
+    return result
+
+
+def _resolve_paths(
+    resolver: Resolver, entries: Iterable[tuple[int, str, bool]],
+) -> tuple[dict[tuple[int, str, bool], list[_Candidate]], list[ResolveWarning]]:
+    keys: dict[tuple[int, str, bool], list[_Candidate]] = {}
+    warnings: list[ResolveWarning] = []
+    for ruleset, path, subtree in entries:
+        found, problems = path_keys(resolver, ruleset, path, subtree)
+        keys[(ruleset, path, subtree)] = found
+        warnings += problems
+    return keys, sorted(set(warnings))
+
+
+def resolve_exec(
+    plan: Plan, resolver: Resolver | None = None,
+) -> tuple[tuple[InodeEntry, ...], tuple[ResolveWarning, ...]]:
+    """The guard_exec entries of a plan on this machine, and what could not be resolved."""
+    resolver = resolver if resolver is not None else Resolver()
+    return exec_items(plan.exec, resolver)
+
+
+def exec_items(
+    entries: Iterable[ExecEntry], resolver: Resolver,
+) -> tuple[tuple[InodeEntry, ...], tuple[ResolveWarning, ...]]:
+    entries = tuple(entries)
+    keys, warnings = _resolve_paths(resolver, ((e.ruleset, e.path, e.subtree) for e in entries))
+    merged = _merge(
+        (cand, e.decision) for e in entries for cand in keys[(e.ruleset, e.path, e.subtree)]
+    )
+    items = [InodeEntry(key, decision, path) for key, (_spec, decision, path) in merged.items()]
+    for ruleset, decision in _summaries((e.ruleset, e.subtree, e.decision)
+                                        for e in entries).items():
+        items.append(InodeEntry(summary_key(ruleset), decision, "(subtree summary)"))
+    return tuple(sorted(items)), tuple(warnings)
+
+
+def resolve_files(
+    plan: Plan, resolver: Resolver | None = None,
+) -> tuple[tuple[FileInodeEntry, ...], tuple[ResolveWarning, ...]]:
+    """The guard_files entries of a plan: the same keys, a decision per access.
+
+    Read and write are merged separately: a key's read decision comes from the
+    most specific entry that has one, independently of its write decision. The
+    summary key carries the strongest decision per access of the subtree entries.
+    """
+    resolver = resolver if resolver is not None else Resolver()
+    entries = tuple(plan.files)
+    keys, warnings = _resolve_paths(resolver, ((e.ruleset, e.path, e.subtree) for e in entries))
+    access: dict[str, Callable[[FileEntry], Decision | None]] = {
+        "read": lambda e: e.read, "write": lambda e: e.write,
+    }
+    merged = {
+        name: _merge((cand, pick(e)) for e in entries
+                     for cand in keys[(e.ruleset, e.path, e.subtree)])
+        for name, pick in access.items()
+    }
+    items: list[FileInodeEntry] = []
+    for key in sorted(merged["read"].keys() | merged["write"].keys()):
+        read = merged["read"].get(key)
+        write = merged["write"].get(key)
+        path = read[2] if read else write[2] if write else ""
+        items.append(FileInodeEntry(key, read[1] if read else None,
+                                    write[1] if write else None, path))
+    reads = _summaries((e.ruleset, e.subtree, e.read) for e in entries)
+    writes = _summaries((e.ruleset, e.subtree, e.write) for e in entries)
+    for ruleset in sorted(reads.keys() | writes.keys()):
+        items.append(FileInodeEntry(summary_key(ruleset), reads.get(ruleset),
+                                    writes.get(ruleset), "(subtree summary)"))
+    return tuple(sorted(items)), tuple(warnings)
+
+
+def decision_c(decision: Decision | None) -> layout.DecisionC:
+    """struct guard_decision for a decision (present = 0 for None)."""
+    if decision is None:
+        return layout.DecisionC()
+    return layout.DecisionC(rule_id=decision.rule, verdict=int(decision.verdict), present=1)
+
+
+__all__ = [
+    "FileInodeEntry",
+    "Identity",
+    "InodeEntry",
+    "InodeKey",
+    "Match",
+    "Mount",
+    "ResolveWarning",
+    "Resolver",
+    "decision_c",
+    "fnv1a32",
+    "parse_fdinfo",
+    "parse_mountinfo",
+    "resolve_exec",
+    "resolve_files",
+    "summary_key",
+]
