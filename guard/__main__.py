@@ -1,4 +1,5 @@
-from guard.cli import main
 import sys
+
+from guard.cli import main
 
 sys.exit(main())

@@ -68,7 +68,11 @@ class DecisionC(ctypes.Structure):
 
 
 class ScopeKey(ctypes.Structure):
-    _fields_ = [("slot", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("cgroup_id", ctypes.c_uint64)]
+    _fields_ = [
+        ("slot", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("cgroup_id", ctypes.c_uint64),
+    ]
 
 
 class RulesetC(ctypes.Structure):
