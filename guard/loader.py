@@ -139,7 +139,9 @@ class Kernel:
         except ImportError as error:  # pragma: no cover - depends on the machine
             raise LoadError(f"bcc is not importable: {error}") from error
         try:
-            self._bpf = BPF(text=program_text(self.families, bpf_dir), cflags=cflags(bpf_dir))
+            self._bpf = BPF(
+                text=program_text(self.families, bpf_dir).encode(), cflags=cflags(bpf_dir)
+            )
         except Exception as error:
             raise LoadError(f"compiling/loading {sorted(self.families)} failed: {error}") from error
 
@@ -256,7 +258,7 @@ def _try_load(text: str, prog_type: int | None, attach_type: int = -1) -> str | 
         return f"bcc is not importable: {error}"
     bpf: Any = None
     try:
-        bpf = BPF(text=text)
+        bpf = BPF(text=text.encode())
         if prog_type is not None:
             bpf.load_func(b"guard_probe", prog_type, attach_type=attach_type)
         return None
