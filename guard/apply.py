@@ -438,7 +438,10 @@ class Applier:
 
         inputs = (plan, ids, exec_items, file_items)
         if self.plans[active] is not None and inputs == self._inputs[active]:
-            # same plan, same ids: the active slot already holds exactly this
+            # same plan, same ids: the active slot already holds exactly this. Plans
+            # compare without locations: keep the new one, so events name the lines
+            # of the files as they are now
+            self.plans[active] = plan
             return ApplyResult(False, config.generation, active, 0, 0, 0, 0,
                                time.monotonic() - start, tuple(warnings))
         current = slot_entries(plan, active, ids, exec_items, file_items)
@@ -459,7 +462,13 @@ class Applier:
         if self.settle_s > 0:
             time.sleep(self.settle_s)
         self._inputs[active] = None  # emptied below; its plan stays for late events
-        written += self._clear(active)
+        try:
+            written += self._clear(active)
+        except (ApplyError, OSError) as error:
+            # The new set is in force already: failing here would tell the caller
+            # the old one still is. Leftovers in the idle slot are never read, and
+            # the next fill of that slot removes them (_fill remembers them).
+            warnings.append(f"clearing the previous generation's entries failed: {error}")
         return ApplyResult(True, generation, idle, added, removed, updated, written,
                            time.monotonic() - start, tuple(warnings))
 
