@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the cgroup whole-host policies cover and network programs attach to")
     run.add_argument("--state-dir", default="/run/guard", metavar="DIR",
                      help="where the status socket lives (default /run/guard)")
+    run.add_argument("--no-watch", action="store_true",
+                     help="do not watch the policy directory; reload on SIGHUP only")
     run.set_defaults(func=cmd_run)
 
     stat = sub.add_parser("status", help="what the running daemon enforces")

@@ -20,10 +20,20 @@ and a wake-up pipe (signals, reload requests), consume records, decode, enrich,
 aggregate, send; check the kernel's lost-event counter once a second. The
 status socket is answered from a second thread, from counters only.
 
-Signals: SIGTERM/SIGINT stop cleanly (every program detached, exit 0); SIGHUP
-reloads (``Daemon.reload``, also what a directory watcher calls through
-``request_reload``): parse, compile, apply, and on any error keep the policy in
-force and report the positioned errors to syslog and in ``guard status``.
+Signals: SIGTERM/SIGINT stop cleanly (every program detached, exit 0).
+
+Reloads (docs/reload.md): SIGHUP and the directory watcher (guard.watch, on
+unless ``--no-watch``; it is started before the first read, so no change
+after that read is missed) only *ask* for a reload (``request_reload``: a
+note in a queue and a byte in the wake-up pipe). The main loop runs it
+(``Daemon.reload``), so reloads never overlap and requests that arrive during
+one become one more reload after it. A reload reads and validates the whole
+directory, compiles and resolves it, and only then applies it; any error
+anywhere rejects all of it: the set in force stays, each positioned error
+(FILE:LINE:COL) goes to syslog and ``guard status`` shows it until the next
+good reload. A set that compiles to the entries already in force writes
+nothing to the kernel and is logged as "unchanged". Every applied set is
+logged with its revision (guard.revision) and the rules added and removed.
 
 Why every supported family is loaded, not only those the current policies
 use: a reload never recompiles (policies are map data), so the programs must
@@ -68,10 +78,10 @@ from guard.audit import (
     LossTracker,
     decode,
 )
-from guard.errors import Diagnostic, PolicyError
+from guard.errors import Diagnostic, Location, PolicyError
 from guard.model import PolicySet
 from guard.plan import Plan
-from guard.revision import Revision, revision_of
+from guard.revision import Revision, revision_of, rule_changes
 from guard.sinks import (
     SEV_ERR,
     SEV_INFO,
@@ -90,6 +100,7 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
 
 STATUS_SOCKET = "status.sock"
 RECORD_QUEUE_MAX = 65_536  # records taken from the ring buffer and not yet processed
+MAX_ERROR_LINES = 100  # errors of one rejected reload sent to syslog and kept for status
 LOST_CHECK_S = 1.0
 MAX_WAIT_S = 1.0
 
@@ -173,11 +184,22 @@ def families_to_load(features: Mapping[str, tuple[bool, str]]) -> tuple[set[str]
 
 @dataclass
 class ReloadOutcome:
+    """One reload, as ``guard status`` shows it."""
+
     time_ns: int
     ok: bool
-    reason: str
-    revision: str = ""
-    changed: bool = False
+    reason: str  # what asked for it: "SIGHUP", "watch", or both
+    revision: str = ""  # the revision read (applied when ok)
+    previous: str = ""  # the revision in force before
+    changed: bool = False  # False: nothing was written to the kernel ("unchanged")
+    generation: int = 0  # the generation in force afterwards
+    written: int = 0  # map writes
+    apply_ms: float = 0.0
+    rules_added: int = 0
+    rules_removed: int = 0
+    added: list[str] = field(default_factory=list)  # a few labels of each
+    removed: list[str] = field(default_factory=list)
+    summary: str = ""
     errors: list[str] = field(default_factory=list)
 
 
@@ -193,6 +215,7 @@ class Daemon:
         *,
         aggregate_window: float = 1.0,
         stderr: Any = None,
+        watch: bool = True,
     ) -> None:
         self.policies = policies
         self.host_cgroup = host_cgroup
@@ -220,7 +243,13 @@ class Daemon:
         self.event_lines = 0
         self._records: deque[bytes] = deque()
         self._stop = False
-        self._reload_wanted = False
+        # reload requests, from the signal handler and the watcher thread: deque
+        # appends and pops are atomic, so no lock (a lock in a signal handler can
+        # deadlock against the interrupted main thread)
+        self._reload_requests: deque[str] = deque()
+        self.watch = watch
+        self.watcher: Any = None
+        self.watch_error = ""
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._status_sock: socket.socket | None = None
@@ -244,6 +273,9 @@ class Daemon:
 
     def start(self) -> int:
         """Load, enforce and signal readiness; an exit code when that fails."""
+        # Watch before the first read: a change made while we read and compile
+        # is then a reload right after start, never a change we missed.
+        self._start_watcher()
         loaded = load_policies(self.policies, self.host_cgroup)
         if not isinstance(loaded, PolicyLoad):
             for diagnostic in loaded:
@@ -302,7 +334,31 @@ class Daemon:
         self.say(SEV_INFO, "start", summary,
                  (("revision", str(loaded.revision)), ("policies", len(loaded.policy_set.policies)),
                   ("generation", self.generation), ("families", ",".join(self.enforced))))
+        if self.watch_error:
+            self.say(SEV_WARNING, "watch", f"not watching {self.policies} "
+                     f"({self.watch_error}); reload with SIGHUP")
         return EXIT_OK
+
+    def _start_watcher(self) -> None:
+        if not self.watch:
+            return
+        from guard.watch import PolicyWatcher
+
+        try:
+            watcher = PolicyWatcher(Path(self.policies), lambda: self.request_reload("watch"))
+            watcher.start()
+        except Exception as error:  # no inotify, limits: SIGHUP still works
+            self.watch_error = f"{type(error).__name__}: {error}"
+            print(f"guard: warning: cannot watch {self.policies} ({self.watch_error}); "
+                  "reload with SIGHUP", file=self.stderr, flush=True)
+            return
+        self.watcher = watcher
+
+    def _stop_watcher(self) -> None:
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            with contextlib.suppress(Exception):
+                watcher.stop()
 
     def _summary(self, loaded: PolicyLoad) -> str:
         count = len(loaded.policy_set.policies)
@@ -349,10 +405,10 @@ class Daemon:
 
     # -- the loop ------------------------------------------------------------------
 
-    def request_reload(self) -> None:
-        """Thread-safe: ask the main loop to reload (a watcher calls this)."""
-        self._reload_wanted = True
-        with contextlib.suppress(BlockingIOError):
+    def request_reload(self, reason: str = "SIGHUP") -> None:
+        """Thread- and signal-safe: ask the main loop to reload (SIGHUP, the watcher)."""
+        self._reload_requests.append(reason)
+        with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"R")
 
     def request_stop(self) -> None:
@@ -364,7 +420,7 @@ class Daemon:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
         signal.signal(signal.SIGINT, lambda *_: self.request_stop())
-        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload("SIGHUP"))
 
     def serve(self) -> int:
         """Run until asked to stop; then detach everything. The exit code."""
@@ -378,12 +434,25 @@ class Daemon:
                 poller.poll(self._wait_ms())
                 self._drain_wake()
                 self.step()
-                if self._reload_wanted and not self._stop:
-                    self._reload_wanted = False
-                    self.reload("SIGHUP or watcher")
+                reasons = self._take_reload_requests()
+                if reasons and not self._stop:
+                    self.reload(reasons)
         finally:
             self.shutdown()
         return EXIT_OK
+
+    def _take_reload_requests(self) -> str:
+        """Every pending request, as one reason ("SIGHUP", "watch", "SIGHUP+watch").
+
+        A request that arrives after this returns stays queued (and has written
+        the wake-up pipe), so it is one more reload after this one, never lost.
+        """
+        reasons: set[str] = set()
+        while True:
+            try:
+                reasons.add(self._reload_requests.popleft())
+            except IndexError:
+                return "+".join(sorted(reasons))
 
     def _wait_ms(self) -> int:
         now = time.monotonic()
@@ -457,15 +526,29 @@ class Daemon:
     # -- reload --------------------------------------------------------------------
 
     def reload(self, reason: str) -> bool:
-        """Re-read, compile and apply; on any error keep what is in force. Thread: main."""
+        """Re-read, compile and apply; on any error keep what is in force. Thread: main.
+
+        Never raises for anything a policy directory can hold: whatever goes
+        wrong is a rejected reload, reported, with the previous set in force.
+        """
         notify.reloading()
         self.reloads += 1
-        outcome = ReloadOutcome(time.time_ns(), False, reason)
-        loaded = load_policies(self.policies, self.host_cgroup)
+        previous = str(self.current.revision) if self.current else ""
+        outcome = ReloadOutcome(time.time_ns(), False, reason, previous=previous,
+                                generation=self.generation)
+        try:
+            loaded = self._load_for_reload()
+        except Exception as error:  # a parser bug must not take enforcement down
+            log.exception("reading the policies failed")
+            loaded = (Diagnostic(Location(self.policies, 1, 1), "internal-error",
+                                 f"reading the policies failed: {type(error).__name__}: "
+                                 f"{error}"),)
         if not isinstance(loaded, PolicyLoad):
-            outcome.errors = [str(d) for d in loaded if d.severity == "error"]
-            self._reload_failed(outcome, f"{len(outcome.errors)} error(s) in the policies")
+            errors = [str(d) for d in loaded if d.severity == "error"]
+            outcome.errors = _capped(errors)
+            self._reload_failed(outcome, f"{len(errors)} error(s) in the policies")
             return False
+        outcome.revision = str(loaded.revision)
         from guard.apply import ApplyError
 
         try:
@@ -474,27 +557,67 @@ class Daemon:
             outcome.errors = [str(error)]
             self._reload_failed(outcome, "applying the new policies failed")
             return False
+        except Exception as error:
+            log.exception("applying the policies failed")
+            outcome.errors = [f"{type(error).__name__}: {error}"]
+            self._reload_failed(outcome, "applying the new policies failed")
+            return False
         for warning in result.warnings:
             self.say(SEV_WARNING, "apply", warning)
-        self.generation, self.active_slot = result.generation, result.slot
-        self.current = loaded
-        self.unenforced = unenforced(loaded.policy_set, self.unavailable)
+        changes = rule_changes(self.current.policy_set if self.current else None,
+                               loaded.policy_set)
+        outcome.ok, outcome.changed = True, result.changed
+        outcome.generation, outcome.written = result.generation, result.written
+        outcome.apply_ms = round(result.seconds * 1000, 3)
+        outcome.rules_added, outcome.rules_removed = len(changes.added), len(changes.removed)
+        outcome.added, outcome.removed = list(changes.added[:10]), list(changes.removed[:10])
+        with self._lock:  # the status thread sees the old state or the new, not a mix
+            self.generation, self.active_slot = result.generation, result.slot
+            self.current = loaded
+            self.unenforced = unenforced(loaded.policy_set, self.unavailable)
+            self.last_reload = outcome
+            self.last_reload_error = None  # the set in force is good again
         for message in self.unenforced:
             self.say(SEV_ERR, "unenforced", message)
-        outcome.ok, outcome.revision, outcome.changed = True, str(loaded.revision), result.changed
-        self.last_reload = outcome
-        summary = self._summary(loaded)
-        self.say(SEV_INFO, "reload",
-                 f"reloaded: {summary}" + ("" if result.changed else " (no change)"),
-                 (("revision", str(loaded.revision)), ("generation", self.generation),
-                  ("changed", int(result.changed))))
-        notify.ready(summary)
+        revision = str(loaded.revision)
+        moved = f"revision {revision}" + (f" (was {previous})" if previous != revision else "")
+        if result.changed:
+            outcome.summary = (f"applied {moved}, generation {result.generation}: "
+                               f"{changes.summary()}; {result.written} map writes in "
+                               f"{outcome.apply_ms:.1f} ms")
+        else:
+            outcome.summary = (f"unchanged: {moved} compiles to the entries in force, "
+                               f"nothing written (generation {result.generation})"
+                               + (f"; {changes.summary()}" if changes else ""))
+        if not loaded.policy_set.policies:
+            self.say(SEV_WARNING, "reload", f"{self.policies} holds no policies: "
+                     "nothing is enforced")
+        self.say(SEV_INFO, "reload", f"reload ({reason}): {outcome.summary}",
+                 (("revision", revision), ("previous", previous),
+                  ("generation", self.generation), ("changed", int(result.changed)),
+                  ("added", len(changes.added)), ("removed", len(changes.removed)),
+                  ("reason", reason)))
+        notify.ready(self._summary(loaded))
         return True
 
+    def _load_for_reload(self) -> PolicyLoad | tuple[Diagnostic, ...]:
+        """The directory's policies, or why there are none to apply."""
+        directory = Path(self.policies)
+        if not directory.is_dir():
+            # A file where the directory was would otherwise be read as a policy file.
+            what = "is not a directory" if directory.exists() else "does not exist"
+            return (Diagnostic(Location(self.policies, 1, 1), "read-error",
+                               f"the policy directory {what}"),)
+        return load_policies(self.policies, self.host_cgroup)
+
     def _reload_failed(self, outcome: ReloadOutcome, why: str) -> None:
-        self.last_reload = self.last_reload_error = outcome
+        with self._lock:
+            self.last_reload = self.last_reload_error = outcome
         kept = str(self.current.revision) if self.current else "none"
-        self.say(SEV_ERR, "reload", f"reload rejected ({why}); still enforcing revision {kept}")
+        outcome.summary = f"rejected ({why}); still enforcing revision {kept}"
+        self.say(SEV_ERR, "reload", f"reload ({outcome.reason}) {outcome.summary}",
+                 (("revision", kept), ("errors", len(outcome.errors)),
+                  ("reason", outcome.reason)))
         for error in outcome.errors:
             self.say(SEV_ERR, "reload", error)
         notify.ready(f"reload rejected; {self._summary(self.current)}" if self.current else "")
@@ -504,6 +627,7 @@ class Daemon:
     def shutdown(self) -> None:
         """Report what is pending, detach everything, deliver the last lines."""
         notify.stopping()
+        self._stop_watcher()
         with self._lock:
             if self.kernel is not None:
                 with contextlib.suppress(Exception):
@@ -533,6 +657,7 @@ class Daemon:
 
     def abort(self) -> None:
         """After a failed start: detach whatever was attached, say what is queued."""
+        self._stop_watcher()
         self._close_kernel()
         self.sink.close(timeout=0.5)
         self._close_status_socket()
@@ -572,6 +697,7 @@ class Daemon:
                 "policies_dir": self.policies,
                 "host_cgroup": self.host_cgroup,
                 "revision": str(current.revision) if current else None,
+                "revision_detail": current.revision.as_dict() if current else None,
                 "generation": self.generation,
                 "active_slot": self.active_slot,
                 "policies": policies,
@@ -594,7 +720,17 @@ class Daemon:
                 "reloads": self.reloads,
                 "last_reload": _outcome(self.last_reload),
                 "last_reload_error": _outcome(self.last_reload_error),
+                "watch": self._watch_status(),
             }
+
+    def _watch_status(self) -> dict[str, Any]:
+        watcher = self.watcher
+        return {
+            "enabled": watcher is not None,
+            "error": self.watch_error,
+            "bursts": watcher.bursts if watcher is not None else 0,
+            "rearms": watcher.rearms if watcher is not None else 0,
+        }
 
     def _claim_status_socket(self) -> None:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -670,6 +806,12 @@ def _read_line(conn: socket.socket, limit: int = 65536) -> bytes:
     return data.split(b"\n", 1)[0]
 
 
+def _capped(errors: list[str]) -> list[str]:
+    if len(errors) <= MAX_ERROR_LINES:
+        return errors
+    return [*errors[:MAX_ERROR_LINES], f"... and {len(errors) - MAX_ERROR_LINES} more errors"]
+
+
 def _iso(time_ns: int) -> str:
     return datetime.datetime.fromtimestamp(time_ns / 1e9, datetime.UTC).isoformat(
         timespec="seconds").replace("+00:00", "Z")
@@ -708,7 +850,8 @@ def run(args: argparse.Namespace) -> int:
                                                 10_000)))
     daemon = Daemon(args.policies, args.host_cgroup, args.state_dir, sink,
                     aggregate_window=_setting(args, "aggregate_window",
-                                              "GUARD_AGGREGATE_WINDOW", 1.0))
+                                              "GUARD_AGGREGATE_WINDOW", 1.0),
+                    watch=not getattr(args, "no_watch", False))
     # Signals first: a SIGTERM during the (slow) compile must still end cleanly.
     daemon.install_signals()
     code = daemon.start()
@@ -802,13 +945,21 @@ def format_status(body: Mapping[str, Any]) -> str:
     if any(v is not None for v in kernel.values()):
         lines.append("kernel: " + ", ".join(f"{k} {v}" for k, v in kernel.items()
                                             if v is not None))
+    watch = body.get("watch")
+    if watch is not None:
+        lines.append(f"watch: {'on' if watch['enabled'] else 'OFF'}"
+                     + (f" ({watch['error']})" if watch.get("error") else "")
+                     + ("" if not watch["enabled"] else f", {watch['bursts']} bursts"))
     last = body.get("last_reload")
     if last:
         verdict = "ok" if last["ok"] else "REJECTED"
-        lines.append(f"last reload: {verdict} at {last['time']} ({body['reloads']} reloads)")
+        line = f"last reload: {verdict} at {last['time']} ({body['reloads']} reloads)"
+        if last.get("summary"):
+            line += f": {last['summary']}"
+        lines.append(line)
     error = body.get("last_reload_error")
     if error:
-        lines.append(f"last reload error at {error['time']}:")
+        lines.append(f"last reload error at {error['time']} (the set above stays in force):")
         lines.extend(f"  {e}" for e in error["errors"])
     return "\n".join(lines) + "\n"
 
