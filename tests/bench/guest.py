@@ -1,0 +1,429 @@
+"""The guest half of the bench: exec and open() overhead, in ONE BPF-LSM guest boot.
+
+Host side (``run_guest``): boot the guest kernel once with virtme-ng (as
+tests/guestharness.py does, TCG, ``lsm=...,bpf``), run ``python -m bench
+guest-part RWDIR`` in it, stream its progress, and read ``RWDIR/results.json``
+(written after each step, so a guest that overruns its time still reports what
+it measured). The guest is killed at ``guest_timeout_s``.
+
+Guest side (``guest_main``): compile guard's LSM programs once (the expensive
+part under emulation), then per rule count apply the rules and measure, in
+rounds of shuffled order:
+
+    none      guard's LSM programs detached (bcc re-attaches the loaded programs
+              in a syscall, no recompile), the process in a plain cgroup
+    guard     programs attached, the process in the policy's scope cgroup
+    landlock  programs detached, the process restricted by a Landlock ruleset
+
+The rule sets: guard denies exec of k paths (k - 1 files that exist, plus one
+subtree), none of which the measured binary is; Landlock, an allowlist only,
+allows exec of the same k - 1 files plus /usr and the probe's directory. For
+open(): guard audits reads of the same k - 1 files plus a subtree; the measured
+file is outside them (non-matching) or inside the subtree (matching).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import landlock, plans, probe
+from bench.config import Config
+from bench.host import overhead_rows, quiet_stderr
+from bench.lab import enter
+from bench.results import OK, Overhead, Results
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = Path("/tmp/guard-bench")  # in the guest: a writable overlay that vanishes with it
+Log = Callable[[str], None]
+NOT_YET = "not yet available: bpf/files.bpf.c does not exist in this checkout"
+
+
+# --- host side ----------------------------------------------------------------------------
+
+
+def vng_command(rwdir: Path, kernel: str) -> list[str]:
+    from guestharness import LSM_APPEND
+
+    vng = Path(sys.executable).parent / "vng"
+    if not vng.exists():
+        found = shutil.which("vng")
+        if found is None:
+            raise RuntimeError("vng (virtme-ng) is not installed: run ./scripts/setup")
+        vng = Path(found)
+    inner = " ".join([
+        "cd", shlex.quote(str(ROOT / "tests")), "&&", "GUARD_IN_GUEST=1",
+        "PYTHONDONTWRITEBYTECODE=1", "exec", shlex.quote(sys.executable), "-m", "bench",
+        "guest-part", shlex.quote(str(rwdir)),
+    ])
+    return [str(vng), "--run", f"/boot/vmlinuz-{kernel}", "--disable-kvm",
+            "--memory", os.environ.get("GUARD_GUEST_MEMORY", "2G"),
+            "--cpus", os.environ.get("GUARD_GUEST_CPUS", "2"),
+            "--append", LSM_APPEND, "--rwdir", str(rwdir), "--", inner]
+
+
+def guest_kernel() -> str:
+    from guestharness import KERNEL_FILE
+
+    release = os.environ.get("GUARD_GUEST_KERNEL", "").strip()
+    if not release:
+        release = KERNEL_FILE.read_text().strip()
+    if not Path(f"/boot/vmlinuz-{release}").is_file():
+        raise RuntimeError(f"/boot/vmlinuz-{release} is missing: run ./scripts/setup")
+    return release
+
+
+def run_guest(cfg: Config, binary: Path, log: Log) -> Results:
+    """One guest boot; its results (rows marked failed when the guest did not finish)."""
+    rwdir = Path(tempfile.mkdtemp(prefix="guard-bench-guest-"))
+    (rwdir / "config.json").write_text(cfg.to_json())
+    (rwdir / "probe").write_text(str(binary))
+    cmd = vng_command(rwdir, guest_kernel())
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(cmd[0]).parent}{os.pathsep}{env.get('PATH', '')}"
+    started = time.monotonic()
+    failure = None
+    with open(rwdir / "console.log", "wb") as console:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, cwd=str(ROOT), env=env,
+                                start_new_session=True)
+        assert proc.stdout is not None
+        stdout = proc.stdout
+
+        def pump() -> None:
+            for line in iter(stdout.readline, b""):
+                console.write(line)
+                console.flush()
+                text = line.decode(errors="replace").rstrip()
+                if text.startswith("bench guest: "):
+                    log(text[len("bench guest: "):])
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=cfg.guest_timeout_s)
+        except subprocess.TimeoutExpired:
+            failure = f"the guest overran {cfg.guest_timeout_s:.0f} s and was killed"
+        finally:
+            if proc.poll() is None:
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, sig)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=10)
+                        break
+            reader.join(timeout=10)
+    log(f"guest: ran {time.monotonic() - started:.0f} s")
+    path = rwdir / "results.json"
+    results = Results.from_json(path.read_text()) if path.exists() else Results()
+    if failure is None and not results.meta.get("guest_finished"):
+        failure = f"the guest stopped before it finished (vng exit {proc.returncode})"
+    if failure is not None:
+        results.notes.append(f"guest: {failure}; console: {rwdir / 'console.log'}")
+        log(f"guest: {failure}; its output is kept in {rwdir}")
+    else:
+        shutil.rmtree(rwdir, ignore_errors=True)
+    return results
+
+
+# --- guest side -----------------------------------------------------------------------------
+
+
+class Lsm:
+    """Attach or detach every LSM program of a loaded Kernel, without recompiling."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.bpf = kernel.bpf
+        self.names = list(self.bpf.lsm_fds)
+
+    def set(self, on: bool) -> None:
+        for name in self.names:
+            attached = name in self.bpf.lsm_fds
+            if on and not attached:
+                self.bpf.attach_lsm(name)
+            elif not on and attached:
+                self.bpf.detach_lsm(name)
+
+
+class EventDrain:
+    """Consumes guard's ring buffer while the open() rounds run: events cost what they
+    cost when a daemon reads them, rather than failing a full buffer."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.count = 0
+        self._stop = threading.Event()
+        self._kernel = kernel
+        self._ring = kernel.map("guard_events")  # kept: bcc ties the callback to it
+        self._ring.open_ring_buffer(self._on_event)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _on_event(self, _ctx: Any, _data: Any, _size: int) -> int:
+        self.count += 1
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._kernel.bpf.ring_buffer_poll(100)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _exact(k: int) -> list[str]:
+    return [f"{BASE}/rules/f{i}" for i in range(max(0, k - 1))]
+
+
+def guest_main(rwdir: Path) -> int:
+    from guestharness import _guest_prepare
+
+    def log(text: str) -> None:
+        print(f"bench guest: {text}", flush=True)
+
+    results = Results()
+    path = rwdir / "results.json"
+    try:
+        extra_env, info = _guest_prepare()
+        os.environ.update(extra_env)
+        cfg = Config.from_json((rwdir / "config.json").read_text())
+        binary = Path((rwdir / "probe").read_text().strip())
+        results.meta.update({"guest_kernel": info["release"], "guest_lsm": info["lsm"],
+                             "landlock_abi_guest": landlock.abi_version()})
+        results.write(path)
+        measure(cfg, binary, results, log, lambda: results.write(path))
+    except Exception as error:
+        traceback.print_exc()
+        results.notes.append(f"guest part failed: {type(error).__name__}: {error}")
+    results.meta["guest_finished"] = True
+    results.write(path)
+    return 0
+
+
+def measure(cfg: Config, binary: Path, results: Results, log: Log,
+            save: Callable[[], None]) -> None:
+    from support.cgroup import TestCgroup
+
+    from guard.apply import Applier
+    from guard.loader import Kernel, probe_family
+
+    feature = probe_family("exec")
+    if not feature.available:
+        raise RuntimeError(f"BPF-LSM programs cannot run in the guest: {feature.reason}")
+    for sub in ("rules", "denied", "plain", "audited"):
+        (BASE / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy2("/usr/bin/true", BASE / "denied" / "true")
+    for sub in ("plain", "audited"):
+        (BASE / sub / "target").write_text("guard bench\n")
+    kmax = max(cfg.guest_rules)
+    t0 = time.monotonic()
+    if kmax > 1:
+        probe.run(binary, ["mkfiles", str(BASE / "rules"), str(kmax - 1)], 1200)
+    log(f"created {max(0, kmax - 1):,} rule target files in {time.monotonic() - t0:.1f} s")
+    t0 = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        root = TestCgroup.create("guard-bench")
+        stack.callback(root.remove)
+        cgroups = {"none": root.child("none"), "guard": root.child("guard")}
+        with quiet_stderr(Path("/tmp/guard-bench-bcc.log")):
+            kernel = stack.enter_context(Kernel(families={"exec", "files"}, host_cgroup="/"))
+        compile_s = time.monotonic() - t0
+        results.notes.append(f"guest: bcc compiled and loaded {', '.join(sorted(kernel.families))}"
+                             f" in {compile_s:.0f} s (once per boot)")
+        log(f"programs {sorted(kernel.families)} loaded in {compile_s:.0f} s; "
+            f"missing: {sorted(kernel.missing) or 'none'}")
+        lsm = Lsm(kernel)
+        stack.callback(lambda: lsm.set(True))  # Kernel.close detaches what is attached
+        applier = Applier(kernel)
+        rng = random.Random(cfg.seed)
+        exec_bench(cfg, binary, cgroups, applier, lsm, rng, results, log)
+        save()
+        open_bench(cfg, binary, cgroups, kernel, applier, lsm, rng, results, log)
+        save()
+
+
+def _run(binary: Path, args: list[str], cgroup: Any, timeout: float,
+         then: Callable[[], None] | None = None) -> dict[str, Any]:
+    return probe.run(binary, args, timeout, preexec=enter(cgroup, None, then))
+
+
+def _landlock(access: int, k: int, base_dirs: list[str]) -> landlock.Ruleset:
+    ruleset = landlock.Ruleset(fs=access)
+    for directory in base_dirs:
+        ruleset.allow_path(directory, access)
+    ruleset.allow_paths(_exact(k), access)
+    return ruleset
+
+
+def _rounds(cfg: Config, engines: list[str], lsm: Lsm, rng: random.Random,
+            one: Callable[[str], float]) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Per engine, the per-round medians; engine -> error for those that failed."""
+    samples: dict[str, list[float]] = {e: [] for e in engines}
+    errors: dict[str, str] = {}
+    for r in range(cfg.guest_rounds + 1):  # round 0 warms up and is not kept
+        order = list(engines)
+        rng.shuffle(order)
+        for engine in order:
+            if engine in errors:
+                continue
+            lsm.set(engine == "guard")
+            try:
+                value = one(engine)
+            except Exception as error:
+                errors[engine] = f"failed: {str(error).strip()[-200:]}"
+                continue
+            if r:
+                samples[engine].append(value)
+    lsm.set(True)
+    return samples, errors
+
+
+def exec_bench(cfg: Config, binary: Path, cgroups: dict[str, Any], applier: Any, lsm: Lsm,
+               rng: random.Random, results: Results, log: Log) -> None:
+    base_dirs = ["/usr", str(binary.parent)]
+    for k in cfg.guest_rules:
+        exact = _exact(k)
+        subtrees = [str(BASE / "denied")] if k else []
+        t0 = time.monotonic()
+        skipped: dict[str, str] = {}
+        try:
+            applier.apply(plans.exec_plan(cgroups["guard"].path, exact, subtrees))
+        except Exception as error:
+            skipped["guard"] = f"failed: apply: {str(error)[-200:]}"
+        t1 = time.monotonic()
+        ruleset = _landlock(landlock.ACCESS_FS_EXECUTE, k, base_dirs)
+        log(f"exec: {k:,} rules: guard apply {t1 - t0:.1f} s, Landlock ruleset "
+            f"{time.monotonic() - t1:.1f} s")
+        try:
+            # proof both enforce: the denied copy of true is refused (exit 127 from the
+            # probe's child means execve failed with EPERM or EACCES)
+            if k and "guard" not in skipped:
+                lsm.set(True)
+                got = _run(binary, ["exec", "1", "30", str(BASE / "denied" / "true")],
+                           cgroups["guard"], 120)
+                if got.get("errors") != 1 or got.get("errno") != 127:
+                    skipped["guard"] = f"failed: not enforcing: exec of a denied file gave {got}"
+            lsm.set(False)
+            got = _run(binary, ["exec", "1", "30", str(BASE / "denied" / "true")],
+                       cgroups["none"], 120, ruleset.restrictor())
+            if got.get("errors") != 1 or got.get("errno") != 127:
+                skipped["landlock"] = f"failed: not enforcing: exec outside the rules gave {got}"
+
+            def one(engine: str, rs: landlock.Ruleset = ruleset) -> float:
+                cg = cgroups["guard" if engine == "guard" else "none"]
+                then = rs.restrictor() if engine == "landlock" else None
+                res = _run(binary, ["exec", str(cfg.exec_count), str(cfg.exec_max_s),
+                                    "/usr/bin/true"], cg, cfg.exec_max_s + 120, then)
+                if not res.get("n") or res.get("errors"):
+                    raise RuntimeError(f"exec of /usr/bin/true failed: {res}")
+                return float(res["median_ns"]) / 1000.0
+
+            engines = ["none", *(e for e in ("guard", "landlock") if e not in skipped)]
+            samples, errors = _rounds(cfg, engines, lsm, rng, one)
+        finally:
+            ruleset.close()
+        if "none" in errors:
+            raise RuntimeError(f"exec baseline failed: {errors['none']}")
+        for engine in ("guard", "landlock"):
+            status = skipped.get(engine) or errors.get(engine) or OK
+            note = (f"allowlist of {ruleset.rules:,} rules (k - 1 files, /usr, the probe's "
+                    "directory)" if engine == "landlock" else "")
+            vals = samples.get(engine, [])
+            results.overhead.append(overhead_rows("exec", engine, k, vals,
+                                                  samples["none"][: len(vals)], status, note))
+        log("exec: " + _summary(results.overhead, "exec", k))
+
+
+def _summary(rows: list[Overhead], metric: str, k: int) -> str:
+    return f"{k:,} rules: " + ", ".join(
+        f"{r.engine} {r.value:.1f} us vs {r.baseline:.1f} ({r.ratio:.3f})"
+        if r.ratio is not None and r.value is not None and r.baseline is not None
+        else f"{r.engine} [{r.status}]"
+        for r in rows if r.metric == metric and r.rules == k)
+
+
+def open_bench(cfg: Config, binary: Path, cgroups: dict[str, Any], kernel: Any, applier: Any,
+               lsm: Lsm, rng: random.Random, results: Results, log: Log) -> None:
+    have_files = "files" in kernel.families
+    plain = str(BASE / "plain" / "target")
+    audited = str(BASE / "audited" / "target")
+    base_dirs = ["/usr", "/etc", str(binary.parent), str(BASE / "plain")]
+    drain = EventDrain(kernel) if have_files else None
+    try:
+        for k in cfg.guest_rules:
+            exact = _exact(k)
+            skipped: dict[str, str] = {} if have_files else {"guard": NOT_YET}
+            if have_files:
+                try:
+                    applier.apply(plans.files_plan(cgroups["guard"].path, exact,
+                                                   [str(BASE / "audited")] if k else []))
+                except Exception as error:
+                    skipped["guard"] = f"failed: apply: {str(error)[-200:]}"
+            ruleset = _landlock(landlock.ACCESS_FS_READ_FILE, k, base_dirs)
+            try:
+                if have_files and k and "guard" not in skipped and drain is not None:
+                    lsm.set(True)
+                    before = drain.count
+                    _run(binary, ["open", "64", "30", "64", audited], cgroups["guard"], 120)
+                    time.sleep(0.5)
+                    if drain.count <= before:
+                        skipped["guard"] = "failed: not enforcing: a matching open made no event"
+                lsm.set(False)
+                got = _run(binary, ["open", "1", "30", "1", audited], cgroups["none"], 120,
+                           ruleset.restrictor())
+                if got.get("errors") != 1:
+                    skipped["landlock"] = f"failed: not enforcing: open outside the rules {got}"
+
+                def one(engine: str, path: str, rs: landlock.Ruleset = ruleset) -> float:
+                    cg = cgroups["guard" if engine == "guard" else "none"]
+                    then = rs.restrictor() if engine == "landlock" else None
+                    res = _run(binary, ["open", str(cfg.open_count), str(cfg.open_max_s),
+                                        str(cfg.open_batch), path], cg, cfg.open_max_s + 120,
+                               then)
+                    if not res.get("n") or res.get("errors"):
+                        raise RuntimeError(f"open of {path} failed: {res}")
+                    return float(res["median_ns"]) / 1000.0
+
+                engines = ["none", *(e for e in ("guard", "landlock") if e not in skipped)]
+                samples, errors = _rounds(cfg, engines, lsm, rng, lambda e: one(e, plain))
+                match_engines = ["none", *(["guard"] if "guard" not in skipped and k else [])]
+                msamples, merrors = _rounds(cfg, match_engines, lsm, rng,
+                                            lambda e: one(e, audited))
+            finally:
+                ruleset.close()
+            if "none" in errors or "none" in merrors:
+                raise RuntimeError(f"open baseline failed: {errors} {merrors}")
+            for engine in ("guard", "landlock"):
+                status = skipped.get(engine) or errors.get(engine) or OK
+                note = (f"allowlist of {ruleset.rules:,} rules (k - 1 files and 4 directories "
+                        "a process needs); the opened file is under one of them"
+                        if engine == "landlock" else "")
+                vals = samples.get(engine, [])
+                results.overhead.append(overhead_rows("open", engine, k, vals,
+                                                      samples["none"][: len(vals)], status,
+                                                      note))
+            if k:
+                status = skipped.get("guard") or merrors.get("guard") or OK
+                vals = msamples.get("guard", [])
+                results.overhead.append(overhead_rows(
+                    "open-match", "guard", k, vals, msamples["none"][: len(vals)], status,
+                    "every open is an audit event, read from the ring buffer"))
+            log("open: " + _summary(results.overhead, "open", k))
+    finally:
+        if drain is not None:
+            drain.close()
+            results.notes.append(f"guest: {drain.count:,} file events read during the "
+                                 "open() rounds")
