@@ -345,7 +345,7 @@ def _merge(
 def _summaries(
     entries: Iterable[tuple[int, bool, Decision | None]],
 ) -> dict[int, Decision]:
-    """Per ruleset: the strongest decision of its subtree entries."""
+    """Per ruleset: the strongest decision of its subtree entries (those that resolved)."""
     result: dict[int, Decision] = {}
     for ruleset, subtree, decision in entries:
         if subtree and decision is not None:
@@ -383,8 +383,9 @@ def exec_items(
         (cand, e.decision) for e in entries for cand in keys[(e.ruleset, e.path, e.subtree)]
     )
     items = [InodeEntry(key, decision, path) for key, (_spec, decision, path) in merged.items()]
+    loaded = [e for e in entries if keys[(e.ruleset, e.path, e.subtree)]]
     for ruleset, decision in _summaries((e.ruleset, e.subtree, e.decision)
-                                        for e in entries).items():
+                                        for e in loaded).items():
         items.append(InodeEntry(summary_key(ruleset), decision, "(subtree summary)"))
     return tuple(sorted(items)), tuple(warnings)
 
@@ -416,8 +417,9 @@ def resolve_files(
         path = read[2] if read else write[2] if write else ""
         items.append(FileInodeEntry(key, read[1] if read else None,
                                     write[1] if write else None, path))
-    reads = _summaries((e.ruleset, e.subtree, e.read) for e in entries)
-    writes = _summaries((e.ruleset, e.subtree, e.write) for e in entries)
+    loaded = [e for e in entries if keys[(e.ruleset, e.path, e.subtree)]]
+    reads = _summaries((e.ruleset, e.subtree, e.read) for e in loaded)
+    writes = _summaries((e.ruleset, e.subtree, e.write) for e in loaded)
     for ruleset in sorted(reads.keys() | writes.keys()):
         items.append(FileInodeEntry(summary_key(ruleset), reads.get(ruleset),
                                     writes.get(ruleset), "(subtree summary)"))

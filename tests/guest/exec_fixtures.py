@@ -120,8 +120,8 @@ def remove_cgroup_tree(directory: Path) -> None:
 class EventLog:
     """Every event the ring buffer delivered this session, decoded."""
 
-    bpf: Any
-    events: list[RawEvent] = field(default_factory=list)
+    bpf: Any = field(repr=False)
+    events: list[RawEvent] = field(default_factory=list, repr=False)
 
     def callback(self, _ctx: Any, data: Any, size: int) -> None:
         self.events.append(decode(ctypes.string_at(data, size)))
@@ -140,9 +140,9 @@ class EventLog:
 class ExecGuard:
     """The session's loaded exec programs and the way tests drive them."""
 
-    kernel: Any
-    applier: Any
-    log: EventLog
+    kernel: Any = field(repr=False)
+    applier: Any = field(repr=False)
+    log: EventLog = field(repr=False)
 
     def apply(self, plan: Plan) -> Any:
         result = self.applier.apply(plan)

@@ -430,3 +430,18 @@ def test_kernel_agrees_with_the_evaluator(
                               f"{expected.render()}")
     assert not mismatches, "\n".join(mismatches)
     assert seen == set(Verdict)  # the table exercises every verdict
+
+
+@pytest.mark.parametrize("name", ["a", "with space", "ünïcödé", "x" * 255, ".hidden", "tab\tname"])
+def test_name_hash_agrees_with_the_kernel(
+    guard: ExecGuard, cgroup: Cgroup, tmp_path: Path, name: str
+) -> None:
+    """Only the NAME key can match after a rename-over: the kernel's FNV-1a of the
+    dentry name must equal guard.resolve.fnv1a32 of the basename, byte for byte."""
+    path = copy_binary(TRUE, tmp_path / "names" / name)
+    guard.apply_yaml(deny_policy(cgroup, path))
+    replacement = copy_binary(TRUE, tmp_path / "names" / "replacement")
+    os.rename(replacement, path)
+    assert_denied(cgroup, [path])
+    # A different name in the same directory is not matched.
+    assert_runs(cgroup, [copy_binary(TRUE, tmp_path / "names" / (name[:-1] + "_"))])
