@@ -10,7 +10,9 @@ when it ends.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,8 +23,11 @@ import pytest
 from exec_fixtures import LOADER, Cgroup, ExecGuard, copy_binary, plan_from_yaml, policy_yaml
 
 from guard import layout
+from guard.compile import compile_policies
 from guard.evaluate import decide_exec
-from guard.plan import Verdict
+from guard.model import PolicySet, Scope
+from guard.parse import load_policy_paths
+from guard.plan import Plan, Verdict
 
 pytestmark = pytest.mark.guest
 
@@ -445,3 +450,55 @@ def test_name_hash_agrees_with_the_kernel(
     assert_denied(cgroup, [path])
     # A different name in the same directory is not matched.
     assert_runs(cgroup, [copy_binary(TRUE, tmp_path / "names" / (name[:-1] + "_"))])
+
+
+# --- the example policies, enforced --------------------------------------------------
+
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+
+def example_plan(name: str, cg: Cgroup) -> Plan:
+    """policies/NAME.yaml as shipped, its scope replaced by the test's cgroup."""
+    loaded = load_policy_paths([str(POLICIES / f"{name}.yaml")])
+    assert loaded.diagnostics == () and loaded.policy_set is not None
+    policies = tuple(dataclasses.replace(p, scope=Scope(cgroups=(cg.path,)))
+                     for p in loaded.policy_set.policies)
+    return compile_policies(PolicySet(policies))
+
+
+def test_example_exec_policies_enforce(
+    guard: ExecGuard, cgroup: Cgroup, tmp_path: Path
+) -> None:
+    # web-no-downloaders: downloaders, shells and /tmp are out; the rest runs.
+    guard.apply(example_plan("web-no-downloaders", cgroup))
+    for binary in ("/usr/bin/curl", "/usr/bin/wget", "/usr/bin/bash", "/bin/sh"):
+        assert_denied(cgroup, [binary])
+    script = tmp_path / "script"  # under /tmp, and its interpreter is a shell
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    assert_denied(cgroup, [script])
+    assert_denied(cgroup, [copy_binary(TRUE, tmp_path / "dropped")])
+    assert cgroup.run([LOADER, "/usr/bin/curl", "--version"]).returncode == 127
+    assert_runs(cgroup, [TRUE])
+    assert_runs(cgroup, [sys.executable, "-c", "pass"])
+
+    # batch-allowlist: python3, env and the job's own programs, nothing else.
+    job_dir = Path("/opt/batch/bin")
+    created = not job_dir.exists()
+    job_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        job = job_dir / "guard-test-job"
+        job.write_text("#!/usr/bin/env python3\nprint('done')\n")
+        job.chmod(0o755)
+        guard.apply(example_plan("batch-allowlist", cgroup))
+        assert guard.last_warnings == ()
+        assert assert_runs(cgroup, [job]).stdout == "done\n"
+        assert_runs(cgroup, ["/usr/bin/python3", "-c", "pass"])
+        assert_runs(cgroup, ["/usr/bin/env", "python3", "-c", "pass"])
+        for binary in (TRUE, "/usr/bin/bash", LOADER):
+            assert_denied(cgroup, [binary])
+    finally:
+        if created:
+            shutil.rmtree("/opt/batch")
+        else:
+            (job_dir / "guard-test-job").unlink(missing_ok=True)
