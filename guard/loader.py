@@ -4,22 +4,26 @@
 shared maps of bpf/guard_maps.h exist once and every program sees the same
 ones::
 
-    bpf/guard_maps.h (pasted in), then those of bpf/net.bpf.c, bpf/exec.bpf.c and
-    bpf/files.bpf.c that are requested and present
+    bpf/guard_maps.h (pasted in), then those of bpf/net.bpf.c, bpf/exec.bpf.c,
+    bpf/files.bpf.c and bpf/tamper.bpf.c that are requested and present
 
 The network programs are attached to the host cgroup (the cgroup2 root by
-default) with BPF_F_ALLOW_MULTI, so they run for every process below it and
-coexist with other programs there. bcc attaches LSM programs itself when it
-loads them, which is why "exec" and "files" can only be requested where BPF-LSM
-works (the QEMU guest, not the development host; ``probe_features`` says why).
+default) through bpf_links (BPF_LINK_CREATE), so they run for every process
+below it and coexist with other programs there. bcc attaches LSM programs
+itself when it loads them, which is why "exec", "files" and "tamper" can only
+be requested where BPF-LSM works (the QEMU guest, not the development host;
+``probe_features`` says why).
 
-Everything attached is detached by ``close()`` (the context manager calls it,
-also on exceptions), and a failed load or attach leaves nothing attached:
-cgroup attachments outlive the process otherwise.
+Every attachment is a bpf_link held by a file descriptor of this process
+(``links()``), so it ends with the process, however the process ends (even
+SIGKILL), unless guard/pin.py pinned it in bpffs. ``close()`` (the context
+manager calls it, also on exceptions) closes them all, and a failed load or
+attach leaves nothing attached.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 from collections.abc import Iterable
@@ -31,8 +35,8 @@ from typing import Any
 from guard.cgroups import CgroupError, cgroup_dir
 from guard.layout import BPF_DIR
 
-FAMILIES = ("net", "exec", "files")
-BPF_F_ALLOW_MULTI = 2
+FAMILIES = ("net", "exec", "files", "tamper")
+LSM_FAMILIES = ("exec", "files", "tamper")
 LSM_FILE = Path("/sys/kernel/security/lsm")
 
 # bcc's numbers (bcc.BPF / bcc.BPFAttachType), written out so that this module
@@ -67,6 +71,20 @@ CGROUP_PROGRAMS: dict[str, tuple[Program, ...]] = {"net": NET_PROGRAMS}
 
 class LoadError(RuntimeError):
     """The programs could not be compiled, loaded or attached; nothing stays attached."""
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """BPF_LINK_CREATE (libbpf, reached through bcc's library): the attachment
+    lasts as long as the returned fd, or a pin of it, exists."""
+    from bcc.libbcc import lib
+
+    create = lib.bpf_link_create
+    create.restype = ctypes.c_int
+    create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    fd = int(create(prog_fd, target_fd, attach_type, None))
+    if fd < 0:  # libbpf 1.x returns -errno
+        raise OSError(-fd, f"BPF_LINK_CREATE: {os.strerror(-fd)}")
+    return fd
 
 
 @dataclass(frozen=True)
@@ -121,7 +139,7 @@ class Kernel:
         self.families: frozenset[str] = frozenset(present)
         self.missing: frozenset[str] = frozenset(requested - present)
         self.host_cgroup = host_cgroup
-        self._attached: list[tuple[Any, int, int]] = []  # (bcc function, cgroup fd, type)
+        self._attached: list[tuple[str, int]] = []  # (function, bpf_link fd)
         self._cgroup_fd = -1
         self._bpf: Any = None
         if not self.families:
@@ -146,8 +164,6 @@ class Kernel:
             raise LoadError(f"compiling/loading {sorted(self.families)} failed: {error}") from error
 
     def _attach(self) -> None:
-        from bcc import BPF
-
         programs = [p for f in sorted(self.families) for p in CGROUP_PROGRAMS.get(f, ())]
         if not programs:
             return
@@ -160,10 +176,10 @@ class Kernel:
             try:
                 fn = self._bpf.load_func(program.function.encode(), program.prog_type,
                                          attach_type=program.attach_type)
-                BPF.attach_func(fn, self._cgroup_fd, program.attach_type, BPF_F_ALLOW_MULTI)
+                link = link_create(fn.fd, self._cgroup_fd, program.attach_type)
             except Exception as error:
                 raise LoadError(f"{program.function}: {error}") from error
-            self._attached.append((fn, self._cgroup_fd, program.attach_type))
+            self._attached.append((program.function, link))
 
     @property
     def bpf(self) -> Any:
@@ -174,7 +190,14 @@ class Kernel:
 
     @property
     def attached(self) -> tuple[str, ...]:
-        return tuple(fn.name.decode() for fn, _fd, _type in self._attached)
+        return tuple(name for name, _link in self._attached)
+
+    def links(self) -> dict[str, int]:
+        """Every attachment as a bpf_link fd, by a name unique in this object:
+        the cgroup programs' function names and bcc's LSM ones (lsm__HOOK)."""
+        found = dict(self._attached)
+        found.update((name.decode(), fd) for name, fd in self.bpf.lsm_fds.items())
+        return found
 
     def map(self, name: str) -> Any:
         """One of the maps of guard_maps.h or of a family's file, by its C name.
@@ -186,17 +209,14 @@ class Kernel:
         return self.bpf[name.encode()]
 
     def close(self) -> None:
-        """Detach every program this object attached, then free programs and maps."""
+        """Close every attachment (a pinned one stays), then free programs and maps."""
         errors: list[str] = []
-        if self._attached:
-            from bcc import BPF
-
-            while self._attached:
-                fn, fd, attach_type = self._attached.pop()
-                try:
-                    BPF.detach_func(fn, fd, attach_type)
-                except Exception as error:  # keep detaching the others
-                    errors.append(f"{fn.name.decode()}: {error}")
+        while self._attached:
+            name, link = self._attached.pop()
+            try:
+                os.close(link)
+            except OSError as error:  # keep closing the others
+                errors.append(f"{name}: {error}")
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1
@@ -282,7 +302,7 @@ def probe_family(family: str) -> Feature:
         problem = _try_load(_PROBE_NET, PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT)
         feature = Feature(family, problem is None,
                           problem or "cgroup_sock_addr programs load")
-    elif family in ("exec", "files"):
+    elif family in LSM_FAMILIES:
         ok, why = lsm_has_bpf()
         if ok:
             problem = _try_load(_PROBE_LSM, None)
@@ -290,9 +310,9 @@ def probe_family(family: str) -> Feature:
                               f"BPF-LSM programs do not load: {problem}" if problem else why)
         else:
             feature = Feature(family, False, why)
-        # exec and files need the same thing; probe once for both
-        _feature_cache["exec" if family == "files" else "files"] = Feature(
-            "exec" if family == "files" else "files", feature.available, feature.reason)
+        # the LSM families need the same thing; probe once for all
+        for other in LSM_FAMILIES:
+            _feature_cache[other] = Feature(other, feature.available, feature.reason)
     else:
         feature = Feature(family, False, "unknown program family")
     _feature_cache[family] = feature

@@ -141,7 +141,7 @@ def test_program_text_pastes_the_shared_maps_first() -> None:
     text = program_text({"net"})
     assert text.index("BPF_ARRAY(guard_config") < text.index("int guard_connect4(")
     assert '#include "guard_maps.h"' not in text.split("\n", 2)[1]
-    assert set(FAMILIES) == {"net", "exec", "files"}
+    assert set(FAMILIES) == {"net", "exec", "files", "tamper"}
 
 
 def test_mountinfo_finds_cgroup2_wherever_it_is_mounted() -> None:
