@@ -50,6 +50,7 @@ enum guard_kind {
 	GUARD_KIND_EXEC    = 1,
 	GUARD_KIND_FILE    = 2,
 	GUARD_KIND_CONNECT = 3,
+	GUARD_KIND_TAMPER  = 4,   /* an attempt to switch guard off (tamper.bpf.c) */
 };
 
 enum guard_hook {               /* which kernel hook made the decision */
@@ -63,6 +64,13 @@ enum guard_hook {               /* which kernel hook made the decision */
 	GUARD_HOOK_SENDMSG4     = 8,
 	GUARD_HOOK_SENDMSG6     = 9,
 	GUARD_HOOK_SKB_EGRESS   = 10,
+	GUARD_HOOK_BPF          = 11, /* tamper: the bpf() syscall */
+	GUARD_HOOK_TASK_KILL    = 12, /* tamper: a signal to the daemon */
+	GUARD_HOOK_PTRACE       = 13, /* tamper: ptrace, /proc/PID/mem... of the daemon */
+	GUARD_HOOK_BPFFS_UNLINK = 14, /* tamper: unlink in bpffs (a pin) */
+	GUARD_HOOK_BPFFS_RENAME = 15,
+	GUARD_HOOK_BPFFS_RMDIR  = 16,
+	GUARD_HOOK_BPFFS_UMOUNT = 17,
 };
 
 enum guard_inode_match {
@@ -87,6 +95,7 @@ enum guard_stat {               /* indices of the per-CPU guard_stats array */
 	GUARD_STAT_DENIED        = 3,
 	GUARD_STAT_AUDITED       = 4,
 	GUARD_STAT_SUPPRESSED    = 5, /* packet events folded into a later one */
+	GUARD_STAT_TAMPER        = 6, /* tamper attempts denied (also in DENIED) */
 	GUARD_STAT_COUNT         = 8,
 };
 
@@ -157,6 +166,17 @@ struct guard_port_table {       /* guard_port_tables[slot * GUARD_MAX_PORT_TABLE
 	struct guard_port_line lines[GUARD_MAX_PORT_LINES];
 };
 
+/*
+ * guard_tamper[0]: who is guard, written once at start and then frozen
+ * (BPF_MAP_FREEZE), so no bpf() caller can rewrite it afterwards.
+ */
+struct guard_tamper_config {
+	__u32 daemon_tgid;          /* the daemon: exempt, and protected from signals/ptrace */
+	__u32 _pad;
+	__u64 host_cgroup_id;       /* a process whose deepest scope is this cgroup (a
+	                             * whole-host policy) is not tamper-protected */
+};
+
 /* --- the event record: one per decision worth reporting ----------------- */
 
 struct guard_event {
@@ -176,10 +196,11 @@ struct guard_event {
 	__u8  access;               /* enum guard_access bits, file events */
 	__u8  family;               /* AF_INET / AF_INET6, connect events */
 	__u8  proto;
-	__u16 port;                 /* host byte order */
-	__u8  addr[16];             /* IPv4 in the first 4 bytes */
+	__u16 port;                 /* host byte order; tamper: bpf command, signal, ptrace mode */
+	__u8  addr[16];             /* IPv4 in the first 4 bytes; tamper: target tgid (u32) */
 	char  comm[GUARD_COMM_LEN];
-	char  path[GUARD_PATH_LEN]; /* exec: the file run; file: the file opened */
+	char  path[GUARD_PATH_LEN]; /* exec: the file run; file: the file opened;
+	                             * tamper: the pin's name, the target's comm */
 	char  exe[GUARD_PATH_LEN];  /* the acting process's executable, if known */
 };
 

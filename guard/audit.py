@@ -286,6 +286,13 @@ def _access_text(bits: int) -> str:
     return ",".join(names)
 
 
+def _tamper_object(raw: RawEvent) -> str:
+    """A tamper event's object as a phrase (guard.tamper.tamper_object)."""
+    from guard.tamper import tamper_object
+
+    return tamper_object(raw.hook, raw.port, raw.addr, printable(raw.path))
+
+
 class Enricher:
     """Turns RawEvents into AuditEvents using the daemon's current knowledge.
 
@@ -357,7 +364,7 @@ class Enricher:
             exe=exe,
             cgroup=self._cgroup(raw.cgroup_id),
             cgroup_id=raw.cgroup_id,
-            path=printable(raw.path),
+            path=_tamper_object(raw) if raw.kind == layout.KIND_TAMPER else printable(raw.path),
             access=_access_text(raw.access) if raw.kind == layout.KIND_FILE else "",
             addr=_address_text(raw.family, raw.addr) if connect else "",
             port=raw.port if connect else 0,

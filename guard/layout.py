@@ -29,8 +29,9 @@ MAX_RULES = 262144
 RINGBUF_BYTES = 4 * 1024 * 1024
 SLOTS = 2
 
-KIND_EXEC, KIND_FILE, KIND_CONNECT = 1, 2, 3
-KIND_NAMES = {KIND_EXEC: "exec", KIND_FILE: "file", KIND_CONNECT: "connect"}
+KIND_EXEC, KIND_FILE, KIND_CONNECT, KIND_TAMPER = 1, 2, 3, 4
+KIND_NAMES = {KIND_EXEC: "exec", KIND_FILE: "file", KIND_CONNECT: "connect",
+              KIND_TAMPER: "tamper"}
 
 HOOK_NAMES = {
     1: "bprm_check",
@@ -43,19 +44,36 @@ HOOK_NAMES = {
     8: "sendmsg4",
     9: "sendmsg6",
     10: "skb_egress",
+    11: "bpf",
+    12: "task_kill",
+    13: "ptrace",
+    14: "bpffs_unlink",
+    15: "bpffs_rename",
+    16: "bpffs_rmdir",
+    17: "bpffs_umount",
 }
+HOOK_BPF, HOOK_TASK_KILL, HOOK_PTRACE = 11, 12, 13
+HOOK_BPFFS_UNLINK, HOOK_BPFFS_RENAME, HOOK_BPFFS_RMDIR, HOOK_BPFFS_UMOUNT = 14, 15, 16, 17
 
 MATCH_EXACT, MATCH_SUBTREE, MATCH_NAME = 1, 2, 3
 ACCESS_READ, ACCESS_WRITE = 1, 2
 EVENT_UNDECIDED = 1
 
 STAT_EVENTS, STAT_EVENTS_LOST, STAT_UNDECIDED = 0, 1, 2
-STAT_DENIED, STAT_AUDITED, STAT_SUPPRESSED = 3, 4, 5
+STAT_DENIED, STAT_AUDITED, STAT_SUPPRESSED, STAT_TAMPER = 3, 4, 5, 6
 STAT_COUNT = 8
 
 
 class Config(ctypes.Structure):
     _fields_ = [("active_slot", ctypes.c_uint32), ("generation", ctypes.c_uint32)]
+
+
+class TamperConfig(ctypes.Structure):
+    _fields_ = [
+        ("daemon_tgid", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("host_cgroup_id", ctypes.c_uint64),
+    ]
 
 
 class DecisionC(ctypes.Structure):
@@ -171,6 +189,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "guard_port_line": PortLine,
     "guard_port_table": PortTableC,
     "guard_event": Event,
+    "guard_tamper_config": TamperConfig,
 }
 
 

@@ -99,6 +99,7 @@ def test_constants_equal_the_header() -> None:
         "KIND_EXEC": layout.KIND_EXEC,
         "KIND_FILE": layout.KIND_FILE,
         "KIND_CONNECT": layout.KIND_CONNECT,
+        "KIND_TAMPER": layout.KIND_TAMPER,
         "MATCH_EXACT": layout.MATCH_EXACT,
         "MATCH_SUBTREE": layout.MATCH_SUBTREE,
         "MATCH_NAME": layout.MATCH_NAME,
@@ -111,6 +112,7 @@ def test_constants_equal_the_header() -> None:
         "STAT_DENIED": layout.STAT_DENIED,
         "STAT_AUDITED": layout.STAT_AUDITED,
         "STAT_SUPPRESSED": layout.STAT_SUPPRESSED,
+        "STAT_TAMPER": layout.STAT_TAMPER,
         "STAT_COUNT": layout.STAT_COUNT,
     }
     for name, value in expected.items():
@@ -127,6 +129,9 @@ def test_hook_and_verdict_numbers_equal_the_header() -> None:
         "HOOK_PATH_CHANGE": "path_change", "HOOK_CONNECT4": "connect4",
         "HOOK_CONNECT6": "connect6", "HOOK_SENDMSG4": "sendmsg4",
         "HOOK_SENDMSG6": "sendmsg6", "HOOK_SKB_EGRESS": "skb_egress",
+        "HOOK_BPF": "bpf", "HOOK_TASK_KILL": "task_kill", "HOOK_PTRACE": "ptrace",
+        "HOOK_BPFFS_UNLINK": "bpffs_unlink", "HOOK_BPFFS_RENAME": "bpffs_rename",
+        "HOOK_BPFFS_RMDIR": "bpffs_rmdir", "HOOK_BPFFS_UMOUNT": "bpffs_umount",
     }
     assert {layout.HOOK_NAMES[found[c]]: c for c in hooks} == {v: k for k, v in hooks.items()}
     assert len(layout.HOOK_NAMES) == len(hooks)
