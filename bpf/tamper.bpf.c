@@ -1,0 +1,209 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * tamper.bpf.c - the processes guard confines cannot switch guard off.
+ *
+ * Loaded with the exec family (BPF-LSM). A process is *protected* when the
+ * deepest scoped cgroup containing it is a policy's own scope rather than the
+ * host cgroup (guard_tamper.host_cgroup_id): whole-host policies cover PID 1
+ * and the operators' shells, which must keep bpf() and their signals. The
+ * daemon (guard_tamper.daemon_tgid) is never protected from itself.
+ *
+ * Hooks, each refusing a protected process with EPERM and reporting a
+ * GUARD_KIND_TAMPER event:
+ *   bpf                  every bpf() command: detaching or replacing programs,
+ *                        writing maps, opening pins all go through it.
+ *   task_kill            any signal but 0 to the daemon's thread group.
+ *   ptrace_access_check  ptrace of the daemon, and what the kernel checks the
+ *                        same way: /proc/PID/mem, process_vm_writev,
+ *                        pidfd_getfd (stealing its link fds).
+ *   inode_unlink, inode_rename, inode_rmdir
+ *                        any change of a name in a bpffs: guard's pins.
+ *   sb_umount            unmounting a bpffs (the pins go with its last mount).
+ *
+ * Cheap checks first: a kill or ptrace of another process, or a name change
+ * outside bpffs, costs one comparison; only then is the scope looked up.
+ *
+ * These hooks are only this family's: another family needing one of them
+ * must share it (one LSM_PROBE per hook and compile unit).
+ */
+#include "guard_maps.h"
+
+#include <linux/dcache.h>
+#include <linux/fs.h>
+#include <linux/mount.h>
+#include <linux/sched.h>
+#include <linux/version.h>
+
+#define GUARD_BPF_FS_MAGIC 0xcafe4a11   /* uapi linux/magic.h */
+
+BPF_ARRAY(guard_tamper, struct guard_tamper_config, 1);
+
+static __always_inline struct guard_tamper_config *guard_tamper_config(void)
+{
+	__u32 zero = 0;
+
+	return guard_tamper.lookup(&zero);
+}
+
+/*
+ * 1 when the current task is protected, with the slot-qualified ruleset of its
+ * deepest scope in *ruleset. The walk is guard_current_ruleset's, keeping the
+ * cgroup it stopped at.
+ */
+static __always_inline int guard_tamper_protected(struct guard_tamper_config *cfg,
+						  __u32 *ruleset)
+{
+	struct guard_scope_key key = {};
+
+	if ((__u32)(bpf_get_current_pid_tgid() >> 32) == cfg->daemon_tgid)
+		return 0;
+	key.slot = guard_active_slot();
+	for (int level = GUARD_MAX_CGROUP_DEPTH - 1; level >= 0; level--) {
+		__u64 id = bpf_get_current_ancestor_cgroup_id(level);
+		__u32 *found;
+
+		if (!id)
+			continue;
+		key.cgroup_id = id;
+		found = guard_scopes.lookup(&key);
+		if (found) {
+			if (id == cfg->host_cgroup_id)
+				return 0;   /* only a whole-host policy covers it */
+			*ruleset = key.slot * GUARD_MAX_RULESETS + *found;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* The event of a refused attempt; detail, target and name as guard.h documents. */
+static __always_inline int guard_tamper_deny(__u32 ruleset, __u8 hook, __u32 detail,
+					     __u32 target, const char *name)
+{
+	struct task_struct *task;
+	struct guard_event *e;
+	struct file *exe;
+
+	guard_stat_add(GUARD_STAT_DENIED, 1);
+	guard_stat_add(GUARD_STAT_TAMPER, 1);
+	e = guard_event_reserve();
+	if (e) {
+		guard_event_fill_task(e);
+		task = bpf_get_current_task_btf();
+		e->ppid = task->real_parent->tgid;
+		e->kind = GUARD_KIND_TAMPER;
+		e->hook = hook;
+		e->verdict = GUARD_DENY;
+		e->ruleset = ruleset;
+		e->count = 1;
+		e->port = (__u16)detail;
+		__builtin_memcpy(e->addr, &target, sizeof(target));
+		if (name)
+			bpf_probe_read_kernel_str(e->path, sizeof(e->path), name);
+		exe = task->mm->exe_file;
+		if (exe)
+			bpf_probe_read_kernel_str(e->exe, sizeof(e->exe),
+						  exe->f_path.dentry->d_name.name);
+		guard_event_submit(e);
+	}
+	return -EPERM;
+}
+
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 14, 0)
+LSM_PROBE(bpf, int cmd, union bpf_attr *attr, unsigned int size, bool kernel, int ret)
+#else
+LSM_PROBE(bpf, int cmd, union bpf_attr *attr, unsigned int size, int ret)
+#endif
+{
+	struct guard_tamper_config *cfg;
+	__u32 ruleset = 0;
+
+	if (ret)
+		return ret;
+	cfg = guard_tamper_config();
+	if (!cfg || !guard_tamper_protected(cfg, &ruleset))
+		return 0;
+	return guard_tamper_deny(ruleset, GUARD_HOOK_BPF, (__u32)cmd, 0, 0);
+}
+
+LSM_PROBE(task_kill, struct task_struct *p, struct kernel_siginfo *info, int sig,
+	  const struct cred *cred, int ret)
+{
+	struct guard_tamper_config *cfg;
+	__u32 ruleset = 0;
+
+	if (ret)
+		return ret;
+	cfg = guard_tamper_config();
+	if (!cfg || !sig || !cfg->daemon_tgid || (__u32)p->tgid != cfg->daemon_tgid)
+		return 0;
+	if (!guard_tamper_protected(cfg, &ruleset))
+		return 0;
+	return guard_tamper_deny(ruleset, GUARD_HOOK_TASK_KILL, (__u32)sig, p->tgid, p->comm);
+}
+
+LSM_PROBE(ptrace_access_check, struct task_struct *child, unsigned int mode, int ret)
+{
+	struct guard_tamper_config *cfg;
+	__u32 ruleset = 0;
+
+	if (ret)
+		return ret;
+	cfg = guard_tamper_config();
+	if (!cfg || !cfg->daemon_tgid || (__u32)child->tgid != cfg->daemon_tgid)
+		return 0;
+	if (!guard_tamper_protected(cfg, &ruleset))
+		return 0;
+	return guard_tamper_deny(ruleset, GUARD_HOOK_PTRACE, mode, child->tgid, child->comm);
+}
+
+/* A name change in a directory of a bpffs by a protected process. */
+static __always_inline int guard_tamper_bpffs(struct inode *dir, struct dentry *dentry, __u8 hook)
+{
+	struct guard_tamper_config *cfg;
+	__u32 ruleset = 0;
+
+	if (!dir || dir->i_sb->s_magic != GUARD_BPF_FS_MAGIC)
+		return 0;
+	cfg = guard_tamper_config();
+	if (!cfg || !guard_tamper_protected(cfg, &ruleset))
+		return 0;
+	return guard_tamper_deny(ruleset, hook, 0, 0, (const char *)dentry->d_name.name);
+}
+
+LSM_PROBE(inode_unlink, struct inode *dir, struct dentry *dentry, int ret)
+{
+	if (ret)
+		return ret;
+	return guard_tamper_bpffs(dir, dentry, GUARD_HOOK_BPFFS_UNLINK);
+}
+
+LSM_PROBE(inode_rmdir, struct inode *dir, struct dentry *dentry, int ret)
+{
+	if (ret)
+		return ret;
+	return guard_tamper_bpffs(dir, dentry, GUARD_HOOK_BPFFS_RMDIR);
+}
+
+LSM_PROBE(inode_rename, struct inode *old_dir, struct dentry *old_dentry,
+	  struct inode *new_dir, struct dentry *new_dentry, int ret)
+{
+	if (ret)
+		return ret;
+	return guard_tamper_bpffs(old_dir, old_dentry, GUARD_HOOK_BPFFS_RENAME);
+}
+
+LSM_PROBE(sb_umount, struct vfsmount *mnt, int flags, int ret)
+{
+	struct guard_tamper_config *cfg;
+	__u32 ruleset = 0;
+
+	if (ret)
+		return ret;
+	if (mnt->mnt_sb->s_magic != GUARD_BPF_FS_MAGIC)
+		return 0;
+	cfg = guard_tamper_config();
+	if (!cfg || !guard_tamper_protected(cfg, &ruleset))
+		return 0;
+	return guard_tamper_deny(ruleset, GUARD_HOOK_BPFFS_UMOUNT, (__u32)flags, 0, 0);
+}
