@@ -5,6 +5,7 @@
     guard explain ...                which rule decides an exec / open / connect, and why
     guard run --policies DIR         the daemon
     guard status                     what the running daemon enforces
+    guard stop [--unload]            stop the daemon; --unload also removes the pinned programs
 
 Exit codes: 0 success, 1 invalid policy input, 2 usage error, 3 runtime failure.
 Each subcommand's work lives in the module of its stage; this file only parses
@@ -100,6 +101,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status(args)
 
 
+def cmd_stop(args: argparse.Namespace) -> int:
+    from guard.pin import stop
+
+    return stop(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guard", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -143,12 +150,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the status socket lives (default /run/guard)")
     run.add_argument("--no-watch", action="store_true",
                      help="do not watch the policy directory; reload on SIGHUP only")
+    run.add_argument("--pin-dir", default=None, metavar="DIR",
+                     help="pin the programs under DIR (a bpffs, e.g. /sys/fs/bpf/guard): "
+                          "enforcement outlives the daemon (fail-closed) and the next daemon "
+                          "started with DIR takes over; default: nothing is pinned")
+    run.add_argument("--fail-open", action="store_true",
+                     help="pin nothing even with --pin-dir: enforcement ends with the daemon, "
+                          "however it ends (earlier daemons' pins are still taken over)")
     run.set_defaults(func=cmd_run)
 
     stat = sub.add_parser("status", help="what the running daemon enforces")
     stat.add_argument("--json", action="store_true")
     stat.add_argument("--state-dir", default="/run/guard", metavar="DIR")
     stat.set_defaults(func=cmd_status)
+
+    stop = sub.add_parser("stop", help="stop the daemon; --unload also ends enforcement")
+    stop.add_argument("--unload", action="store_true",
+                      help="remove every pinned program and map: nothing of guard stays")
+    stop.add_argument("--state-dir", default="/run/guard", metavar="DIR")
+    stop.add_argument("--pin-dir", default="/sys/fs/bpf/guard", metavar="DIR",
+                      help="where the pins are (default /sys/fs/bpf/guard)")
+    stop.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                      help="how long to wait for the daemon to exit (default 60)")
+    stop.set_defaults(func=cmd_stop)
     return parser
 
 

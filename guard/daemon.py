@@ -216,6 +216,8 @@ class Daemon:
         aggregate_window: float = 1.0,
         stderr: Any = None,
         watch: bool = True,
+        pin_dir: str | None = None,
+        fail_open: bool = False,
     ) -> None:
         self.policies = policies
         self.host_cgroup = host_cgroup
@@ -259,6 +261,14 @@ class Daemon:
         self._ring: Any = None
         self._stats: Any = None
         self._ringbuf_fd = -1
+        # Service: pins (guard.pin), tamper protection (guard.tamper), rule hits.
+        from guard.pin import Persistence
+
+        self.persistence = Persistence(Path(pin_dir) if pin_dir else None, self.state_dir,
+                                       fail_open=fail_open)
+        self.tamper_error = ""
+        self.rule_hits: dict[str, int] = {}  # rule label -> reported decisions
+        self._unload = False
 
     # -- messages ------------------------------------------------------------------
 
@@ -313,6 +323,7 @@ class Daemon:
             self.say(SEV_ERR, "start", f"loading the programs failed: {error}")
             return EXIT_RUNTIME
         self.enforced = sorted(self.kernel.families)
+        self._protect()
 
         from guard.apply import Applier, ApplyError
 
@@ -329,6 +340,7 @@ class Daemon:
         self.current = loaded
 
         self._open_events()
+        self._persist(loaded)
         summary = self._summary(loaded)
         notify.ready(summary)
         self.say(SEV_INFO, "start", summary,
@@ -402,6 +414,90 @@ class Daemon:
             return 0
         self._records.append(ctypes.string_at(data, size))
         return 0
+
+    # -- service: tamper protection and pins (guard/tamper.py, guard/pin.py) ---------
+
+    def _protect(self) -> None:
+        """Tell tamper.bpf.c who the daemon is, before any scope exists."""
+        if "tamper" not in self.kernel.families:
+            return
+        from guard.cgroups import CgroupError, cgroup_id
+        from guard.tamper import configure
+
+        try:
+            configure(self.kernel, os.getpid(), cgroup_id(self.host_cgroup) or 0)
+        except (OSError, KeyError, CgroupError) as error:
+            self.tamper_error = str(error)
+            self.say(SEV_ERR, "tamper", f"tamper protection is off: {error}")
+
+    def _persist(self, loaded: PolicyLoad) -> None:
+        """Pin what is now enforced (fail-closed), then retire earlier daemons' pins."""
+        from guard.pin import Manifest, PinError
+
+        keep = self.persistence
+        try:
+            pinned = keep.pin(self.kernel, Manifest(
+                instance=keep.instance, pid=os.getpid(), started=_iso(self.started_ns),
+                revision=str(loaded.revision), policies_dir=self.policies,
+                host_cgroup=self.host_cgroup, families=tuple(self.enforced),
+                pin_dir=str(keep.pin_dir)))
+        except (PinError, OSError) as error:
+            keep.error = str(error)
+            self.say(SEV_ERR, "pin", f"{error}; enforcement ends with this process, and "
+                     "earlier daemons' pins stay in force")
+            return
+        if pinned is not None:
+            self.say(SEV_INFO, "pin", f"pinned {len(pinned.pins)} objects in {pinned.path} "
+                     "(fail-closed)", (("instance", pinned.name),))
+        try:
+            for retired in keep.take_over():
+                self._report_retired(retired, loaded)
+        except (PinError, OSError) as error:
+            keep.error = f"taking over: {error}"
+            self.say(SEV_ERR, "pin", f"taking over from an earlier daemon failed: {error}")
+
+    def _report_retired(self, retired: Any, loaded: PolicyLoad) -> None:
+        """The events an earlier daemon's pins produced and nobody delivered."""
+        from guard.audit import LOST_KERNEL, lost_event
+
+        manifest = retired.manifest
+        # Rule ids are the compiler's, slot-independent: the same revision names them.
+        same = manifest is not None and manifest.revision == str(loaded.revision)
+        plan = loaded.plan
+        enricher = Enricher(rules=(lambda _rs, rule: plan.rule(rule)) if same
+                            else (lambda _rs, _rule: None),
+                            cgroups=self._enricher.cgroups if self._enricher else lambda _i: None)
+        for data in retired.records:
+            try:
+                event = enricher.enrich(decode(data))
+            except DecodeError:
+                self.records_malformed += 1
+                self.losses.reader_dropped()
+                continue
+            self.records_received += 1
+            for line in self.aggregator.push(event):
+                self._send(line)
+        if retired.lost_unreported:
+            self._send(lost_event(retired.lost_unreported, LOST_KERNEL))
+        who = f"pid {manifest.pid}, revision {manifest.revision}" if manifest else "no manifest"
+        self.say(SEV_INFO, "takeover",
+                 f"took over from {retired.instance} ({who}): {len(retired.pins)} pins removed, "
+                 f"{len(retired.records)} undelivered events, {retired.lost_unreported} lost",
+                 (("instance", retired.instance), ("events", len(retired.records)),
+                  ("lost", retired.lost_unreported)))
+
+    def _release_pins(self) -> str:
+        """At stop: remove our pins if asked to unload; where they stay otherwise."""
+        keep = self.persistence
+        if keep.pinned is None:
+            return ""
+        if self._unload:
+            try:
+                keep.release()
+            except OSError as error:
+                self.say(SEV_ERR, "stop", f"removing the pins failed: {error}")
+            return ""
+        return str(keep.pinned.path)
 
     # -- the loop ------------------------------------------------------------------
 
@@ -496,6 +592,8 @@ class Daemon:
                 continue
             assert self._enricher is not None
             event = self._enricher.enrich(raw)
+            if event.rule:
+                self.rule_hits[event.rule] = self.rule_hits.get(event.rule, 0) + event.count
             for line in self.aggregator.push(event):
                 self._send(line)
 
@@ -509,6 +607,7 @@ class Daemon:
             event = self.losses.kernel_reading(lost_kernel)
             if event is not None:
                 self._send(event)
+                self.persistence.lost_reported(self.losses.kernel_lost)
         event = self.losses.reader_report()
         if event is not None:
             self._send(event)
@@ -636,8 +735,10 @@ class Daemon:
                 self._check_losses()
             for line in self.aggregator.flush(force=True):
                 self._send(line)
+            kept = self._release_pins()
             self._close_kernel()
-        self.say(SEV_INFO, "stop", "stopped; every program detached")
+        self.say(SEV_INFO, "stop", f"stopped; enforcement stays pinned in {kept} (fail-closed; "
+                 "`guard stop --unload` removes it)" if kept else "stopped; every program detached")
         self.sink.close(timeout=2.0)
         self._close_status_socket()
         for fd in (self._wake_r, self._wake_w):
@@ -689,7 +790,8 @@ class Daemon:
             kernel = {name: self.kernel_stat(index) for name, index in (
                 ("events", layout.STAT_EVENTS), ("lost", layout.STAT_EVENTS_LOST),
                 ("undecided", layout.STAT_UNDECIDED), ("denied", layout.STAT_DENIED),
-                ("audited", layout.STAT_AUDITED), ("suppressed", layout.STAT_SUPPRESSED))}
+                ("audited", layout.STAT_AUDITED), ("suppressed", layout.STAT_SUPPRESSED),
+                ("tamper", layout.STAT_TAMPER))}
             return {
                 "pid": os.getpid(),
                 "uptime_s": round(time.monotonic() - self.started, 3),
@@ -721,6 +823,10 @@ class Daemon:
                 "last_reload": _outcome(self.last_reload),
                 "last_reload_error": _outcome(self.last_reload_error),
                 "watch": self._watch_status(),
+                "pins": self.persistence.status(),
+                "tamper": {"enabled": "tamper" in self.enforced, "error": self.tamper_error,
+                           "denied": kernel["tamper"]},
+                "rule_hits": dict(sorted(self.rule_hits.items())),
             }
 
     def _watch_status(self) -> dict[str, Any]:
@@ -782,6 +888,11 @@ class Daemon:
         command = body.get("command", "status") if isinstance(body, dict) else None
         if command == "status":
             return {"ok": True, "status": self.status()}
+        if command == "stop":  # guard stop [--unload]
+            self._unload = bool(body.get("unload"))
+            self.request_stop()
+            return {"ok": True, "pid": os.getpid(), "unload": self._unload,
+                    "pins": self.persistence.status()}
         return {"ok": False, "error": f"unknown command {command!r}"}
 
     def _close_status_socket(self) -> None:
@@ -851,7 +962,9 @@ def run(args: argparse.Namespace) -> int:
     daemon = Daemon(args.policies, args.host_cgroup, args.state_dir, sink,
                     aggregate_window=_setting(args, "aggregate_window",
                                               "GUARD_AGGREGATE_WINDOW", 1.0),
-                    watch=not getattr(args, "no_watch", False))
+                    watch=not getattr(args, "no_watch", False),
+                    pin_dir=getattr(args, "pin_dir", None),
+                    fail_open=getattr(args, "fail_open", False))
     # Signals first: a SIGTERM during the (slow) compile must still end cleanly.
     daemon.install_signals()
     code = daemon.start()
@@ -861,13 +974,14 @@ def run(args: argparse.Namespace) -> int:
     return daemon.serve()  # returns at once, cleanly, if SIGTERM came during the start
 
 
-def query(state_dir: str, command: str = "status", timeout: float = 5.0) -> dict[str, Any]:
+def query(state_dir: str, command: str = "status", timeout: float = 5.0,
+          extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Ask the running daemon; OSError when none answers."""
     path = Path(state_dir) / STATUS_SOCKET
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
-        sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+        sock.sendall(json.dumps({**(extra or {}), "command": command}).encode() + b"\n")
         sock.shutdown(socket.SHUT_WR)
         data = b""
         while True:
