@@ -631,7 +631,6 @@ class Daemon:
         wrong is a rejected reload, reported, with the previous set in force.
         """
         notify.reloading()
-        self.reloads += 1
         previous = str(self.current.revision) if self.current else ""
         outcome = ReloadOutcome(time.time_ns(), False, reason, previous=previous,
                                 generation=self.generation)
@@ -676,6 +675,7 @@ class Daemon:
             self.unenforced = unenforced(loaded.policy_set, self.unavailable)
             self.last_reload = outcome
             self.last_reload_error = None  # the set in force is good again
+            self.reloads += 1  # counted with its outcome: status never shows one without the other
         for message in self.unenforced:
             self.say(SEV_ERR, "unenforced", message)
         revision = str(loaded.revision)
@@ -712,6 +712,7 @@ class Daemon:
     def _reload_failed(self, outcome: ReloadOutcome, why: str) -> None:
         with self._lock:
             self.last_reload = self.last_reload_error = outcome
+            self.reloads += 1
         kept = str(self.current.revision) if self.current else "none"
         outcome.summary = f"rejected ({why}); still enforcing revision {kept}"
         self.say(SEV_ERR, "reload", f"reload ({outcome.reason}) {outcome.summary}",

@@ -144,6 +144,27 @@ def directory_identity(path: Path) -> Identity | None:
     return real, info.st_dev, info.st_ino
 
 
+def _no_move_pairing_delay() -> None:
+    """Stop watchdog holding events back to pair moves.
+
+    watchdog's inotify backend keeps an IN_MOVED_FROM for 0.5 s hoping to pair
+    it with its IN_MOVED_TO, and its queue is first-in first-out: after a file
+    is moved *out* of the tree (no IN_MOVED_TO ever comes), every later event
+    waits those 0.5 s too (measured: an edit right after ``mv web.yaml /tmp``
+    arrived 506 ms late). The watcher judges each path on its own and never
+    needs a pair, so the delay only costs latency. With no delay a move whose
+    two halves are both queued is still paired; otherwise it arrives as a
+    deletion and a creation, which are just as relevant. (A class attribute:
+    this process has no other watchdog user.)
+    """
+    try:
+        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+    except ImportError:  # another watchdog version or backend: keep its behaviour
+        return
+    if hasattr(InotifyMoveEventGrouper, "delay"):
+        InotifyMoveEventGrouper.delay = 0
+
+
 class PolicyWatcher:
     """Calls ``on_burst`` (from its own thread) once per settled burst of changes.
 
@@ -258,6 +279,7 @@ class PolicyWatcher:
     def start(self) -> None:
         from watchdog.observers import Observer
 
+        _no_move_pairing_delay()
         self._observer = Observer()
         self._observer.daemon = True
         self._observer.start()
