@@ -450,15 +450,20 @@ def pinned_summary(pin_dir: Path) -> list[dict[str, Any]]:
 # --- guard stop [--unload] ----------------------------------------------------------------
 
 
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie its parent has not reaped yet counts)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat[stat.rfind(")") + 2:].startswith(("Z", "X"))
+
+
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if _gone(pid):
             return True
-        except PermissionError:
-            pass
         time.sleep(0.05)
     return False
 
