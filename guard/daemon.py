@@ -1065,6 +1065,23 @@ def format_status(body: Mapping[str, Any]) -> str:
         lines.append(f"watch: {'on' if watch['enabled'] else 'OFF'}"
                      + (f" ({watch['error']})" if watch.get("error") else "")
                      + ("" if not watch["enabled"] else f", {watch['bursts']} bursts"))
+    pins = body.get("pins")
+    if pins is not None:
+        where = (f" in {pins['dir']}/{pins['instance']}" if pins.get("instance") else "")
+        lines.append(f"pins: {pins['mode']}{where}"
+                     + (f" (ERROR: {pins['error']})" if pins.get("error") else ""))
+        for old in pins.get("taken_over", []):
+            lines.append(f"  took over from {old['instance']} (pid {old['pid']}): "
+                         f"{old['events_drained']} undelivered events, {old['lost']} lost")
+    tamper = body.get("tamper")
+    if tamper is not None:
+        lines.append(f"tamper protection: {'on' if tamper['enabled'] else 'off'}"
+                     + (f", {tamper['denied']} attempts refused" if tamper["enabled"] else "")
+                     + (f" (ERROR: {tamper['error']})" if tamper.get("error") else ""))
+    hits = body.get("rule_hits") or {}
+    if hits:
+        lines.append("rule hits (reported decisions): "
+                     + ", ".join(f"{rule} {count}" for rule, count in hits.items()))
     last = body.get("last_reload")
     if last:
         verdict = "ok" if last["ok"] else "REJECTED"
