@@ -398,10 +398,12 @@ def guard_cli(args: Sequence[str], timeout: float = 120.0) -> subprocess.Complet
 
 def start_guard(guard_args: Sequence[str], state_dir: Path, stderr_path: Path, *,
                 command: ServiceCommand | None = None,
-                preexec: Callable[[], None] | None = None) -> GuardService:
-    """``python -m guard ARGS`` (or the unit's wrapped command), READY not yet awaited."""
+                preexec: Callable[[], None] | None = None,
+                env: Mapping[str, str] | None = None) -> GuardService:
+    """``python -m guard ARGS`` (or the unit's wrapped command), READY not yet awaited;
+    ``env`` is added to this process's environment."""
     notify = NotifyListener()
-    env = dict(os.environ, NOTIFY_SOCKET=notify.name)
+    env = dict(os.environ, **(env or {}), NOTIFY_SOCKET=notify.name)
     argv = command.argv if command else [sys.executable, "-m", "guard", *guard_args]
     hook = command.preexec if command else preexec
     with stderr_path.open("wb") as err:
