@@ -502,3 +502,44 @@ def test_example_exec_policies_enforce(
             shutil.rmtree("/opt/batch")
         else:
             (job_dir / "guard-test-job").unlink(missing_ok=True)
+
+
+# --- routes that identity cannot see, and what closes them -------------------------
+
+MEMFD_EXEC = r"""
+import os, sys
+fd = os.memfd_create("anonymous", 0)
+with open(sys.argv[1], "rb") as f:
+    os.write(fd, f.read())
+try:
+    os.execv(f"/proc/self/fd/{fd}", ["anonymous"])
+except PermissionError:
+    print("denied")
+"""
+
+
+def test_memfd_and_interpreted_files_need_an_allowlist(
+    guard: ExecGuard, cgroup: Cgroup, tool: Path, tmp_path: Path
+) -> None:
+    """What a deny list does not cover, shown; and the allowlist that does.
+
+    A deny list matches identities: a memfd holding a denied binary's bytes is
+    another file, and ``python3 x.py`` / ``sh x.sh`` exec the interpreter, not
+    the file it reads. An allowlist refuses the memfd (no rule allows it); what
+    an allowed interpreter reads stays its own business.
+    """
+    jail = tmp_path / "jail"
+    script = jail / "x.py"
+    jail.mkdir()
+    script.write_text("print('read, not executed')\n")
+    python = os.path.realpath(sys.executable)
+    guard.apply_yaml(policy_yaml("deny-list", [cgroup.path],
+                                 rules=[("deny", [str(tool), f"{jail}/**"])]))
+    assert_denied(cgroup, [tool])
+    assert assert_runs(cgroup, [python, "-c", MEMFD_EXEC, tool]).stdout == ""  # it ran
+    assert_runs(cgroup, [python, script])
+
+    guard.apply_yaml(policy_yaml("allow-list", [cgroup.path], default="deny",
+                                 rules=[("allow", [python])]))
+    assert assert_runs(cgroup, [python, "-c", MEMFD_EXEC, tool]).stdout == "denied\n"
+    assert_runs(cgroup, [python, script])
