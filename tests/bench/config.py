@@ -28,7 +28,7 @@ class Config:
     apply_rules: tuple[int, ...] = (10, 1_000, 10_000, 100_000)
     apply_repeats: int = 10
     # the daemon: start to READY and memory
-    daemon_rules: tuple[int, ...] = (10_000, 100_000)
+    daemon_rules: tuple[int, ...] = (10, 10_000, 100_000)
     daemon_timeout_s: float = 300.0
     # save-to-enforced
     reload_rules: tuple[int, ...] = (10, 1_000)
@@ -46,6 +46,8 @@ class Config:
     open_count: int = 40_000
     open_batch: int = 64
     open_max_s: float = 0.6
+    exec_spawn_samples: int = 300  # bench_exec.py's measurement in the same boot; 0: skip it
+    exec_spawn_max_s: float = 15.0
     guest_timeout_s: float = 1_200.0
 
     def to_json(self) -> str:
@@ -63,8 +65,8 @@ FULL = Config()
 QUICK = replace(
     FULL, quick=True, net_rules=(0, 100, 10_000), rounds=3, connect_count=400,
     connect_max_s=0.25, stream_s=0.2, apply_rules=(10, 1_000, 10_000), apply_repeats=4,
-    daemon_rules=(1_000,), daemon_timeout_s=90.0, reload_rules=(10,), reload_edits=8,
+    daemon_rules=(10, 1_000), daemon_timeout_s=90.0, reload_rules=(10,), reload_edits=8,
     audit_rates=(10_000, 0), audit_seconds=1.0, audit_drain_s=30.0,
     guest_rules=(0, 100), guest_rounds=3, exec_count=100, exec_max_s=0.8, open_count=10_000,
-    open_max_s=0.3, guest_timeout_s=600.0,
+    open_max_s=0.3, exec_spawn_samples=0, guest_timeout_s=900.0,
 )

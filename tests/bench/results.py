@@ -19,6 +19,7 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "connect": ("TCP connect() latency", "us", False),
     "throughput": ("TCP throughput over veth", "Gbit/s", True),
     "exec": ("fork + exec /usr/bin/true", "us", False),
+    "exec-spawn": ("posix_spawn /usr/bin/true from Python (bench_exec.py)", "us", False),
     "open": ("open()+close(), path matching no rule", "us", False),
     "open-match": ("open()+close(), path matching an audit rule", "us", False),
 }
