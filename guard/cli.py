@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     stat = sub.add_parser("status", help="what the running daemon enforces")
     stat.add_argument("--json", action="store_true")
     stat.add_argument("--state-dir", default="/run/guard", metavar="DIR")
+    stat.add_argument("--pin-dir", default="/sys/fs/bpf/guard", metavar="DIR",
+                      help="with no daemon running, say what is still pinned there")
     stat.set_defaults(func=cmd_status)
 
     stop = sub.add_parser("stop", help="stop the daemon; --unload also ends enforcement")

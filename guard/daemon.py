@@ -1004,6 +1004,11 @@ def status(args: argparse.Namespace) -> int:
         reason = "no daemon is running" if isinstance(error, FileNotFoundError | \
             ConnectionRefusedError) else str(error)
         print(f"guard status: {reason} (state dir {args.state_dir})", file=sys.stderr)
+        from guard.pin import describe_pinned
+
+        for line in describe_pinned(Path(getattr(args, "pin_dir", "/sys/fs/bpf/guard")),
+                                    Path(args.state_dir)):
+            print(f"guard status: {line}", file=sys.stderr)
         return EXIT_RUNTIME
     if not reply.get("ok"):
         print(f"guard status: {reply.get('error')}", file=sys.stderr)

@@ -441,6 +441,21 @@ class Persistence:
         }
 
 
+def describe_pinned(pin_dir: Path, state_dir: Path) -> list[str]:
+    """What stays enforced with no daemon running, one line per instance."""
+    lines = []
+    for item in instances(pin_dir):
+        manifest = read_manifest(state_dir, item.name.removeprefix(STAGING))
+        what = (f"revision {manifest.revision}, policies {manifest.policies_dir}"
+                if manifest else "no manifest")
+        state = "still enforcing" if item.complete else "partly pinned (an interrupted start)"
+        pid = instance_pid(item.name)
+        alive = "is gone" if pid is None or _gone(pid) else "still runs"
+        lines.append(f"{state}: {item.path} (pid {pid} {alive}; {what}); "
+                     "`guard stop --unload` removes it, a new daemon takes it over")
+    return lines
+
+
 def pinned_summary(pin_dir: Path) -> list[dict[str, Any]]:
     """What is pinned under ``pin_dir``, for ``guard status`` without a daemon."""
     return [{"instance": i.name, "complete": i.complete, "pid": instance_pid(i.name),

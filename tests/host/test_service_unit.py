@@ -316,6 +316,11 @@ def test_the_service_enforces_restarts_without_a_gap_reloads_and_unloads(site: S
         first.kill()  # SIGKILL: nothing of guard's own cleanup runs
         assert site.connect(denied) == errno.EPERM  # the pinned programs still decide
         assert site.connect(denied) == errno.EPERM
+        done = guard_cli(["status", "--state-dir", str(site.state_dir), "--pin-dir",
+                          str(site.pin_dir)])
+        assert done.returncode == 3 and "no daemon is running" in done.stderr
+        assert f"still enforcing: {site.pin_dir / instance} (pid {first.pid} is gone; " \
+            "revision sha256:" in done.stderr, done.stderr
     finally:
         first.stop()
 
