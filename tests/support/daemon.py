@@ -144,7 +144,11 @@ class GuardDaemon:
     ready_after: float = 0.0
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        heard, _ = self.notify.wait_for(lambda m: "READY=1" in m, timeout, self.proc)
+        try:
+            heard, _ = self.notify.wait_for(lambda m: "READY=1" in m, timeout, self.proc)
+        except (AssertionError, TimeoutError) as error:
+            raise AssertionError(f"{error}; its stderr ends:\n{self.stderr_text()[-6000:]}"
+                                 ) from None
         self.ready_after = heard - self.started
 
     def status(self) -> dict[str, Any]:
