@@ -402,3 +402,54 @@ def test_status_and_stop_without_a_daemon(site: Site) -> None:
     done = guard_cli(["stop", "--unload", "--state-dir", str(site.state_dir), "--pin-dir",
                       str(site.pin_dir)])
     assert done.returncode == 0 and "unloaded" in done.stdout, done.stdout + done.stderr
+
+
+def big_policy(cgroup: str, port: int, filler: int) -> str:
+    """Deny ``port`` on loopback, plus ``filler`` /32s elsewhere: a slow apply."""
+    addresses = ", ".join(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32"
+                          for i in range(1, filler + 1))
+    return egress_policy("lock", cgroup, port) + (
+        f"        - {{action: deny, to: [{addresses}], ports: [9], protocol: tcp}}\n")
+
+
+def test_a_daemon_killed_during_a_reload_leaves_one_whole_policy_pinned(site: Site) -> None:
+    """SIGKILL at points spread over a reload (parse, compile, apply of 1,000 entries):
+    what stays pinned always enforces the old policy or the new one, never a mix,
+    never nothing; the next daemon takes over and enforces the directory's policy."""
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen(8)
+    port_a, port_b = site.port, other.getsockname()[1]
+    policy = site.policies / "lock.yaml"
+    old, new = (errno.EPERM, 0), (0, errno.EPERM)
+    try:
+        guard = site.start("measure")
+        policy.write_text(big_policy(site.inside.path, port_b, 1_000))
+        began = time.monotonic()
+        mark = len(guard.notify.messages)
+        os.kill(guard.pid, signal.SIGHUP)
+        guard.notify.wait_for("READY=1", 120, after=mark)
+        reload_s = time.monotonic() - began
+        assert (site.connect(port_a), site.connect(port_b)) == new
+        outcomes = []
+        for i, fraction in enumerate((0.5, 0.9, 0.97, 0.99, 0.995)):
+            # flip the directory between the two policies: each kill interrupts a
+            # reload from the one in force to the other
+            target = old if i % 2 == 0 else new
+            text = (egress_policy("lock", site.inside.path, port_a) if target == old
+                    else big_policy(site.inside.path, port_b, 1_000))
+            policy.write_text(text)
+            os.kill(guard.pid, signal.SIGHUP)
+            time.sleep(reload_s * fraction)
+            guard.kill()
+            seen = (site.connect(port_a), site.connect(port_b))
+            assert seen in (old, new), (fraction, seen)
+            outcomes.append((fraction, "old" if seen == old else "new", seen == target))
+            guard = site.start(f"after-{i}")  # takes over, applies the directory's policy
+            assert (site.connect(port_a), site.connect(port_b)) == target
+            assert site.attached() == len(NET_ATTACH_TYPES)
+        print(f"reload of 1,000 entries: {reload_s:.2f} s; killed at (fraction, pinned "
+              f"policy, already the new one): {outcomes}")
+        guard.stop()
+    finally:
+        other.close()
