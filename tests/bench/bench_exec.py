@@ -26,6 +26,11 @@ N samples per configuration (default 2000), each configuration bounded by
 --max-s seconds; medians and 90th percentiles in microseconds. Under TCG
 (software emulation) absolute numbers are slow and noisy; the ratios are
 what to read.
+
+A second table is the programs' own cost, independent of how long the rest of
+an exec takes: with kernel.bpf_stats_enabled on, each program's fdinfo counts
+its runs and the time spent in them (run_cnt, run_time_ns); the deltas over a
+configuration give nanoseconds per call of each hook.
 """
 
 from __future__ import annotations
@@ -89,6 +94,48 @@ def measure(label: str, rules: int | None, n: int, max_s: float) -> Sample:
                   ordered[int(0.9 * (len(ordered) - 1))])
 
 
+STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+@dataclass(frozen=True)
+class HookCost:
+    rules: int
+    hook: str
+    calls: int
+    ns_per_call: float
+
+
+def program_counters(bpf: Any) -> dict[str, tuple[int, int]]:
+    """Per loaded program: (run_cnt, run_time_ns) from its fd's fdinfo."""
+    from guard.resolve import parse_fdinfo
+
+    found: dict[str, tuple[int, int]] = {}
+    for name, fn in bpf.funcs.items():
+        info = parse_fdinfo(Path(f"/proc/self/fdinfo/{fn.fd}").read_text())
+        label = name.decode().removeprefix("lsm__")
+        found[label] = (info.get("run_cnt", 0), info.get("run_time_ns", 0))
+    return found
+
+
+def hook_costs(rules: int, before: dict[str, tuple[int, int]],
+               after: dict[str, tuple[int, int]]) -> list[HookCost]:
+    costs: list[HookCost] = []
+    for hook in sorted(after):
+        calls = after[hook][0] - before.get(hook, (0, 0))[0]
+        spent = after[hook][1] - before.get(hook, (0, 0))[1]
+        costs.append(HookCost(rules, hook, calls, spent / calls if calls else 0.0))
+    return costs
+
+
+def cost_table(costs: list[HookCost]) -> str:
+    rows = [("rules", "hook", "calls", "ns/call")]
+    rows += [(f"{c.rules:,}", c.hook, str(c.calls), f"{c.ns_per_call:.0f}") for c in costs]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.rjust(w) if i != 1 else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+                     for r in rows)
+
+
 def policy_text(scope: str, exact: list[str], subtree: str | None) -> str:
     paths = [*exact, *([f"{subtree}/**"] if subtree else [])]
     lines = ["apiVersion: guard/v1", "kind: Policy", "metadata:", "  name: bench-exec",
@@ -136,7 +183,9 @@ def own_cgroup() -> Iterator[str]:
         directory.rmdir()
 
 
-def inside(n: int, max_s: float, log: Callable[[str], None]) -> list[Sample]:
+def inside(n: int, max_s: float, log: Callable[[str], None],
+           costs: list[HookCost] | None = None) -> list[Sample]:
+    """The samples; with ``costs``, also each hook's own run time per rule count."""
     from guard.apply import Applier
     from guard.loader import Kernel
 
@@ -167,7 +216,10 @@ def inside(n: int, max_s: float, log: Callable[[str], None]) -> list[Sample]:
                             raise RuntimeError("guard did not deny exec under its subtree")
                         except PermissionError:
                             pass
+                    before = program_counters(kernel.bpf)
                     sample = measure(f"guard, {k:,} rules", k, n, max_s)
+                    if costs is not None:
+                        costs += hook_costs(k, before, program_counters(kernel.bpf))
                     samples.append(Sample(sample.label, k, sample.n, sample.median_us,
                                           sample.p90_us, apply_s))
                     log(f"{k:,} rules: apply {apply_s:.2f} s, median {sample.median_us:.0f} us")
@@ -232,7 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(f"bench_exec: {text}", file=sys.stderr, flush=True)
 
-    print(table(inside(args.n, args.max_s, log)), flush=True)
+    costs: list[HookCost] = []
+    stats_were = STATS_SYSCTL.read_text().strip() if STATS_SYSCTL.exists() else None
+    if stats_were is not None:
+        STATS_SYSCTL.write_text("1")
+    try:
+        samples = inside(args.n, args.max_s, log, costs)
+    finally:
+        if stats_were is not None:
+            STATS_SYSCTL.write_text(stats_were)
+    print(table(samples), flush=True)
+    if costs:
+        print("\nthe programs' own run time (kernel.bpf_stats_enabled), per call of each hook "
+              "while the scoped process spawned true:\n" + cost_table(costs), flush=True)
     return 0
 
 
