@@ -669,15 +669,6 @@ class Daemon:
         outcome.apply_ms = round(result.seconds * 1000, 3)
         outcome.rules_added, outcome.rules_removed = len(changes.added), len(changes.removed)
         outcome.added, outcome.removed = list(changes.added[:10]), list(changes.removed[:10])
-        with self._lock:  # the status thread sees the old state or the new, not a mix
-            self.generation, self.active_slot = result.generation, result.slot
-            self.current = loaded
-            self.unenforced = unenforced(loaded.policy_set, self.unavailable)
-            self.last_reload = outcome
-            self.last_reload_error = None  # the set in force is good again
-            self.reloads += 1  # counted with its outcome: status never shows one without the other
-        for message in self.unenforced:
-            self.say(SEV_ERR, "unenforced", message)
         revision = str(loaded.revision)
         moved = f"revision {revision}" + (f" (was {previous})" if previous != revision else "")
         if result.changed:
@@ -688,6 +679,15 @@ class Daemon:
             outcome.summary = (f"unchanged: {moved} compiles to the entries in force, "
                                f"nothing written (generation {result.generation})"
                                + (f"; {changes.summary()}" if changes else ""))
+        with self._lock:  # the status thread sees the old state or the new, not a mix
+            self.generation, self.active_slot = result.generation, result.slot
+            self.current = loaded
+            self.unenforced = unenforced(loaded.policy_set, self.unavailable)
+            self.last_reload = outcome
+            self.last_reload_error = None  # the set in force is good again
+            self.reloads += 1  # counted with its outcome: status never shows one without the other
+        for message in self.unenforced:
+            self.say(SEV_ERR, "unenforced", message)
         if not loaded.policy_set.policies:
             self.say(SEV_WARNING, "reload", f"{self.policies} holds no policies: "
                      "nothing is enforced")
@@ -710,11 +710,11 @@ class Daemon:
         return load_policies(self.policies, self.host_cgroup)
 
     def _reload_failed(self, outcome: ReloadOutcome, why: str) -> None:
+        kept = str(self.current.revision) if self.current else "none"
+        outcome.summary = f"rejected ({why}); still enforcing revision {kept}"
         with self._lock:
             self.last_reload = self.last_reload_error = outcome
             self.reloads += 1
-        kept = str(self.current.revision) if self.current else "none"
-        outcome.summary = f"rejected ({why}); still enforcing revision {kept}"
         self.say(SEV_ERR, "reload", f"reload ({outcome.reason}) {outcome.summary}",
                  (("revision", kept), ("errors", len(outcome.errors)),
                   ("reason", outcome.reason)))

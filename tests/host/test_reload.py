@@ -537,7 +537,7 @@ def test_save_to_enforced_latency(lab: Lab) -> None:
     policies = policy_dir(lab, "latency")
     lock = policies / "lock.yaml"
     lock.write_text(deny_policy("lock", [p0]))
-    edits = int(os.environ.get("GUARD_RELOAD_EDITS", "40"))
+    edits = int(os.environ.get("GUARD_RELOAD_EDITS", "100"))
     with lab.daemon(policies, "latency") as guard:
         lab.expect({p0}, "start")
         seen: list[float] = []
