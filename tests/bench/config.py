@@ -20,7 +20,7 @@ class Config:
     seed: int = 1  # the order of engines within a round is shuffled with this seed
     # network overhead (host)
     net_rules: tuple[int, ...] = (0, 100, 1_000, 10_000, 100_000)
-    rounds: int = 5
+    rounds: int = 7
     connect_count: int = 1_500  # connects per engine per round ...
     connect_max_s: float = 0.6  # ... or this long, whichever ends first
     stream_s: float = 0.5  # TCP throughput: seconds per engine per round
@@ -42,13 +42,13 @@ class Config:
     guest_rules: tuple[int, ...] = (0, 100, 10_000, 100_000)
     guest_rounds: int = 5
     exec_count: int = 400
-    exec_max_s: float = 1.5
+    exec_max_s: float = 2.5
     open_count: int = 40_000
     open_batch: int = 64
     open_max_s: float = 0.6
     exec_spawn_samples: int = 300  # bench_exec.py's measurement in the same boot; 0: skip it
     exec_spawn_max_s: float = 15.0
-    guest_timeout_s: float = 1_200.0
+    guest_timeout_s: float = 1_500.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -37,6 +37,8 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -143,19 +145,23 @@ def run_guest(cfg: Config, binary: Path, log: Log) -> Results:
 
 
 class Lsm:
-    """Attach or detach every LSM program of a loaded Kernel, without recompiling."""
+    """Attach or detach every LSM program of loaded Kernels, without recompiling."""
 
-    def __init__(self, kernel: Any) -> None:
-        self.bpf = kernel.bpf
-        self.names = list(self.bpf.lsm_fds)
+    def __init__(self, kernels: list[Any]) -> None:
+        self.programs: list[tuple[Any, bytes]] = []
+        for kernel in kernels:
+            self.add(kernel)
+
+    def add(self, kernel: Any) -> None:
+        self.programs += [(kernel.bpf, name) for name in list(kernel.bpf.lsm_fds)]
 
     def set(self, on: bool) -> None:
-        for name in self.names:
-            attached = name in self.bpf.lsm_fds
+        for bpf, name in self.programs:
+            attached = name in bpf.lsm_fds
             if on and not attached:
-                self.bpf.attach_lsm(name)
+                bpf.attach_lsm(name)
             elif not on and attached:
-                self.bpf.detach_lsm(name)
+                bpf.detach_lsm(name)
 
 
 class EventDrain:
@@ -182,6 +188,16 @@ class EventDrain:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+_DRAINS: dict[int, EventDrain] = {}
+
+
+def _drain(kernel: Any) -> EventDrain:
+    """One reader per loaded Kernel for the whole guest run (a ring buffer is opened once)."""
+    if id(kernel) not in _DRAINS:
+        _DRAINS[id(kernel)] = EventDrain(kernel)
+    return _DRAINS[id(kernel)]
 
 
 def _exact(k: int) -> list[str]:
@@ -215,6 +231,9 @@ def guest_main(rwdir: Path) -> int:
 
 def measure(cfg: Config, binary: Path, results: Results, log: Log,
             save: Callable[[], None]) -> None:
+    # start no new step later than this: the host kills the guest at guest_timeout_s,
+    # of which booting took part (a generous share is assumed for it)
+    deadline = time.monotonic() + 0.75 * cfg.guest_timeout_s - 240
     from support.cgroup import TestCgroup
 
     from guard.apply import Applier
@@ -228,55 +247,90 @@ def measure(cfg: Config, binary: Path, results: Results, log: Log,
     shutil.copy2("/usr/bin/true", BASE / "denied" / "true")
     for sub in ("plain", "audited"):
         (BASE / sub / "target").write_text("guard bench\n")
+    # the probe runs from the guest's own /tmp: Landlock rules need inodes that stay
+    # the same, and the host's files reach the guest over 9p, where they do not (a
+    # rule on the host's bench-results/ did not let the probe run)
+    local = BASE / "probe"
+    shutil.copy2(binary, local)
+    binary = local
     kmax = max(cfg.guest_rules)
     t0 = time.monotonic()
     if kmax > 1:
         probe.run(binary, ["mkfiles", str(BASE / "rules"), str(kmax - 1)], 1200)
     log(f"created {max(0, kmax - 1):,} rule target files in {time.monotonic() - t0:.1f} s")
-    t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
         root = TestCgroup.create("guard-bench")
         stack.callback(root.remove)
         cgroups = {"none": root.child("none"), "guard": root.child("guard")}
-        kernel, files_problem = load(log)
-        stack.enter_context(kernel)
-        compile_s = time.monotonic() - t0
-        if files_problem:
-            results.notes.append(f"guest: the file programs did not load ({files_problem}); "
-                                 "measured without them")
-        results.notes.append(f"guest: bcc compiled and loaded {', '.join(sorted(kernel.families))}"
-                             f" in {compile_s:.0f} s (once per boot)")
-        log(f"programs {sorted(kernel.families)} loaded in {compile_s:.0f} s; "
-            f"missing: {sorted(kernel.missing) or 'none'}")
-        lsm = Lsm(kernel)
-        stack.callback(lambda: lsm.set(True))  # Kernel.close detaches what is attached
-        applier = Applier(kernel)
         rng = random.Random(cfg.seed)
-        exec_bench(cfg, binary, cgroups, applier, lsm, rng, results, log)
-        save()
-        open_bench(cfg, binary, cgroups, kernel, applier, lsm, rng, results, log,
-                   files_problem)
-        save()
-        if cfg.exec_spawn_samples:
+        # exec first, with its own programs; the file programs after, as a unit of
+        # their own: a file program that does not load costs its own compile only
+        exec_kernel, problem = load("exec", results, log)
+        if exec_kernel is None:
+            raise RuntimeError(f"guard's exec programs do not load: {problem}")
+        stack.enter_context(exec_kernel)
+        lsm = Lsm([exec_kernel])
+        stack.callback(lambda: lsm.set(True))  # Kernel.close detaches what is attached
+        applier = Applier(exec_kernel)
+        steps(cfg, "exec", deadline, results, log, save, lsm,
+              partial(exec_bench, binary=binary, cgroups=cgroups, applier=applier, lsm=lsm,
+                      rng=rng, results=results, log=log, save=save))
+        if cfg.exec_spawn_samples and time.monotonic() < deadline:
             exec_spawn(cfg, applier, lsm, results, log)
             save()
+        files_kernel, files_problem = load("files", results, log)
+        if files_kernel is not None:
+            stack.enter_context(files_kernel)
+            lsm.add(files_kernel)
+        steps(cfg, "open", deadline, results, log, save, lsm,
+              partial(open_bench, binary=binary, cgroups=cgroups,
+                      kernel=files_kernel or exec_kernel,
+                      applier=Applier(files_kernel) if files_kernel is not None else applier,
+                      lsm=lsm, rng=rng, results=results, log=log, save=save,
+                      files_problem=files_problem))
 
 
-def load(log: Log) -> tuple[Any, str]:
-    """guard's exec and file programs as one unit; exec alone when the file programs
-    fail to load (the reason is returned and reported, never hidden)."""
-    from guard.loader import Kernel, LoadError
+def steps(cfg: Config, name: str, deadline: float, results: Results, log: Log,
+          save: Callable[[], None], lsm: Lsm, run: Callable[..., None]) -> None:
+    """``run`` once per rule count, smallest first, while the guest has time."""
+    for k in sorted(cfg.guest_rules):
+        if time.monotonic() > deadline:
+            results.overhead.append(Overhead(
+                name, "guard", k, status="skipped: the guest's time budget ran out"))
+            log(f"{name}: {k:,} rules skipped: out of time")
+            continue
+        try:
+            run(replace(cfg, guest_rules=(k,)))
+        except Exception as error:  # record it; the other part still runs
+            traceback.print_exc()
+            results.notes.append(f"guest: the {name} part failed at {k:,} rules: "
+                                 f"{type(error).__name__}: {error}")
+            lsm.set(True)
+            save()
+            return
+        save()
 
+
+def load(family: str, results: Results, log: Log) -> tuple[Any, str]:
+    """One program family loaded, or None and why not (never hidden: noted)."""
+    from guard.loader import Kernel, LoadError, family_source
+
+    if not family_source(family).exists():
+        return None, NOT_YET if family == "files" else f"no {family_source(family).name}"
+    t0 = time.monotonic()
     try:
         with quiet_stderr(Path("/tmp/guard-bench-bcc.log")):
-            return Kernel(families={"exec", "files"}, host_cgroup="/"), ""
+            kernel = Kernel(families={family}, host_cgroup="/")
     except LoadError as error:
-        if "files" not in str(error):
-            raise
         problem = " ".join(str(error).split())[-300:]
-        log(f"exec+files did not load ({problem}); loading exec alone")
-        with quiet_stderr(Path("/tmp/guard-bench-bcc.log")):
-            return Kernel(families={"exec"}, host_cgroup="/"), problem
+        results.notes.append(f"guest: guard's {family} programs did not load: {problem}")
+        log(f"{family} programs did not load: {problem}")
+        return None, f"failed: the {family} programs do not load: {problem}"
+    took = time.monotonic() - t0
+    results.notes.append(f"guest: bcc compiled and loaded the {family} programs in "
+                         f"{took:.0f} s (once per boot)")
+    log(f"{family} programs loaded in {took:.0f} s")
+    return kernel, ""
 
 
 def exec_spawn(cfg: Config, applier: Any, lsm: Lsm, results: Results, log: Log) -> None:
@@ -376,7 +430,8 @@ def _rounds(cfg: Config, engines: list[str], lsm: Lsm, rng: random.Random,
 
 
 def exec_bench(cfg: Config, binary: Path, cgroups: dict[str, Any], applier: Any, lsm: Lsm,
-               rng: random.Random, results: Results, log: Log) -> None:
+               rng: random.Random, results: Results, log: Log, save: Callable[[], None]
+               ) -> None:
     base_dirs = ["/usr", str(binary.parent)]
     for k in cfg.guest_rules:
         exact = _exact(k)
@@ -429,6 +484,7 @@ def exec_bench(cfg: Config, binary: Path, cgroups: dict[str, Any], applier: Any,
             results.overhead.append(overhead_rows("exec", engine, k, vals,
                                                   samples["none"][: len(vals)], status, note))
         log("exec: " + _summary(results.overhead, "exec", k))
+        save()
 
 
 def _summary(rows: list[Overhead], metric: str, k: int) -> str:
@@ -441,14 +497,13 @@ def _summary(rows: list[Overhead], metric: str, k: int) -> str:
 
 def open_bench(cfg: Config, binary: Path, cgroups: dict[str, Any], kernel: Any, applier: Any,
                lsm: Lsm, rng: random.Random, results: Results, log: Log,
-               files_problem: str = "") -> None:
+               save: Callable[[], None], files_problem: str = "") -> None:
     have_files = "files" in kernel.families
-    not_there = f"failed: the file programs do not load: {files_problem}" if files_problem \
-        else NOT_YET
+    not_there = files_problem or NOT_YET
     plain = str(BASE / "plain" / "target")
     audited = str(BASE / "audited" / "target")
     base_dirs = ["/usr", "/etc", str(binary.parent), str(BASE / "plain")]
-    drain = EventDrain(kernel) if have_files else None
+    drain = _drain(kernel) if have_files else None
     try:
         for k in cfg.guest_rules:
             exact = _exact(k)
@@ -509,8 +564,7 @@ def open_bench(cfg: Config, binary: Path, cgroups: dict[str, Any], kernel: Any, 
                     "open-match", "guard", k, vals, msamples["none"][: len(vals)], status,
                     "every open is an audit event, read from the ring buffer"))
             log("open: " + _summary(results.overhead, "open", k))
+            save()
     finally:
         if drain is not None:
-            drain.close()
-            results.notes.append(f"guest: {drain.count:,} file events read during the "
-                                 "open() rounds")
+            log(f"open: {drain.count:,} file events read from the ring buffer so far")

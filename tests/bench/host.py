@@ -221,8 +221,10 @@ def overhead_rows(metric: str, engine: str, k: int, values: list[float],
     if not pairs:
         return Overhead(metric, engine, k, status="failed: no measurement", note=note)
     higher = METRICS[metric][2]
+    ratios = round_ratios(pairs, higher)
     return Overhead(metric, engine, k, value=median(values), baseline=median(baselines),
-                    ratio=median(round_ratios(pairs, higher)), rounds=len(pairs), note=note)
+                    ratio=median(ratios), rounds=len(pairs), note=note,
+                    per_round=[round(r, 4) for r in ratios])
 
 
 def net_overhead(env: NetEnv, results: Results) -> None:
@@ -299,9 +301,10 @@ def apply_times(env: NetEnv, results: Results) -> None:
     for k in env.cfg.apply_rules:
         try:
             applier.apply(plans.net_plan(scope, 0))
-            a, b = plans.net_plan(scope, k), plans.net_plan(scope, k, first=k)
-            if 2 * k > plans.MAX_BLOCKED:
-                b = plans.net_plan(scope, k, first=plans.MAX_BLOCKED - k)
+            # the second set: other destinations where the range allows (every reload
+            # rewrites a whole slot anyway: the slot is part of each key)
+            a = plans.net_plan(scope, k)
+            b = plans.net_plan(scope, k, first=min(k, plans.MAX_BLOCKED - k))
             t0 = time.monotonic()
             applier.apply(a)
             initial = (flips[-1] - t0) * 1000

@@ -46,6 +46,7 @@ class Overhead:
     rounds: int = 0
     status: str = OK
     note: str = ""
+    per_round: list[float] = field(default_factory=list)  # the ratio of each round
 
 
 @dataclass(frozen=True)
