@@ -38,6 +38,10 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("file", type=Path)
     rep.add_argument("--markdown", action="store_true")
     rep.add_argument("--plot", type=Path, default=None, metavar="PNG")
+    comb = sub.add_parser("combine", help="several results files as one (later ones win)")
+    comb.add_argument("out", type=Path, help="the combined JSON to write")
+    comb.add_argument("files", type=Path, nargs="+")
+    comb.add_argument("--plot", type=Path, default=None, metavar="PNG")
     guest = sub.add_parser("guest-part", help="(internal) the half that runs inside the guest")
     guest.add_argument("rwdir", type=Path)
     p.add_argument("--quick", action="store_true", help="a smoke run of about 3 minutes")
@@ -100,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
               end="")
         if args.plot is not None:
             report.plot(results, args.plot)
+        return 0
+    if args.command == "combine":
+        from bench.results import combine
+
+        combined = combine([Results.from_json(f.read_text()) for f in args.files])
+        combined.write(args.out)
+        print(report.render_text(combined), end="")
+        if args.plot is not None:
+            report.plot(combined, args.plot, "runs " + ", ".join(combined.meta["runs"]))
         return 0
     if args.command == "guest-part":
         from bench.guest import guest_main

@@ -269,7 +269,8 @@ def markdown_table(table: Table) -> str:
 
 def machine_text(meta: dict[str, object]) -> str:
     keys = ("host_kernel", "guest_kernel", "nproc", "memory", "cpu", "iptables", "nft",
-            "landlock_abi_host", "landlock_abi_guest", "mode", "started", "duration_s")
+            "landlock_abi_host", "landlock_abi_guest", "mode", "started", "duration_s",
+            "loadavg_start", "loadavg_end", "runs", "loadavg")
     return "\n".join(f"{k}: {meta[k]}" for k in keys if k in meta)
 
 
@@ -344,6 +345,7 @@ def plot(results: Results, path: Path, title_note: str = "") -> Path:
                        label=f"target +{(limits[metric] - 1) * 100:.0f}%")
         ax.set_xticks(range(len(counts)), [rules_text(k) for k in counts])
         ax.set_yscale("symlog", linthresh=10)
+        ax.set_ylim(bottom=-100)  # nothing is cheaper than free by more than all of it
         ax.set_xlabel("rules")
         ax.set_ylabel("overhead vs no enforcement (%)")
         ax.set_title(METRICS[metric][0], fontsize=10)

@@ -155,3 +155,40 @@ class Results:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(self.to_json())
         tmp.replace(path)
+
+
+def _key(row: Any) -> tuple[Any, ...]:
+    if isinstance(row, Overhead):
+        return ("overhead", row.metric, row.engine, row.rules)
+    if isinstance(row, AuditRun):
+        return ("audit", row.workload, row.offered_rate)
+    if isinstance(row, ReloadLatency):
+        return ("reload", row.policy_rules)
+    return (type(row).__name__, row.rules)
+
+
+def combine(runs: list[Results]) -> Results:
+    """Several runs on one machine as one report: a later run's row replaces an earlier
+    run's row for the same measurement (a part run again after a fix). Every ratio
+    still comes from one run's interleaved rounds; meta["runs"] lists the runs."""
+    out = Results(meta=dict(runs[0].meta) if runs else {})
+    out.meta["runs"] = [r.meta.get("started", "?") for r in runs]
+    sections = ("overhead", "apply", "reload", "daemon", "audit")
+    for name in sections:
+        rows: dict[tuple[Any, ...], Any] = {}
+        for run in runs:
+            for row in getattr(run, name):
+                rows[_key(row)] = row
+        setattr(out, name, list(rows.values()))
+    for run in runs:
+        for key, value in run.meta.items():
+            if key not in ("started", "duration_s", "config", "mode", "loadavg_start",
+                           "loadavg_end"):
+                out.meta.setdefault(key, value)
+        out.notes += [f"[run {run.meta.get('started', '?')}] {n}" for n in run.notes]
+        out.meta.setdefault("loadavg", []).append(
+            {"run": run.meta.get("started"), "start": run.meta.get("loadavg_start"),
+             "end": run.meta.get("loadavg_end"), "duration_s": run.meta.get("duration_s"),
+             "mode": run.meta.get("mode")})
+    return out
+

@@ -134,3 +134,18 @@ def test_peer_rule_texts() -> None:
     assert "198.18.0.1/32" in peers.nft_set_rules("unified/x", 1, 2)
     assert peers.nft_cgroup(Path("/sys/fs/cgroup/unified/a/b"), Path("/sys/fs/cgroup/unified")) \
         == ("unified/a/b", 2)
+
+
+def test_combine_takes_the_later_run_of_each_measurement() -> None:
+    from bench.results import combine
+
+    first, second = fake(), Results(meta={"started": "B", "guest_kernel": "6.12-test"})
+    first.meta["started"] = "A"
+    first.apply = [ApplyTime(100_000, 0, None, None, None, None, status="failed: bench bug")]
+    second.apply = [ApplyTime(100_000, 100_006, 400.0, 300.0, 350.0, 500.0, 10)]
+    second.notes = ["guest note"]
+    both = combine([first, second])
+    assert both.meta["runs"] == ["A", "B"] and both.meta["guest_kernel"] == "6.12-test"
+    assert [a.status for a in both.apply] == ["ok"]
+    assert len(both.overhead) == len(first.overhead)
+    assert "[run B] guest note" in both.notes
