@@ -250,7 +250,8 @@ def measure(cfg: Config, binary: Path, results: Results, log: Log,
     # the probe runs from the guest's own /tmp: Landlock rules need inodes that stay
     # the same, and the host's files reach the guest over 9p, where they do not (a
     # rule on the host's bench-results/ did not let the probe run)
-    local = BASE / "probe"
+    local = Path("/tmp/guard-bench-probe/probe")  # not under BASE: rules there allow BASE
+    local.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(binary, local)
     binary = local
     kmax = max(cfg.guest_rules)
