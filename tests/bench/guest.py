@@ -157,6 +157,8 @@ class Lsm:
 
     def set(self, on: bool) -> None:
         for bpf, name in self.programs:
+            if getattr(bpf, "module", None) is None:
+                continue  # that Kernel is closed already (teardown order)
             attached = name in bpf.lsm_fds
             if on and not attached:
                 bpf.attach_lsm(name)
@@ -455,12 +457,14 @@ def exec_bench(cfg: Config, binary: Path, cgroups: dict[str, Any], applier: Any,
                 got = _run(binary, ["exec", "1", "30", str(BASE / "denied" / "true")],
                            cgroups["guard"], 120)
                 if got.get("errors") != 1 or got.get("errno") != 127:
-                    skipped["guard"] = f"failed: not enforcing: exec of a denied file gave {got}"
+                    skipped["guard"] = ("failed: not enforcing: exec of a denied file ran "
+                                        f"(errors {got.get('errors')})")
             lsm.set(False)
             got = _run(binary, ["exec", "1", "30", str(BASE / "denied" / "true")],
                        cgroups["none"], 120, ruleset.restrictor())
             if got.get("errors") != 1 or got.get("errno") != 127:
-                skipped["landlock"] = f"failed: not enforcing: exec outside the rules gave {got}"
+                skipped["landlock"] = ("failed: not enforcing: exec outside the rules ran "
+                                       f"(errors {got.get('errors')})")
 
             def one(engine: str, rs: landlock.Ruleset = ruleset) -> float:
                 cg = cgroups["guard" if engine == "guard" else "none"]
@@ -528,7 +532,8 @@ def open_bench(cfg: Config, binary: Path, cgroups: dict[str, Any], kernel: Any, 
                 got = _run(binary, ["open", "1", "30", "1", audited], cgroups["none"], 120,
                            ruleset.restrictor())
                 if got.get("errors") != 1:
-                    skipped["landlock"] = f"failed: not enforcing: open outside the rules {got}"
+                    skipped["landlock"] = ("failed: not enforcing: open outside the rules "
+                                           "succeeded")
 
                 def one(engine: str, path: str, rs: landlock.Ruleset = ruleset) -> float:
                     cg = cgroups["guard" if engine == "guard" else "none"]

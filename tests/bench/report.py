@@ -202,7 +202,7 @@ def overhead_tables(results: Results) -> list[tuple[str, Table]]:
                 if row is None:
                     line.append("-")
                 elif row.status != OK or row.ratio is None:
-                    line.append(row.status)
+                    line.append(row.status if len(row.status) <= 90 else row.status[:87] + "...")
                 else:
                     line.append(f"{_num(row.value, 2)} ({pct(row.ratio)})")
             body.append(line)
