@@ -1,0 +1,725 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * files.bpf.c - who may read and write which files: BPF-LSM programs on the
+ * open path and on every path operation that changes a directory.
+ *
+ * Hooks, and why each one (docs/files.md says the same for users):
+ *   file_open      every open that yields a readable or writable file, by any
+ *                  route (open, openat2, io_uring, open_by_handle_at,
+ *                  /proc/PID/fd/N, exec's own opens excepted). Access: read
+ *                  = FMODE_READ; write = FMODE_WRITE or O_TRUNC. Decided on the
+ *                  file really opened, so symlinks, "..", relative paths,
+ *                  bind mounts and /proc/self/fd all end at the same dentry.
+ *   path_mknod     a new name in a directory: open(O_CREAT) of a new file and
+ *   path_mkdir     mknod(2) come through path_mknod; mkdir, symlink likewise.
+ *   path_symlink   Decided as a write of the NEW name (NAME key, then the
+ *                  subtree walk from its directory): a rule on a directory
+ *                  covers files created in it after load.
+ *   path_unlink    removing a name: a write of that file.
+ *   path_rmdir
+ *   path_rename    the source is read and written (moving a file out of a
+ *                  subtree takes it out of the subtree's rules, so it counts as
+ *                  reading it too), the destination is written (a rename INTO
+ *                  a write-denied subtree is a write there); with
+ *                  RENAME_EXCHANGE both sides move, so both are read and written.
+ *   path_link      the new name is written; the source is read and written: a
+ *                  hard link out of a subtree is a way around its rules.
+ *                  For both, the destination is judged first and a denial
+ *                  there ends it; each side reported has its own event.
+ *   path_truncate  truncate(2) by path (ftruncate needs a writable fd, which
+ *   path_chmod     file_open judged); chmod and chown change who may write the
+ *   path_chown     file: writes.
+ *
+ * Why the path_* hooks and not the inode_* ones: they are called once per
+ * system call at the syscall layer (io_uring's mkdirat, renameat, ... too),
+ * they carry the mount, so an event names the file as the user reached it
+ * (bind mount included), and a file system's own internal calls (overlayfs
+ * copying a file up to its upper layer calls vfs_create on the upper file
+ * system) are not judged a second time against identities no rule names.
+ * They need CONFIG_SECURITY_PATH, which every distribution kernel with
+ * AppArmor or TOMOYO built in has (Debian, Ubuntu, SUSE, Fedora).
+ *
+ * The decision for one dentry and one access (guard_files_decide), most
+ * specific first, exactly as guard.evaluate.decide_open walks a plan:
+ *   1. the file itself: EXACT key (i_ino + s_dev; absent for a name being
+ *      created) and NAME key (parent inode + FNV-1a 32 of the name). If both
+ *      have a decision for the access the stronger wins, as for any tie.
+ *   2. SUBTREE keys of the parent directories, deepest first, to the root of
+ *      the file's superblock, at most GUARD_MAX_PATH_DEPTH of them. An entry
+ *      without a decision for the access is passed over: the walk goes on.
+ *   3. no rule: allowed (file rules have no default).
+ * Read and write are decided in the same walk, each on its own. The walk is
+ * skipped for an access the ruleset's summary entry (SUBTREE, ino 0, dev 0)
+ * has no decision for; when it hits its bound, the access gets the summary's
+ * decision (the strongest any subtree rule could have given), the event is
+ * flagged undecided and GUARD_STAT_UNDECIDED counted: fail closed.
+ *
+ * Cost: file_open runs for every open on the machine. The order is the
+ * cheapest first: the open's flags; then the scope, cached per cgroup id
+ * (guard_files_scopes, stamped with the generation and slot it was computed
+ * for, so a reload invalidates it without a write); the ruleset's has_files;
+ * then one EXACT lookup, the name hash and one NAME lookup, the summary
+ * lookup, and the walk only when the ruleset has subtree rules for the access.
+ *
+ * Events: DENY -> -EPERM; AUDIT, WOULD_DENY and DENY -> one event (kind FILE,
+ * hook FILE_OPEN or PATH_CHANGE, the access bits that got the reported
+ * verdict). path is rebuilt from the dentry walk across mounts up to the
+ * task's root, as d_path would print it; when it does not fit in
+ * GUARD_PATH_LEN (or the walk is too deep) it keeps the final components and
+ * starts with "...". Repeats are not folded here: user space aggregates
+ * identical events (guard/audit.py), and events the ring buffer cannot take
+ * are counted (GUARD_STAT_EVENTS_LOST), never lost silently.
+ *
+ * Structs are zeroed and then assigned, never given constant initialisers
+ * (see net.bpf.c: bcc cannot relocate LLVM's .rodata copies).
+ */
+#include "guard_maps.h"
+
+#include <linux/dcache.h>
+#include <linux/fs.h>
+#include <linux/fs_struct.h>
+#include <linux/mount.h>
+#include <linux/path.h>
+#include <linux/sched.h>
+#include <linux/version.h>
+
+#define GUARD_FILES_NAME_BUF   256      /* NAME_MAX + 1 */
+#define GUARD_FILES_FNV_OFFSET 2166136261u
+#define GUARD_FILES_FNV_PRIME  16777619u
+#define GUARD_FILES_O_TRUNC    01000    /* uapi asm-generic/fcntl.h */
+#define GUARD_FILES_FMODE_EXEC 0x20     /* FMODE_EXEC == __FMODE_EXEC, in f_mode and f_flags */
+#define GUARD_FILES_RENAME_EXCHANGE 2   /* uapi linux/fs.h */
+#define GUARD_FILES_SCOPE_CACHE 16384   /* cgroups whose scope is remembered */
+
+/* Path text: built backwards in a scratch buffer, then copied to the event. */
+#define GUARD_FILES_PATH_END   (2 * GUARD_PATH_LEN - 1)         /* index of the NUL */
+#define GUARD_FILES_PATH_MASK  (2 * GUARD_PATH_LEN - 1)
+#define GUARD_FILES_PATH_BUF   (3 * GUARD_PATH_LEN)             /* mask + a name fit */
+#define GUARD_FILES_PATH_STEPS (GUARD_MAX_PATH_DEPTH + 16)      /* dentries + mounts */
+
+/* Where a decision came from; ordered by specificity. */
+#define GUARD_FILES_FROM_NONE    0
+#define GUARD_FILES_FROM_SUBTREE 1
+#define GUARD_FILES_FROM_FILE    2      /* EXACT or NAME key */
+
+#define GUARD_FILES_RW (GUARD_ACCESS_READ | GUARD_ACCESS_WRITE)
+
+struct guard_files_one {                /* the decision for one access */
+	__u32 rule_id;
+	__u8  verdict;
+	__u8  from;                     /* GUARD_FILES_FROM_* */
+	__u8  undecided;
+	__u8  _pad;
+};
+
+struct guard_files_result {
+	struct guard_files_one read;
+	struct guard_files_one write;
+};
+
+/* The scope of a cgroup, valid for one generation and slot of the maps. */
+struct guard_files_scope {
+	__u32 generation;
+	__u32 slot;
+	__s32 ruleset;                  /* slot-qualified; -1: no policy covers it */
+	__u32 has_files;
+};
+
+/* Per-CPU scratch: a dentry name and a path being built; too big for the stack. */
+struct guard_files_scratch {
+	unsigned char name[GUARD_FILES_NAME_BUF];
+	char path[GUARD_FILES_PATH_BUF];
+	/* the path walk's state (guard_files_path) */
+	__u64 dentry;
+	__u64 mnt;                      /* struct guard_files_mount * */
+	__u64 mnt_root;
+	__u64 root_dentry;
+	__u64 root_mnt;
+	__u32 pos;
+	__u32 complete;
+};
+
+/*
+ * The start of the kernel's private struct mount (fs/mount.h), unchanged since
+ * 3.x: it holds the vfsmount, and where that mount sits in its parent. Used
+ * only to write the event's path text, never to decide.
+ */
+struct guard_files_mount {
+	struct hlist_node mnt_hash;
+	struct guard_files_mount *mnt_parent;
+	struct dentry *mnt_mountpoint;
+	struct vfsmount mnt;
+};
+
+BPF_TABLE("lru_hash", __u64, struct guard_files_scope, guard_files_scopes,
+	  GUARD_FILES_SCOPE_CACHE);
+BPF_PERCPU_ARRAY(guard_files_scratches, struct guard_files_scratch, 1);
+
+/* Reads below dentries go through probe reads: one code path for every hook. */
+#define GUARD_FILES_READ(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), &(src))
+
+/*
+ * The slot-qualified ruleset judging the current task, when it has file
+ * rules: 1 and *ruleset set; 0 when no policy covers the task or its ruleset
+ * has no file rule.
+ */
+static __always_inline int guard_files_scope_of_task(__u32 *ruleset)
+{
+	struct guard_files_scope fresh = {};
+	struct guard_files_scope *cached;
+	struct guard_config *config;
+	struct guard_ruleset *rs;
+	__u32 zero = 0;
+	__u32 generation = 0;
+	__u32 slot = 0;
+	__u64 cgroup;
+	int found;
+
+	config = guard_config.lookup(&zero);
+	if (config) {
+		generation = config->generation;
+		slot = config->active_slot & 1;
+	}
+	cgroup = bpf_get_current_cgroup_id();
+	cached = guard_files_scopes.lookup(&cgroup);
+	if (cached && cached->generation == generation && cached->slot == slot) {
+		if (!cached->has_files || cached->ruleset < 0)
+			return 0;
+		*ruleset = (__u32)cached->ruleset;
+		return 1;
+	}
+	found = guard_current_ruleset(slot);
+	fresh.generation = generation;
+	fresh.slot = slot;
+	fresh.ruleset = found;
+	if (found >= 0) {
+		rs = guard_ruleset_get((__u32)found);
+		fresh.has_files = rs && rs->has_files ? 1 : 0;
+	}
+	guard_files_scopes.update(&cgroup, &fresh);
+	if (found < 0 || !fresh.has_files)
+		return 0;
+	*ruleset = (__u32)found;
+	return 1;
+}
+
+/*
+ * FNV-1a 32 of a dentry's name, byte for byte guard.resolve.fnv1a32() of the
+ * basename. An unreadable name hashes to 0, which user space never registers.
+ */
+static __always_inline __u32 guard_files_name_hash(struct dentry *dentry)
+{
+	__u32 zero = 0;
+	struct guard_files_scratch *s = guard_files_scratches.lookup(&zero);
+	const unsigned char *name = 0;
+	__u32 hash = GUARD_FILES_FNV_OFFSET;
+	int len;
+
+	if (!s)
+		return 0;
+	GUARD_FILES_READ(name, dentry->d_name.name);
+	if (!name)
+		return 0;
+	len = bpf_probe_read_kernel_str(s->name, sizeof(s->name), name);
+	if (len <= 1)
+		return 0;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < GUARD_FILES_NAME_BUF; i++) {
+		if (i >= len - 1)
+			break;
+		hash ^= s->name[i];
+		hash *= GUARD_FILES_FNV_PRIME;
+	}
+	return hash;
+}
+
+/* i_ino and i_sb->s_dev of an inode; 0 when unreadable. */
+static __always_inline int guard_files_inode_identity(struct inode *inode, __u64 *ino, __u32 *dev)
+{
+	struct super_block *sb = 0;
+	unsigned long i_ino = 0;
+	dev_t s_dev = 0;
+
+	GUARD_FILES_READ(i_ino, inode->i_ino);
+	GUARD_FILES_READ(sb, inode->i_sb);
+	if (!sb)
+		return 0;
+	GUARD_FILES_READ(s_dev, sb->s_dev);
+	*ino = i_ino;
+	*dev = s_dev;
+	return 1;
+}
+
+/* The identity of a directory on the walk; 0 when it has no inode or is unreadable. */
+static __always_inline int guard_files_dentry_identity(struct dentry *dentry, __u64 *ino, __u32 *dev)
+{
+	struct inode *inode = 0;
+
+	GUARD_FILES_READ(inode, dentry->d_inode);
+	if (!inode)
+		return 0;
+	return guard_files_inode_identity(inode, ino, dev);
+}
+
+static __always_inline struct dentry *guard_files_parent(struct dentry *dentry)
+{
+	struct dentry *parent = 0;
+
+	GUARD_FILES_READ(parent, dentry->d_parent);
+	return parent;
+}
+
+/* The file level (EXACT, NAME): the stronger of the two on a tie. */
+static __always_inline void guard_files_take_file(struct guard_files_one *one,
+						  struct guard_decision *d)
+{
+	if (!d->present)
+		return;
+	if (one->from < GUARD_FILES_FROM_FILE || d->verdict > one->verdict) {
+		one->rule_id = d->rule_id;
+		one->verdict = d->verdict;
+		one->from = GUARD_FILES_FROM_FILE;
+	}
+}
+
+static __always_inline void guard_files_take_subtree(struct guard_files_one *one,
+						     struct guard_decision *d)
+{
+	one->rule_id = d->rule_id;
+	one->verdict = d->verdict;
+	one->from = GUARD_FILES_FROM_SUBTREE;
+}
+
+/* A walk that could not finish: the strongest decision any subtree rule could give. */
+static __always_inline void guard_files_take_undecided(struct guard_files_one *one,
+						       struct guard_decision *summary)
+{
+	one->rule_id = summary->rule_id;
+	one->verdict = summary->verdict;
+	one->from = GUARD_FILES_FROM_SUBTREE;
+	one->undecided = 1;
+}
+
+/*
+ * Decide the accesses ``want`` (GUARD_ACCESS_* bits) for the file behind
+ * ``dentry`` (negative for a name being created) in a slot-qualified ruleset.
+ */
+static __always_inline void guard_files_decide(struct dentry *dentry, __u32 ruleset, __u8 want,
+					       struct guard_files_result *res)
+{
+	struct guard_inode_key key = {};
+	struct guard_file_value *value;
+	struct guard_file_value *summary;
+	struct inode *inode = 0;
+	struct dentry *parent;
+	struct dentry *cur;
+	__u8 need = 0;
+	int complete = 0;
+	int failed = 0;
+
+	key.ruleset = ruleset;
+
+	/* 1. the file itself: its inode (when it exists), and its name in its directory */
+	GUARD_FILES_READ(inode, dentry->d_inode);
+	if (inode && guard_files_inode_identity(inode, &key.ino, &key.dev)) {
+		key.match = GUARD_MATCH_EXACT;
+		value = guard_files.lookup(&key);
+		if (value) {
+			if (want & GUARD_ACCESS_READ)
+				guard_files_take_file(&res->read, &value->read);
+			if (want & GUARD_ACCESS_WRITE)
+				guard_files_take_file(&res->write, &value->write);
+		}
+	}
+	parent = guard_files_parent(dentry);
+	if (parent && parent != dentry) {
+		key.name_hash = guard_files_name_hash(dentry);
+		if (key.name_hash && guard_files_dentry_identity(parent, &key.ino, &key.dev)) {
+			key.match = GUARD_MATCH_NAME;
+			value = guard_files.lookup(&key);
+			if (value) {
+				if (want & GUARD_ACCESS_READ)
+					guard_files_take_file(&res->read, &value->read);
+				if (want & GUARD_ACCESS_WRITE)
+					guard_files_take_file(&res->write, &value->write);
+			}
+		}
+	}
+	if ((want & GUARD_ACCESS_READ) && res->read.from == GUARD_FILES_FROM_NONE)
+		need |= GUARD_ACCESS_READ;
+	if ((want & GUARD_ACCESS_WRITE) && res->write.from == GUARD_FILES_FROM_NONE)
+		need |= GUARD_ACCESS_WRITE;
+	if (!need)
+		return;
+
+	/* 2. subtree rules, deepest first; only for accesses some subtree rule has */
+	key.ino = 0;
+	key.dev = 0;
+	key.match = GUARD_MATCH_SUBTREE;
+	key.name_hash = 0;
+	summary = guard_files.lookup(&key);
+	if (!summary)
+		return;
+	if (!summary->read.present)
+		need &= ~GUARD_ACCESS_READ;
+	if (!summary->write.present)
+		need &= ~GUARD_ACCESS_WRITE;
+	if (!need)
+		return;
+	cur = dentry;
+	for (int depth = 0; depth < GUARD_MAX_PATH_DEPTH; depth++) {
+		parent = guard_files_parent(cur);
+		if (parent == cur) {
+			complete = 1;   /* cur is the superblock's root */
+			break;
+		}
+		if (!parent || !guard_files_dentry_identity(parent, &key.ino, &key.dev)) {
+			failed = 1;     /* unreadable: undecided */
+			break;
+		}
+		value = guard_files.lookup(&key);
+		if (value) {
+			if ((need & GUARD_ACCESS_READ) && value->read.present) {
+				guard_files_take_subtree(&res->read, &value->read);
+				need &= ~GUARD_ACCESS_READ;
+			}
+			if ((need & GUARD_ACCESS_WRITE) && value->write.present) {
+				guard_files_take_subtree(&res->write, &value->write);
+				need &= ~GUARD_ACCESS_WRITE;
+			}
+			if (!need)
+				return;
+		}
+		cur = parent;
+	}
+	/* At the bound, the last directory checked may be the root itself. */
+	if (!complete && !failed)
+		complete = guard_files_parent(cur) == cur;
+	if (complete)
+		return;
+	if (need & GUARD_ACCESS_READ)
+		guard_files_take_undecided(&res->read, &summary->read);
+	if (need & GUARD_ACCESS_WRITE)
+		guard_files_take_undecided(&res->write, &summary->write);
+}
+
+/* The verdict a result gives the operation: the stronger access's. */
+static __always_inline __u8 guard_files_verdict(struct guard_files_result *res)
+{
+	return res->write.verdict > res->read.verdict ? res->write.verdict : res->read.verdict;
+}
+
+/*
+ * The path of (mount, dentry) as the task would write it: dentries up to the
+ * mount's root, then on from where that mount sits in its parent, up to the
+ * task's root (or the namespace's root mount). Written backwards into the
+ * scratch buffer so that it ends at GUARD_FILES_PATH_END; the string always
+ * starts at or after GUARD_PATH_LEN, so it fits in GUARD_PATH_LEN with its NUL.
+ *
+ * Verifier cost: the walk's position and pointers live in the scratch map
+ * value and are reloaded at every step. The verifier does not track what a
+ * map value holds, so every step starts from the same abstract state whatever
+ * the steps before it did (a name or a mount crossing), and it checks the loop
+ * body a few times per step instead of once per possible history.
+ */
+static __always_inline void guard_files_path(char *dst, struct vfsmount *vfsmnt,
+					     struct dentry *dentry)
+{
+	__u32 zero = 0;
+	struct guard_files_scratch *s = guard_files_scratches.lookup(&zero);
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct guard_files_mount *mnt;
+	struct guard_files_mount *up;
+	struct fs_struct *fs = 0;
+	struct dentry *cur;
+	struct dentry *parent;
+	struct dentry *mnt_root;
+	const unsigned char *name;
+	__u32 pos;
+	__u32 len;
+
+	if (!s)
+		return;
+	s->root_dentry = 0;
+	s->root_mnt = 0;
+	GUARD_FILES_READ(fs, task->fs);
+	if (fs) {
+		GUARD_FILES_READ(s->root_dentry, fs->root.dentry);
+		GUARD_FILES_READ(s->root_mnt, fs->root.mnt);
+	}
+	s->dentry = (__u64)dentry;
+	s->mnt = (__u64)container_of(vfsmnt, struct guard_files_mount, mnt);
+	s->mnt_root = 0;
+	GUARD_FILES_READ(s->mnt_root, vfsmnt->mnt_root);
+	s->pos = GUARD_FILES_PATH_END;
+	s->complete = 0;
+	s->path[GUARD_FILES_PATH_END] = 0;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < GUARD_FILES_PATH_STEPS; i++) {
+		cur = (struct dentry *)s->dentry;
+		mnt = (struct guard_files_mount *)s->mnt;
+		if (!cur || !mnt)
+			break;
+		if ((__u64)cur == s->root_dentry && (__u64)&mnt->mnt == s->root_mnt) {
+			s->complete = 1;
+			break;
+		}
+		parent = guard_files_parent(cur);
+		mnt_root = (struct dentry *)s->mnt_root;
+		if (cur == mnt_root || cur == parent || !parent) {
+			up = 0;
+			GUARD_FILES_READ(up, mnt->mnt_parent);
+			if (cur != mnt_root || !up || up == mnt) {
+				s->complete = 1;   /* the namespace's root, or a detached tree */
+				break;
+			}
+			s->dentry = 0;
+			GUARD_FILES_READ(s->dentry, mnt->mnt_mountpoint);
+			s->mnt = (__u64)up;
+			s->mnt_root = 0;
+			GUARD_FILES_READ(s->mnt_root, up->mnt.mnt_root);
+			continue;
+		}
+		name = 0;
+		len = 0;
+		GUARD_FILES_READ(name, cur->d_name.name);
+		GUARD_FILES_READ(len, cur->d_name.len);
+		len &= GUARD_FILES_NAME_BUF - 1;        /* NAME_MAX is 255 */
+		pos = s->pos & GUARD_FILES_PATH_MASK;
+		/* keep room for "...": the string must start at or after GUARD_PATH_LEN */
+		if (!name || len + 1 + 3 + GUARD_PATH_LEN > pos)
+			break;
+		pos -= len;
+		/* a fresh mask the compiler cannot drop: the verifier wants the size bounded here */
+		asm volatile("" : "+r"(len));
+		len &= GUARD_FILES_NAME_BUF - 1;
+		bpf_probe_read_kernel(&s->path[pos & GUARD_FILES_PATH_MASK], len, name);
+		pos = (pos - 1) & GUARD_FILES_PATH_MASK;
+		s->path[pos] = '/';
+		s->pos = pos;
+		s->dentry = (__u64)parent;
+	}
+	pos = s->pos & GUARD_FILES_PATH_MASK;
+	if (pos == GUARD_FILES_PATH_END) {
+		pos -= 1;
+		s->path[pos] = '/';
+	}
+	if (!s->complete && pos >= 3) {
+		pos -= 3;
+		s->path[pos] = '.';
+		s->path[pos + 1] = '.';
+		s->path[pos + 2] = '.';
+	}
+	bpf_probe_read_kernel_str(dst, GUARD_PATH_LEN, &s->path[pos & GUARD_FILES_PATH_MASK]);
+}
+
+/*
+ * Counters, and the event for a decision worth reporting; returns the hook's
+ * verdict. The path is written last, with nothing of the decision still live,
+ * so the verifier walks the path loop once rather than once per outcome.
+ */
+static __always_inline int guard_files_report(struct guard_files_result *res, __u32 ruleset,
+					      __u8 hook, struct vfsmount *mnt,
+					      struct dentry *dentry)
+{
+	struct task_struct *task;
+	struct guard_event *e;
+	struct file *exe;
+	__u8 verdict = guard_files_verdict(res);
+	__u8 access = 0;
+	__u8 undecided = 0;
+	__u32 rule_id = 0;
+	int ret;
+
+	if (res->read.undecided || res->write.undecided)
+		guard_stat_add(GUARD_STAT_UNDECIDED, 1);
+	if (verdict == GUARD_ALLOW)
+		return 0;
+	if (verdict == GUARD_DENY)
+		guard_stat_add(GUARD_STAT_DENIED, 1);
+	else
+		guard_stat_add(GUARD_STAT_AUDITED, 1);
+	ret = verdict == GUARD_DENY ? -EPERM : 0;
+	/* The accesses that got the reported verdict, and the rule of one of them. */
+	if (res->read.from != GUARD_FILES_FROM_NONE && res->read.verdict == verdict) {
+		access |= GUARD_ACCESS_READ;
+		rule_id = res->read.rule_id;
+		undecided |= res->read.undecided;
+	}
+	if (res->write.from != GUARD_FILES_FROM_NONE && res->write.verdict == verdict) {
+		access |= GUARD_ACCESS_WRITE;
+		rule_id = res->write.rule_id;
+		undecided |= res->write.undecided;
+	}
+
+	e = guard_event_reserve();
+	if (!e)
+		return ret;
+	guard_event_fill_task(e);
+	task = bpf_get_current_task_btf();
+	e->ppid = task->real_parent->tgid;
+	e->kind = GUARD_KIND_FILE;
+	e->hook = hook;
+	e->verdict = verdict;
+	e->access = access;
+	e->rule_id = rule_id;
+	e->ruleset = ruleset;
+	e->count = 1;
+	e->flags = undecided ? GUARD_EVENT_UNDECIDED : 0;
+	/* The acting program's name, as exec events give it. */
+	exe = task->mm->exe_file;
+	if (exe)
+		bpf_probe_read_kernel_str(e->exe, sizeof(e->exe), exe->f_path.dentry->d_name.name);
+	guard_files_path(e->path, mnt, dentry);
+	guard_event_submit(e);
+	return ret;
+}
+
+/* One dentry, one or two accesses: the whole decision of most path hooks. */
+static __always_inline int guard_files_check(struct vfsmount *mnt, struct dentry *dentry,
+					     __u8 want)
+{
+	struct guard_files_result res = {};
+	__u32 ruleset = 0;
+
+	if (!dentry || !guard_files_scope_of_task(&ruleset))
+		return 0;
+	guard_files_decide(dentry, ruleset, want, &res);
+	return guard_files_report(&res, ruleset, GUARD_HOOK_PATH_CHANGE, mnt, dentry);
+}
+
+/*
+ * Two dentries of one operation (rename, link): the destination is judged
+ * first and a denial there ends it; otherwise the source is judged. Each side
+ * that is reported gets its own event, naming its own path. Judged one after
+ * the other, not merged: nothing of the first decision is live in the second,
+ * which keeps the verifier's work at twice one check.
+ */
+static __always_inline int guard_files_check_two(struct vfsmount *mnt,
+						 struct dentry *source, __u8 source_want,
+						 struct dentry *target, __u8 target_want)
+{
+	int ret = guard_files_check(mnt, target, target_want);
+
+	if (ret)
+		return ret;
+	return guard_files_check(mnt, source, source_want);
+}
+
+LSM_PROBE(file_open, struct file *file, int ret)
+{
+	struct guard_files_result res = {};
+	unsigned int f_flags;
+	fmode_t f_mode;
+	__u32 ruleset = 0;
+	__u8 want = 0;
+
+	if (ret)
+		return ret;
+	f_mode = file->f_mode;
+	f_flags = file->f_flags;
+	/* exec's own opens belong to exec.bpf.c */
+	if ((f_mode & GUARD_FILES_FMODE_EXEC) || (f_flags & GUARD_FILES_FMODE_EXEC))
+		return 0;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 8, 0)
+	/* overlayfs opening the real file behind one already judged */
+	if (f_mode & FMODE_BACKING)
+		return 0;
+#endif
+	/*
+	 * read: FMODE_READ; write: FMODE_WRITE or O_TRUNC, except for a file this
+	 * open created, whose creation path_mknod judged as a write a moment ago.
+	 * Bit arithmetic, not branches: one verifier state for every open mode.
+	 */
+	want = (f_mode & FMODE_READ) ? GUARD_ACCESS_READ : 0;
+	want |= ((f_mode & FMODE_WRITE) | (f_flags & GUARD_FILES_O_TRUNC)) ? GUARD_ACCESS_WRITE : 0;
+	want &= (f_mode & FMODE_CREATED) ? GUARD_ACCESS_READ : GUARD_FILES_RW;
+	if (!want || !guard_files_scope_of_task(&ruleset))
+		return 0;
+	guard_files_decide(file->f_path.dentry, ruleset, want, &res);
+	return guard_files_report(&res, ruleset, GUARD_HOOK_FILE_OPEN, file->f_path.mnt,
+				  file->f_path.dentry);
+}
+
+LSM_PROBE(path_mknod, const struct path *dir, struct dentry *dentry, unsigned long mode,
+	  unsigned long dev, int ret)
+{
+	if (ret)
+		return ret;
+	return guard_files_check(dir->mnt, dentry, GUARD_ACCESS_WRITE);
+}
+
+LSM_PROBE(path_mkdir, const struct path *dir, struct dentry *dentry, unsigned long mode,
+	  int ret)
+{
+	if (ret)
+		return ret;
+	return guard_files_check(dir->mnt, dentry, GUARD_ACCESS_WRITE);
+}
+
+LSM_PROBE(path_symlink, const struct path *dir, struct dentry *dentry, const char *old_name,
+	  int ret)
+{
+	if (ret)
+		return ret;
+	return guard_files_check(dir->mnt, dentry, GUARD_ACCESS_WRITE);
+}
+
+LSM_PROBE(path_unlink, const struct path *dir, struct dentry *dentry, int ret)
+{
+	if (ret)
+		return ret;
+	return guard_files_check(dir->mnt, dentry, GUARD_ACCESS_WRITE);
+}
+
+LSM_PROBE(path_rmdir, const struct path *dir, struct dentry *dentry, int ret)
+{
+	if (ret)
+		return ret;
+	return guard_files_check(dir->mnt, dentry, GUARD_ACCESS_WRITE);
+}
+
+LSM_PROBE(path_rename, const struct path *old_dir, struct dentry *old_dentry,
+	  const struct path *new_dir, struct dentry *new_dentry, unsigned long flags, int ret)
+{
+	__u8 target = GUARD_ACCESS_WRITE;
+
+	if (ret)
+		return ret;
+	if (flags & GUARD_FILES_RENAME_EXCHANGE)
+		target = GUARD_FILES_RW;    /* the destination's file moves to the source */
+	/* rename never crosses mounts (EXDEV): one mount for both sides */
+	return guard_files_check_two(new_dir->mnt, old_dentry, GUARD_FILES_RW,
+				     new_dentry, target);
+}
+
+LSM_PROBE(path_link, struct dentry *old_dentry, const struct path *new_dir,
+	  struct dentry *new_dentry, int ret)
+{
+	if (ret)
+		return ret;
+	/* link never crosses mounts (EXDEV): the source is on new_dir's mount */
+	return guard_files_check_two(new_dir->mnt, old_dentry, GUARD_FILES_RW,
+				     new_dentry, GUARD_ACCESS_WRITE);
+}
+
+LSM_PROBE(path_truncate, const struct path *path, int ret)
+{
+	if (ret)
+		return ret;
+	return guard_files_check(path->mnt, path->dentry, GUARD_ACCESS_WRITE);
+}
+
+LSM_PROBE(path_chmod, const struct path *path, unsigned long mode, int ret)
+{
+	if (ret)
+		return ret;
+	return guard_files_check(path->mnt, path->dentry, GUARD_ACCESS_WRITE);
+}
+
+LSM_PROBE(path_chown, const struct path *path, unsigned long uid, unsigned long gid, int ret)
+{
+	if (ret)
+		return ret;
+	return guard_files_check(path->mnt, path->dentry, GUARD_ACCESS_WRITE);
+}

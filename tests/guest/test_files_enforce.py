@@ -1,0 +1,715 @@
+"""File access control in a real kernel: bpf/files.bpf.c, driven through parse -> compile -> apply.
+
+Every test runs in the BPF-LSM guest. The programs are loaded once per session
+(``files_session``: bcc compiles for tens of seconds under TCG); each test
+applies its own plan, compiled from YAML by the real parser and compiler and
+scoped to a cgroup the test created, and an empty plan when it ends.
+
+The acting process is a ``FileProbe``: one long-lived Python process inside
+the test's cgroup that performs one real system call per request (open,
+mkdir, rename, link, truncate, ...) and answers its errno, so a test makes
+dozens of syscalls without starting an interpreter for each. The test process
+itself is outside every test cgroup: what it does shows that the policy's
+scope ends where the cgroup ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+from support.cgroup import TestCgroup
+
+from guard import layout
+from guard.audit import Aggregator, Enricher, RawEvent, decode
+from guard.compile import compile_policies
+from guard.evaluate import decide_open
+from guard.model import PolicySet
+from guard.parse import parse_text
+from guard.plan import Plan, Verdict
+
+pytestmark = pytest.mark.guest
+
+HOOK_FILE_OPEN = 4
+HOOK_PATH_CHANGE = 5
+READ, WRITE = layout.ACCESS_READ, layout.ACCESS_WRITE
+EPERM = errno.EPERM
+
+
+# --- policies ----------------------------------------------------------------------
+
+
+def plan_from_yaml(*documents: str) -> Plan:
+    """Parse and compile policy documents; any diagnostic fails the test."""
+    policies = []
+    for i, text in enumerate(documents):
+        found, diagnostics = parse_text(text, f"files-{i}.yaml")
+        assert not diagnostics, "\n".join(str(d) for d in diagnostics)
+        policies += found
+    return compile_policies(PolicySet(tuple(sorted(policies, key=lambda p: p.name))))
+
+
+Rule = tuple[str, Sequence[str], Sequence[str | Path]]  # (action, access, paths)
+
+
+def files_policy(name: str, cgroups: Sequence[str], rules: Sequence[Rule],
+                 mode: str = "enforce") -> str:
+    """One policy document with a files section, scoped to ``cgroups``."""
+    lines = [
+        "apiVersion: guard/v1",
+        "kind: Policy",
+        "metadata:",
+        f"  name: {name}",
+        "spec:",
+        f"  mode: {mode}",
+        "  scope:",
+        f"    cgroups: [{', '.join(json.dumps(c) for c in cgroups)}]",
+        "  files:",
+        "    rules:",
+    ]
+    for action, access, paths in rules:
+        listed = ", ".join(json.dumps(str(p)) for p in paths)
+        lines.append(f"      - {{action: {action}, access: [{', '.join(access)}], "
+                     f"paths: [{listed}]}}")
+    return "\n".join(lines) + "\n"
+
+
+def tree(path: Path) -> str:
+    return f"{path}/**"
+
+
+# --- the acting process ------------------------------------------------------------
+
+PROBE = textwrap.dedent("""\
+    import ctypes, json, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    AT_FDCWD, SYS_RENAMEAT2 = -100, 316
+
+    def opened(path, flags, mode=0o644):
+        fd = os.open(path, flags, mode)
+        try:
+            if (flags & 3) != os.O_WRONLY and not flags & os.O_DIRECTORY:
+                os.read(fd, 1)
+        finally:
+            os.close(fd)
+
+    def via_proc_fd(path, flags):
+        fd = os.open(path, os.O_PATH)
+        try:
+            opened(f"/proc/self/fd/{fd}", flags)
+        finally:
+            os.close(fd)
+
+    def exchange(a, b):
+        if libc.syscall(SYS_RENAMEAT2, AT_FDCWD, a.encode(), AT_FDCWD, b.encode(), 2):
+            raise OSError(ctypes.get_errno(), "renameat2")
+
+    def burst(path, flags, count):
+        failed = 0
+        for _ in range(count):
+            try:
+                opened(path, flags)
+            except OSError:
+                failed += 1
+        return failed
+
+    OPS = {
+        "open": opened, "proc_fd": via_proc_fd, "mkdir": os.mkdir, "rmdir": os.rmdir,
+        "unlink": os.unlink, "mkfifo": os.mkfifo, "symlink": os.symlink, "link": os.link,
+        "rename": os.rename, "exchange": exchange, "truncate": os.truncate,
+        "chmod": os.chmod, "chown": lambda p: os.chown(p, os.getuid(), os.getgid()),
+        "chdir": os.chdir, "burst": burst,
+    }
+    print("ready", flush=True)
+    for line in sys.stdin:
+        op, args = json.loads(line)
+        try:
+            value = OPS[op](*args)
+            print(json.dumps([0, value]), flush=True)
+        except OSError as error:
+            print(json.dumps([error.errno or -1, None]), flush=True)
+    """)
+
+
+@dataclass
+class FileProbe:
+    """A process in a test cgroup making one real syscall per request."""
+
+    proc: subprocess.Popen[str]
+    cgroup: TestCgroup
+    _stdin: IO[str] = field(repr=False)
+    _stdout: IO[str] = field(repr=False)
+
+    @classmethod
+    def start(cls, cgroup: TestCgroup) -> FileProbe:
+        proc = cgroup.spawn([sys.executable, "-c", PROBE], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, bufsize=1)
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        return cls(proc, cgroup, proc.stdin, proc.stdout)
+
+    def call(self, op: str, *args: object) -> int:
+        """errno of the operation; 0 when it succeeded."""
+        self._stdin.write(json.dumps([op, [str(a) if isinstance(a, Path) else a
+                                           for a in args]]) + "\n")
+        self._stdin.flush()
+        line = self._stdout.readline()
+        if not line:
+            raise AssertionError(f"the probe exited ({self.proc.poll()})")
+        code, _value = json.loads(line)
+        return int(code)
+
+    def read(self, path: str | Path) -> int:
+        return self.call("open", path, os.O_RDONLY)
+
+    def write(self, path: str | Path) -> int:
+        return self.call("open", path, os.O_WRONLY)
+
+    def burst(self, path: Path, flags: int, count: int) -> int:
+        """Open ``path`` ``count`` times; returns how many opens failed."""
+        self._stdin.write(json.dumps(["burst", [str(path), flags, count]]) + "\n")
+        self._stdin.flush()
+        code, failed = json.loads(self._stdout.readline())
+        assert code == 0
+        return int(failed)
+
+    def close(self) -> None:
+        self._stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+
+# --- the loaded programs -----------------------------------------------------------
+
+
+@dataclass
+class EventLog:
+    """Every event the ring buffer delivered this session, decoded."""
+
+    bpf: Any
+    events: list[RawEvent] = field(default_factory=list)
+
+    def callback(self, _ctx: Any, data: Any, size: int) -> None:
+        self.events.append(decode(ctypes.string_at(data, size)))
+
+    def for_cgroup(self, cgroup_id: int, settle_s: float = 0.2) -> list[RawEvent]:
+        """Events from one cgroup; submitted before the syscall returned, so one poll finds them."""
+        time.sleep(settle_s)
+        self.bpf.ring_buffer_consume()
+        return [e for e in self.events if e.cgroup_id == cgroup_id]
+
+
+@dataclass
+class FilesGuard:
+    kernel: Any
+    applier: Any
+    log: EventLog
+    last_warnings: tuple[str, ...] = ()
+
+    def apply(self, plan: Plan) -> Plan:
+        self.last_warnings = self.applier.apply(plan).warnings
+        return plan
+
+    def apply_yaml(self, *documents: str) -> Plan:
+        return self.apply(plan_from_yaml(*documents))
+
+    def clear(self) -> None:
+        self.apply(plan_from_yaml())
+
+    def stat(self, index: int) -> int:
+        table = self.kernel.map("guard_stats")
+        return int(sum(table[ctypes.c_uint32(index)]))
+
+
+@pytest.fixture(scope="session")
+def files_session() -> Iterator[FilesGuard]:
+    """The files programs alone, compiled, loaded and attached once per session."""
+    from guard.apply import Applier
+    from guard.loader import Kernel
+
+    kernel = Kernel(families={"files"})
+    try:
+        log = EventLog(kernel.bpf)
+        kernel.map("guard_events").open_ring_buffer(log.callback)
+        guard = FilesGuard(kernel, Applier(kernel, settle_s=0.0), log)
+        yield guard
+        guard.clear()
+    finally:
+        kernel.close()  # detaches every program
+
+
+@pytest.fixture
+def guard(files_session: FilesGuard) -> Iterator[FilesGuard]:
+    try:
+        yield files_session
+    finally:
+        files_session.clear()
+
+
+@pytest.fixture
+def cgroup() -> Iterator[TestCgroup]:
+    with TestCgroup.create("guard-files-test") as cg:
+        yield cg
+
+
+@pytest.fixture
+def probe(cgroup: TestCgroup) -> Iterator[FileProbe]:
+    p = FileProbe.start(cgroup)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@contextlib.contextmanager
+def mounted(argv: list[str], target: Path) -> Iterator[Path]:
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", *argv, str(target)], check=True, timeout=30)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=True, timeout=30)
+
+
+def make(path: Path, text: str = "data\n") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def summary(events: Sequence[RawEvent]) -> list[tuple[int, int, int, str]]:
+    """(hook, verdict, access, path) of each event, in order."""
+    return [(e.hook, e.verdict, e.access, e.path.decode(errors="replace")) for e in events]
+
+
+# --- audit: who read it ------------------------------------------------------------
+
+
+def test_audited_read_succeeds_and_is_reported_once(
+    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+) -> None:
+    secret = make(tmp_path / "etc" / "shadow")
+    other = make(tmp_path / "etc" / "passwd")
+    plan = guard.apply_yaml(files_policy("who-read", [cgroup.path], [
+        ("audit", ["read"], [secret])]))
+    assert guard.last_warnings == ()
+
+    assert probe.read(secret) == 0
+    assert probe.read(other) == 0
+    assert probe.write(secret) == 0  # only reads are audited
+    assert secret.read_text() == "data\n"  # and from outside the scope: nothing
+
+    events = guard.log.for_cgroup(cgroup.id)
+    assert summary(events) == [(HOOK_FILE_OPEN, int(Verdict.AUDIT), READ, str(secret))]
+    event = events[0]
+    rule = plan.rule(event.rule_id)
+    assert rule is not None and rule.label == "who-read/files.rules[0]"
+    assert event.kind == layout.KIND_FILE
+    assert event.pid == probe.proc.pid and event.tid == probe.proc.pid
+    assert event.ppid == os.getpid()
+    assert event.comm == Path(sys.executable).name.encode()[:15]
+    assert event.exe == Path(sys.executable).resolve().name.encode()
+    assert event.flags == 0 and event.count == 1
+
+
+def test_exec_of_an_audited_file_is_not_a_read(
+    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+) -> None:
+    """Running a program is the exec section's business: the kernel's own opens
+    of the program (and of its interpreter) are not file reads."""
+    tool = tmp_path / "bin" / "tool"
+    tool.parent.mkdir()
+    tool.write_bytes(Path("/usr/bin/true").read_bytes())
+    tool.chmod(0o755)
+    guard.apply_yaml(files_policy("bins", [cgroup.path], [("audit", ["read"], [tool])]))
+    done = subprocess.run([str(tool)], preexec_fn=_enter(cgroup), timeout=60)
+    assert done.returncode == 0
+    assert guard.log.for_cgroup(cgroup.id) == []
+    assert probe.read(tool) == 0
+    assert len(guard.log.for_cgroup(cgroup.id)) == 1
+
+
+def _enter(cg: TestCgroup) -> Callable[[], None]:
+    procs = str(cg.directory / "cgroup.procs")
+
+    def move() -> None:
+        with open(procs, "w") as f:
+            f.write("0")
+
+    return move
+
+
+def test_file_created_after_load_in_an_audited_subtree_is_audited(
+    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+) -> None:
+    watched = tmp_path / "ssh"
+    watched.mkdir()
+    guard.apply_yaml(files_policy("ssh", [cgroup.path], [
+        ("audit", ["read", "write"], [tree(watched)])]))
+    # Made after load, from outside the scope: new directories, new inodes.
+    late = make(watched / "new" / "deeper" / "late_key")
+    assert probe.read(late) == 0
+    # Made from inside: the creation is a write (one event: the open that
+    # created it is not judged twice), then a read.
+    mine = watched / "new" / "mine"
+    assert probe.call("open", mine, os.O_CREAT | os.O_EXCL | os.O_WRONLY) == 0
+    assert probe.read(mine) == 0
+    audit = int(Verdict.AUDIT)
+    assert summary(guard.log.for_cgroup(cgroup.id)) == [
+        (HOOK_FILE_OPEN, audit, READ, str(late)),
+        (HOOK_PATH_CHANGE, audit, WRITE, str(mine)),
+        (HOOK_FILE_OPEN, audit, READ, str(mine)),
+    ]
+
+
+# --- deny: nothing may be written under a subtree ----------------------------------
+
+
+@pytest.mark.parametrize("filesystem", ["overlay", "tmpfs"])
+def test_write_denied_subtree_refuses_every_kind_of_write(
+    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path, filesystem: str
+) -> None:
+    """Opening for write, truncating, creating (file, directory, fifo, symlink),
+    unlinking, removing a directory, renaming in, out and within, exchanging,
+    linking in and out, chmod and chown: EPERM. Reads still work; the same
+    operations outside the subtree, and from outside the scope, work."""
+    root = tmp_path / "fs"
+    root.mkdir()
+    with contextlib.ExitStack() as stack:
+        if filesystem == "tmpfs":
+            stack.enter_context(mounted(["-t", "tmpfs", "tmpfs"], root))
+        etc = root / "etc"
+        a = make(etc / "a")
+        make(etc / "sub" / "b")
+        (etc / "empty").mkdir()
+        out = root / "out"
+        x = make(out / "x")
+        plan = guard.apply_yaml(files_policy("ro-etc", [cgroup.path], [
+            ("deny", ["write"], [tree(etc)])]))
+        assert guard.last_warnings == ()
+
+        refused: list[tuple[str, tuple[object, ...], str]] = [
+            # (operation, arguments, the path the event names)
+            ("open", (a, os.O_WRONLY), str(a)),
+            ("open", (a, os.O_RDWR), str(a)),
+            ("open", (a, os.O_WRONLY | os.O_APPEND), str(a)),
+            ("open", (a, os.O_RDONLY | os.O_TRUNC), str(a)),
+            ("open", (etc / "sub" / "b", os.O_WRONLY), str(etc / "sub" / "b")),
+            ("open", (etc / "new", os.O_CREAT | os.O_WRONLY), str(etc / "new")),
+            ("open", (etc / "sub" / "new", os.O_CREAT | os.O_RDONLY), str(etc / "sub" / "new")),
+            ("mkdir", (etc / "newdir",), str(etc / "newdir")),
+            ("mkfifo", (etc / "fifo",), str(etc / "fifo")),
+            ("symlink", (x, etc / "ln"), str(etc / "ln")),
+            ("unlink", (a,), str(a)),
+            ("rmdir", (etc / "empty",), str(etc / "empty")),
+            ("rename", (a, etc / "a2"), str(etc / "a2")),
+            ("rename", (x, etc / "x"), str(etc / "x")),  # into
+            ("rename", (a, out / "a"), str(a)),  # out of
+            ("rename", (etc / "sub", out / "sub"), str(etc / "sub")),  # a directory out of
+            ("exchange", (x, a), str(a)),
+            ("link", (x, etc / "x-link"), str(etc / "x-link")),  # into
+            ("link", (a, out / "a-link"), str(a)),  # a protected file, out of
+            ("truncate", (a, 0), str(a)),
+            ("chmod", (a, 0o600), str(a)),
+            ("chown", (a,), str(a)),
+        ]
+        for op, args, _shown in refused:
+            assert probe.call(op, *args) == EPERM, (op, args)
+        events = guard.log.for_cgroup(cgroup.id)
+        deny = int(Verdict.DENY)
+        expected = [(HOOK_FILE_OPEN, deny, WRITE, shown) for _op, _a, shown in refused[:5]]
+        expected += [(HOOK_PATH_CHANGE, deny, WRITE, shown) for _op, _a, shown in refused[5:]]
+        # Moving a file out of the subtree counts as reading and writing it; the
+        # rule names write only, so the event names write.
+        assert summary(events) == expected
+        assert {plan.rule(e.rule_id).label for e in events} == {  # type: ignore[union-attr]
+            "ro-etc/files.rules[0]"}
+        assert a.read_text() == "data\n" and (etc / "sub" / "b").exists()
+
+        # Reads there still work, and so does everything outside the subtree.
+        assert probe.read(a) == 0
+        assert probe.call("open", etc / "sub", os.O_RDONLY | os.O_DIRECTORY) == 0
+        assert probe.write(x) == 0
+        assert probe.call("open", out / "new", os.O_CREAT | os.O_WRONLY) == 0
+        assert probe.call("rename", out / "new", out / "renamed") == 0
+        assert probe.call("link", out / "renamed", out / "linked") == 0
+        assert probe.call("unlink", out / "linked") == 0
+        assert probe.call("truncate", x, 0) == 0
+
+        # From outside the scope, the same writes go through.
+        a.write_text("outside\n")
+        os.rename(a, etc / "a2")
+        os.mkdir(etc / "newdir")
+        assert guard.log.for_cgroup(cgroup.id) == events
+
+
+def test_every_route_to_a_protected_file_leads_to_it(
+    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+) -> None:
+    """Symlink, hard links made before load, /proc/self/fd, relative paths with
+    "..", and a bind mount all end at the same dentry (or inode): refused."""
+    etc = tmp_path / "etc"
+    a = make(etc / "sub" / "a")
+    exact = make(tmp_path / "single" / "secret")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "symlink").symlink_to(a)
+    os.link(a, etc / "hardlink-inside")  # before load, inside the subtree
+    os.link(exact, elsewhere / "hardlink-to-exact")  # before load, outside
+    guard.apply_yaml(files_policy("routes", [cgroup.path], [
+        ("deny", ["write"], [tree(etc), exact])]))
+
+    routes: list[tuple[str, tuple[object, ...]]] = [
+        ("open", (elsewhere / "symlink", os.O_WRONLY)),
+        ("open", (etc / "hardlink-inside", os.O_WRONLY)),
+        ("open", (elsewhere / "hardlink-to-exact", os.O_WRONLY)),
+        ("proc_fd", (a, os.O_WRONLY)),
+        ("proc_fd", (exact, os.O_RDWR)),
+        ("open", (f"{etc}/sub/../sub/./a", os.O_WRONLY)),
+    ]
+    for op, args in routes:
+        assert probe.call(op, *args) == EPERM, (op, args)
+    assert probe.call("chdir", etc / "sub") == 0
+    assert probe.call("open", "a", os.O_WRONLY) == EPERM
+    assert probe.call("open", "../hardlink-inside", os.O_WRONLY) == EPERM
+    assert probe.call("open", "a", os.O_RDONLY) == 0
+    with mounted(["--bind", str(etc)], tmp_path / "bind"):
+        assert probe.write(tmp_path / "bind" / "sub" / "a") == EPERM
+        assert probe.call("open", tmp_path / "bind" / "new", os.O_CREAT | os.O_WRONLY) == EPERM
+        assert probe.read(tmp_path / "bind" / "sub" / "a") == 0
+        events = guard.log.for_cgroup(cgroup.id)
+    assert probe.read(elsewhere / "symlink") == 0
+    assert probe.call("proc_fd", a, os.O_RDONLY) == 0
+    # The event names the file as reached: the real file for links and
+    # /proc/self/fd, the bind mount's path through the bind mount.
+    assert [e.path.decode() for e in events] == [
+        str(a), str(etc / "hardlink-inside"), str(elsewhere / "hardlink-to-exact"), str(a),
+        str(exact), str(a), str(a), str(etc / "hardlink-inside"),
+        str(tmp_path / "bind" / "sub" / "a"), str(tmp_path / "bind" / "new")]
+
+
+def test_subtree_rule_covers_a_mount_below_it(
+    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+) -> None:
+    """The dentry walk stops at a file system's root; resolve registers the
+    root of every mount below a subtree rule's directory with its decision."""
+    top = tmp_path / "top"
+    inner = top / "inner"
+    with mounted(["-t", "tmpfs", "tmpfs"], inner):
+        f = make(inner / "sub" / "f")
+        guard.apply_yaml(files_policy("mounts", [cgroup.path], [
+            ("deny", ["write"], [tree(top)])]))
+        assert probe.write(f) == EPERM
+        assert probe.call("mkdir", inner / "d") == EPERM
+        assert probe.read(f) == 0
+        f.write_text("from outside\n")
+
+
+def test_a_process_outside_the_scope_is_not_affected(
+    guard: FilesGuard, cgroup: TestCgroup, tmp_path: Path
+) -> None:
+    etc = tmp_path / "etc"
+    a = make(etc / "a")
+    scoped = cgroup.child("scoped")
+    sibling = cgroup.child("sibling")
+    guard.apply_yaml(files_policy("scoped-only", [scoped.path], [
+        ("deny", ["write"], [tree(etc)]), ("audit", ["read"], [tree(etc)])]))
+    inside, outside = FileProbe.start(scoped), FileProbe.start(sibling)
+    try:
+        assert inside.write(a) == EPERM
+        assert inside.read(a) == 0
+        assert outside.write(a) == 0
+        assert outside.read(a) == 0
+        assert outside.call("unlink", a) == 0
+        assert outside.call("mkdir", etc / "d") == 0
+        assert len(guard.log.for_cgroup(scoped.id)) == 2
+        assert guard.log.for_cgroup(sibling.id) == []
+        # a cgroup made below the scope after load is in it
+        below = FileProbe.start(scoped.child("later"))
+        try:
+            assert below.call("rmdir", etc / "d") == EPERM
+        finally:
+            below.close()
+    finally:
+        inside.close()
+        outside.close()
+
+
+def test_a_path_named_exactly_is_matched_after_rename_over_and_creation(
+    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+) -> None:
+    """EXACT follows the inode; NAME (directory inode + name) follows the name:
+    a file renamed over the path, or created at it after load, is matched."""
+    conf = make(tmp_path / "d" / "app.conf")
+    later = tmp_path / "d" / "later.conf"
+    guard.apply_yaml(files_policy("names", [cgroup.path], [
+        ("deny", ["write"], [conf, later]), ("audit", ["read"], [conf, later])]))
+    assert guard.last_warnings == ()
+    replacement = make(tmp_path / "d" / ".app.conf.new", "v2\n")
+    os.rename(replacement, conf)  # a package upgrade: a new inode at the name
+    assert probe.write(conf) == EPERM
+    assert probe.read(conf) == 0
+    make(later)
+    assert probe.write(later) == EPERM
+    assert probe.read(later) == 0
+    verdicts = [(e.verdict, e.access) for e in guard.log.for_cgroup(cgroup.id)]
+    deny, audit = int(Verdict.DENY), int(Verdict.AUDIT)
+    assert verdicts == [(deny, WRITE), (audit, READ), (deny, WRITE), (audit, READ)]
+
+
+def test_audit_mode_blocks_nothing_and_reports_would_deny(
+    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+) -> None:
+    etc = tmp_path / "etc"
+    a = make(etc / "a")
+    guard.apply_yaml(files_policy("trial", [cgroup.path], [
+        ("deny", ["write"], [tree(etc)])], mode="audit"))
+    assert probe.write(a) == 0
+    assert probe.call("unlink", a) == 0
+    would = int(Verdict.WOULD_DENY)
+    assert summary(guard.log.for_cgroup(cgroup.id)) == [
+        (HOOK_FILE_OPEN, would, WRITE, str(a)), (HOOK_PATH_CHANGE, would, WRITE, str(a))]
+
+
+# --- events: path text, floods -----------------------------------------------------
+
+
+def test_long_path_keeps_its_final_components(
+    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+) -> None:
+    """A path longer than the event's buffer: "..." and the final components."""
+    deep = tmp_path.joinpath(*[f"component-{i:02d}" for i in range(20)])
+    f = make(deep / "file")
+    assert len(str(f)) > layout.PATH_LEN
+    guard.apply_yaml(files_policy("long", [cgroup.path], [("audit", ["read"], [f])]))
+    assert probe.read(f) == 0
+    (event,) = guard.log.for_cgroup(cgroup.id)
+    shown = event.path.decode()
+    assert shown.startswith(".../") and str(f).endswith(shown[3:]), shown
+    assert len(shown) > layout.PATH_LEN - 20
+
+
+def test_a_burst_is_delivered_whole_and_aggregates_to_its_count(
+    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+) -> None:
+    """Every open of a hammered file is an event, none lost; they differ only in
+    the fields the aggregator ignores (time, tid), so they fold into one line
+    after the first, whose count is the rest."""
+    f = make(tmp_path / "hot")
+    plan = guard.apply_yaml(files_policy("hot", [cgroup.path], [("audit", ["read"], [f])]))
+    lost = guard.stat(layout.STAT_EVENTS_LOST)
+    count = 2000
+    assert probe.burst(f, os.O_RDONLY, count) == 0
+    events = guard.log.for_cgroup(cgroup.id, settle_s=0.5)
+    assert guard.stat(layout.STAT_EVENTS_LOST) == lost
+    assert len(events) == count
+
+    slot_plans = {0: plan, 1: plan}
+    enricher = Enricher(
+        rules=lambda ruleset, rule: slot_plans[(ruleset // layout.MAX_RULESETS) & 1].rule(rule),
+        cgroups=lambda _id: cgroup.path)
+    now = [0.0]
+    aggregator = Aggregator(window=1.0, clock=lambda: now[0])
+    lines = []
+    for raw in events:
+        lines += aggregator.push(enricher.enrich(raw))
+    now[0] = 5.0
+    lines += aggregator.flush(force=True)
+    assert [(line.count, line.kind, line.action, line.access, line.path) for line in lines] == [
+        (1, "file", "audit", "read", str(f)), (count - 1, "file", "audit", "read", str(f))]
+
+
+# --- what the program cannot decide -----------------------------------------------
+
+
+def test_too_deep_to_walk_fails_closed_for_that_access_only(
+    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+) -> None:
+    """Past GUARD_MAX_PATH_DEPTH directories the walk cannot reach the root: the
+    access gets the strongest decision any subtree rule of the ruleset has for
+    it (here: deny write), flagged undecided and counted. Reads, which no
+    subtree rule names, are not walked at all."""
+    jail = tmp_path / "jail"
+    jail.mkdir()
+    deep = make(tmp_path.joinpath(*["d"] * (layout.MAX_PATH_DEPTH + 4), "f"))
+    shallow = make(tmp_path.joinpath(*["s"] * 10, "f"))
+    guard.apply_yaml(files_policy("deep", [cgroup.path], [("deny", ["write"], [tree(jail)])]))
+    before = guard.stat(layout.STAT_UNDECIDED)
+    assert probe.write(shallow) == 0
+    assert probe.read(deep) == 0
+    assert guard.stat(layout.STAT_UNDECIDED) == before
+    assert probe.write(deep) == EPERM
+    assert guard.stat(layout.STAT_UNDECIDED) == before + 1
+    (event,) = guard.log.for_cgroup(cgroup.id)
+    assert event.flags & layout.EVENT_UNDECIDED and event.access == WRITE
+
+
+# --- the kernel agrees with guard explain ------------------------------------------
+
+
+def test_kernel_agrees_with_the_evaluator(
+    guard: FilesGuard, cgroup: TestCgroup, tmp_path: Path
+) -> None:
+    """A table of opens over nested scopes, exact and subtree rules, rules for one
+    access only (the walk passes them over for the other), ties, audit mode."""
+    b = tmp_path / "t"
+    names = [
+        "etc/shadow", "etc/passwd", "etc/public", "etc/ssh/sshd_config",
+        "etc/ssh/keys/host_key", "etc/ssh/keys/deep/k", "tie/t", "trial/x",
+        "trial/sub/y", "var/log/app.log", "free/f",
+    ]
+    for name in names:
+        make(b / name)
+    child, other = cgroup.child("child"), cgroup.child("other")
+    outside = cgroup.child("outside")
+    p1 = files_policy("p1", [child.path, other.path], [
+        ("audit", ["read", "write"], [b / "etc/shadow", tree(b / "etc/ssh")]),
+        ("deny", ["write"], [tree(b / "etc")]),
+        ("allow", ["write"], [b / "etc/public"]),
+        ("allow", ["read"], [tree(b / "etc/ssh/keys"), b / "tie/t"]),
+        ("audit", ["write"], [b / "var/log/app.log"]),
+    ])
+    p2 = files_policy("p2", [child.path], [("deny", ["write", "read"], [tree(b / "trial")])],
+                      mode="audit")
+    p3 = files_policy("p3", [child.path], [("deny", ["read"], [b / "tie/t"])])
+    plan = guard.apply(plan_from_yaml(p1, p2, p3))
+    assert guard.last_warnings == ()
+
+    probes = {cg.path: (cg, FileProbe.start(cg)) for cg in (child, other, outside)}
+    seen: set[Verdict] = set()
+    mismatches: list[str] = []
+    try:
+        for cg, probe in probes.values():
+            for name in names:
+                for access, flags in (("read", os.O_RDONLY), ("write", os.O_WRONLY)):
+                    path = b / name
+                    expected = decide_open(plan, cg.path, str(path), access)
+                    seen.add(expected.verdict)
+                    start = len(guard.log.for_cgroup(cg.id, settle_s=0))
+                    code = probe.call("open", path, flags)
+                    events = guard.log.for_cgroup(cg.id)[start:]
+                    got = (code, [(Verdict(e.verdict), e.rule_id) for e in events])
+                    rule = expected.rule.id if expected.rule else 0
+                    want = (EPERM if expected.verdict is Verdict.DENY else 0,
+                            [] if expected.verdict is Verdict.ALLOW
+                            else [(expected.verdict, rule)])
+                    if got != want:
+                        mismatches.append(f"{cg.path} {access} {path}: kernel {got}, "
+                                          f"evaluator {want}\n{expected.render()}")
+    finally:
+        for _cg, probe in probes.values():
+            probe.close()
+    assert not mismatches, "\n".join(mismatches)
+    assert seen == set(Verdict)  # the table exercises every verdict
