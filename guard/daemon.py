@@ -322,6 +322,7 @@ class Daemon:
         except (LoadError, OSError) as error:
             self.say(SEV_ERR, "start", f"loading the programs failed: {error}")
             return EXIT_RUNTIME
+        self._report_dropped(loaded.policy_set)
         self.enforced = sorted(self.kernel.families)
         self._protect()
 
@@ -377,10 +378,13 @@ class Daemon:
         return (f"enforcing {count} polic{'y' if count == 1 else 'ies'}, revision "
                 f"{loaded.revision} ({', '.join(self.enforced)})")
 
+    # Where the programs' C sources are read from (a test points it at a copy).
+    bpf_dir: Path = layout.BPF_DIR
+
     def _probe(self) -> dict[str, tuple[bool, str]]:
         from guard.loader import FAMILIES, family_source, probe_features
 
-        present = [f for f in FAMILIES if family_source(f).exists()]
+        present = [f for f in FAMILIES if family_source(f, self.bpf_dir).exists()]
         absent = {f: (False, f"this guard has no {family_source(f).name}")
                   for f in FAMILIES if f not in present}
         found = {f: (feature.available, feature.reason)
@@ -389,9 +393,24 @@ class Daemon:
         return found
 
     def _make_kernel(self, families: set[str]) -> Any:
+        """The programs of ``families``; one that fails to compile or load is left
+        out (``Kernel.dropped``), LoadError only when none loads."""
         from guard.loader import Kernel
 
-        return Kernel(families=families, host_cgroup=self.host_cgroup)
+        return Kernel(families=families, host_cgroup=self.host_cgroup, bpf_dir=self.bpf_dir)
+
+    def _report_dropped(self, policy_set: PolicySet) -> None:
+        """Families that passed the probe but failed to compile or load: reported
+        like those the probe rejected (unavailable, unenforced, ``guard status``)."""
+        dropped: dict[str, str] = dict(self.kernel.dropped)
+        for family, why in sorted(dropped.items()):
+            self.say(SEV_ERR, "start", f"the {family} programs failed to load and are left "
+                     f"out: {why}")
+        if dropped:
+            self.unavailable.update(dropped)
+            self.unenforced = unenforced(policy_set, self.unavailable)
+            for message in unenforced(policy_set, dropped):
+                self.say(SEV_ERR, "unenforced", message)
 
     def _open_events(self) -> None:
         from guard.cgroups import CgroupIndex

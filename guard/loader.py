@@ -19,15 +19,34 @@ Every attachment is a bpf_link held by a file descriptor of this process
 SIGKILL), unless guard/pin.py pinned it in bpffs. ``close()`` (the context
 manager calls it, also on exceptions) closes them all, and a failed load or
 attach leaves nothing attached.
+
+One family that fails to compile or load does not take the others down. The
+unit is one, so one clang error or one program the verifier rejects fails it
+all; ``Kernel`` then names the family at fault (``attribute``: clang's
+diagnostics carry the ``#line`` file name, bcc's load failure the program's
+function, a map that cannot be created its name, and ``family_owners`` maps
+each of them to its family from the sources), compiles again without it, and
+records why in ``Kernel.dropped``. Every failed attempt drops at least one
+family, so there are at most as many attempts as families. A failure that
+names no family (the shared header, bcc itself, the kernel headers, an
+unknown message) fails the whole load, as one family at a time would not
+help: such causes are shared by every subset, and each extra attempt costs a
+full compile (about 1 s natively, 30 s in the emulated guest) before the same
+error, and a search by elimination could leave a family out for a transient
+cause.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import errno
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+import re
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -70,7 +89,14 @@ CGROUP_PROGRAMS: dict[str, tuple[Program, ...]] = {"net": NET_PROGRAMS}
 
 
 class LoadError(RuntimeError):
-    """The programs could not be compiled, loaded or attached; nothing stays attached."""
+    """The programs could not be compiled, loaded or attached; nothing stays attached.
+
+    ``reasons``: each family that was tried and left out, with why (empty when
+    the failure named no family)."""
+
+    def __init__(self, message: str, reasons: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reasons: dict[str, str] = dict(reasons or {})
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
@@ -119,10 +145,206 @@ def cflags(bpf_dir: Path = BPF_DIR) -> list[str]:
     return [f"-I{bpf_dir}", "-Wno-unused-function"]
 
 
+# --- which family a failed load belongs to ------------------------------------------
+
+_LSM_PROBE = re.compile(r"\bLSM_PROBE\(\s*(\w+)")
+# BPF_HASH(name, ...), BPF_ARRAY(name, ...), BPF_SK_STORAGE(name, ...), ...
+_MAP_PLAIN = re.compile(r"\bBPF_[A-Z0-9_]+\(\s*([A-Za-z_]\w*)\s*[,)]")
+# BPF_TABLE("type", key, leaf, name, ...), BPF_F_TABLE(...): the name is 4th
+_MAP_TABLE = re.compile(r'\bBPF_(?:F_)?TABLE\(\s*"[^"]*"\s*,\s*[^,]+,\s*[^,]+,\s*(\w+)')
+_DIAGNOSTIC = re.compile(r"^(?P<file>[^\s:]+):\d+:\d+: (?:fatal )?error: ")
+_INCLUDED = re.compile(r"^In file included from (?P<file>[^\s:]+):\d+")
+_LOAD_FAILED = re.compile(r"Failed to load BPF program b?'?(?P<program>\w+)'?: (?P<why>.*)")
+_MAP_FAILED = re.compile(r"could not open bpf map: (?P<map>\w+), error: (?P<why>.*)")
+_PROCESSED = re.compile(r"^processed \d+ insns")
+_VERIFIER_START = "bpf: Failed to load program"
+
+
+@dataclass(frozen=True)
+class Owners:
+    """Which family each source file, program function and map of a unit belongs to."""
+
+    files: Mapping[str, str] = field(default_factory=dict)  # "exec.bpf.c" -> "exec"
+    programs: Mapping[str, str] = field(default_factory=dict)  # "lsm__file_open" -> "files"
+    maps: Mapping[str, str] = field(default_factory=dict)  # "guard_net_folds" -> "net"
+
+
+def family_owners(sources: Mapping[str, str]) -> Owners:
+    """Owners from each family's C text: its file name, its LSM_PROBEs (bcc names
+    them lsm__HOOK), its cgroup programs (CGROUP_PROGRAMS) and the maps it declares."""
+    files: dict[str, str] = {}
+    programs: dict[str, str] = {}
+    maps: dict[str, str] = {}
+    for family, text in sources.items():
+        files[f"{family}.bpf.c"] = family
+        programs.update((f"lsm__{hook}", family) for hook in _LSM_PROBE.findall(text))
+        programs.update((p.function, family) for p in CGROUP_PROGRAMS.get(family, ()))
+        maps.update((name, family) for name in _MAP_PLAIN.findall(text))
+        maps.update((name, family) for name in _MAP_TABLE.findall(text))
+    return Owners(files, programs, maps)
+
+
+def read_owners(families: Iterable[str], bpf_dir: Path = BPF_DIR) -> Owners:
+    return family_owners({f: family_source(f, bpf_dir).read_text() for f in families})
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Why one compile-and-load attempt failed.
+
+    ``culprits``: each family at fault with one line saying why; empty when the
+    failure names no family. ``reason``: the first meaningful line either way.
+    """
+
+    culprits: Mapping[str, str]
+    reason: str
+
+
+def _compile_errors(output: str, owners: Owners) -> list[tuple[str | None, str]]:
+    """(family or None, line) for every clang error in ``output``.
+
+    An error inside a header is the family's whose file included it (clang
+    prints the include chain, outermost first, just above the error); an error
+    in guard_maps.h or a header only it includes belongs to no family.
+    """
+    found: list[tuple[str | None, str]] = []
+    chain: list[str] = []
+    for raw in output.splitlines():
+        line = raw.strip()
+        included = _INCLUDED.match(line)
+        if included:
+            chain.append(included["file"])
+            continue
+        error = _DIAGNOSTIC.match(line)
+        if error:
+            names = [Path(error["file"]).name, *(Path(f).name for f in chain)]
+            family = next((owners.files[n] for n in names if n in owners.files), None)
+            found.append((family, line))
+        chain = []
+    return found
+
+
+def _verifier_line(output: str) -> str:
+    """The verifier's verdict from bcc's load-failure output: the line above its
+    closing "processed N insns" line (e.g. "R0 invalid mem access
+    'map_value_or_null'"), or its last line when the log was cut short."""
+    start = output.rfind(_VERIFIER_START)
+    if start < 0:
+        return ""
+    lines = [ln.strip() for ln in output[start:].splitlines()[1:]]
+    for index in range(len(lines) - 1, -1, -1):
+        if _PROCESSED.match(lines[index]):
+            before = [ln for ln in lines[:index] if ln]
+            return before[-1] if before else ""
+    for line in lines:
+        if "too large" in line:  # "bpf: ... Program X too large (N insns), ..."
+            return line
+    kept = [ln for ln in lines if ln and not ln.startswith(("HINT:", "bpf: "))]
+    return kept[-1] if kept else ""
+
+
+def attribute(error: str, output: str, owners: Owners, program: str = "") -> Fault:
+    """Which families a failed attempt is the fault of, from what bcc said.
+
+    ``error``: the exception's text; ``output``: what clang, libbcc and the
+    verifier wrote to stderr meanwhile; ``program``: the function being loaded
+    when the caller knows it (bcc's EPERM message names none). Pure.
+    """
+    errors = _compile_errors(output, owners)
+    if errors:
+        unowned = [line for family, line in errors if family is None]
+        if unowned:
+            return Fault({}, unowned[0])
+        culprits: dict[str, str] = {}
+        for family, line in errors:
+            if family is not None and family not in culprits:
+                culprits[family] = f"compiling failed: {line}"
+        return Fault(culprits, errors[0][1])
+    message = " ".join(error.split())
+    mapped = _MAP_FAILED.search(output) or _MAP_FAILED.search(message)
+    if mapped:
+        line = f"creating map {mapped['map']} failed: {mapped['why'].strip()}"
+        family = owners.maps.get(mapped["map"])
+        return Fault({family: line} if family else {}, line)
+    named = _LOAD_FAILED.search(message)
+    function = named["program"] if named else program
+    why = named["why"] if named else message
+    if "super-user" in message:  # bcc's words for EPERM from BPF_PROG_LOAD
+        why = "EPERM: the kernel refused it"
+    verdict = _verifier_line(output)
+    if not function:
+        return Fault({}, verdict or message or "unknown error")
+    line = f"loading {function} failed ({why})" + (f": {verdict}" if verdict else "")
+    family = owners.programs.get(function) or owners.programs.get(program)
+    return Fault({family: line} if family else {}, line)
+
+
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[list[str]]:
+    """Collect what is written to fd 2 meanwhile (appended to the yielded list on exit).
+
+    clang's diagnostics and the verifier's log are printed by bcc's C++ library
+    to fd 2, not carried by the Python exception, so attribution needs them.
+    They are written back to the real fd 2 afterwards: the operator's journal
+    keeps them, as without the capture. Process-wide while it lasts: another
+    thread's stderr output of that moment is delayed, not lost.
+    """
+    out: list[str] = []
+    try:
+        sink = os.memfd_create("guard-bcc-output", os.MFD_CLOEXEC)
+    except OSError:  # no memfd (a seccomp filter): attribute from the exceptions alone
+        yield out
+        return
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(sink, 2)
+        try:
+            yield out
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            data = _read_all(sink)
+            _write_all(2, data)
+            out.append(data.decode(errors="replace"))
+    finally:
+        os.close(saved)
+        os.close(sink)
+
+
+def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks: list[bytes] = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # no stderr to give it back to
+        while data:
+            data = data[os.write(fd, data):]
+
+
+class _AttemptFailed(Exception):
+    """One attempt failed in a way a family may be the fault of."""
+
+    def __init__(self, error: BaseException, program: str = "") -> None:
+        super().__init__(str(error))
+        self.program = program
+
+
 class Kernel:
     """Loaded and attached guard programs, and their maps by name.
 
     ``with Kernel(families={"net"}, host_cgroup="/") as kernel: ...``
+
+    ``families``: those loaded and attached; ``dropped``: those requested that
+    failed to compile or load, each with one line saying why (see the module
+    docstring); ``missing``: those requested without a source file.
+    ``LoadError`` when nothing could be loaded, or the failure named no family.
     """
 
     def __init__(
@@ -138,30 +360,81 @@ class Kernel:
         present = {f for f in requested if family_source(f, bpf_dir).exists()}
         self.families: frozenset[str] = frozenset(present)
         self.missing: frozenset[str] = frozenset(requested - present)
+        self.dropped: dict[str, str] = {}
+        self.attempts = 0
         self.host_cgroup = host_cgroup
         self._attached: list[tuple[str, int]] = []  # (function, bpf_link fd)
         self._cgroup_fd = -1
         self._bpf: Any = None
         if not self.families:
             raise LoadError("none of the requested program families has a source file")
-        try:
-            self._load(bpf_dir)
-            self._attach()
-        except BaseException:
-            self.close()
-            raise
+        owners = read_owners(present, bpf_dir)
+        # Each failed attempt drops at least one family or raises: at most
+        # len(present) attempts.
+        for _attempt in range(len(present)):
+            self.attempts += 1
+            try:
+                with captured_stderr() as output:
+                    self._load(bpf_dir)
+                    self._attach()
+                return
+            except _AttemptFailed as failed:
+                self.close()
+                fault = attribute(str(failed), "".join(output), owners, failed.program)
+                culprits = {f: why for f, why in fault.culprits.items() if f in self.families}
+                if not culprits:
+                    raise LoadError(self._failed_message(fault.reason),
+                                    self.dropped) from failed.__cause__
+                self.dropped.update(culprits)
+                self.families = self.families - culprits.keys()
+                if not self.families:
+                    raise LoadError(
+                        "no program family could be loaded: "
+                        + "; ".join(f"{f}: {why}" for f, why in sorted(self.dropped.items())),
+                        self.dropped) from failed.__cause__
+            except BaseException:
+                self.close()
+                raise
+        raise AssertionError("unreachable: every failed attempt drops a family")
+
+    def _failed_message(self, reason: str) -> str:
+        message = f"compiling/loading {sorted(self.families)} failed: {reason}"
+        if self.dropped:
+            message += " (left out before: " + "; ".join(
+                f"{f}: {why}" for f, why in sorted(self.dropped.items())) + ")"
+        return message
 
     def _load(self, bpf_dir: Path) -> None:
         try:
             from bcc import BPF
         except ImportError as error:  # pragma: no cover - depends on the machine
             raise LoadError(f"bcc is not importable: {error}") from error
+        # Made in two steps so the object is ours even when its constructor
+        # fails: bcc attaches the LSM programs one by one inside it, and those
+        # attached before the one that failed must be detached (close()) before
+        # the next attempt attaches them again.
+        self._bpf = BPF.__new__(BPF)
         try:
-            self._bpf = BPF(
-                text=program_text(self.families, bpf_dir).encode(), cflags=cflags(bpf_dir)
-            )
+            self._bpf.__init__(text=program_text(self.families, bpf_dir).encode(),
+                               cflags=cflags(bpf_dir))
         except Exception as error:
-            raise LoadError(f"compiling/loading {sorted(self.families)} failed: {error}") from error
+            raise _AttemptFailed(error, self._failed_lsm_program()) from error
+
+    def _failed_lsm_program(self) -> str:
+        """The LSM program bcc was loading when its constructor failed: the first
+        lsm__ function (bcc loads them in the module's order) not attached."""
+        bpf = self._bpf
+        if bpf is None or not getattr(bpf, "module", None):
+            return ""
+        from bcc.libbcc import lib
+
+        attached = getattr(bpf, "lsm_fds", {})
+        with contextlib.suppress(Exception):  # only a hint for attribute()
+            for index in range(lib.bpf_num_functions(bpf.module)):
+                name = lib.bpf_function_name(bpf.module, index)
+                if name.startswith(b"lsm__") and name not in attached:
+                    return str(name.decode())
+        return ""
 
     def _attach(self) -> None:
         programs = [p for f in sorted(self.families) for p in CGROUP_PROGRAMS.get(f, ())]
@@ -178,7 +451,7 @@ class Kernel:
                                          attach_type=program.attach_type)
                 link = link_create(fn.fd, self._cgroup_fd, program.attach_type)
             except Exception as error:
-                raise LoadError(f"{program.function}: {error}") from error
+                raise _AttemptFailed(error, program.function) from error
             self._attached.append((program.function, link))
 
     @property
@@ -223,6 +496,9 @@ class Kernel:
         if self._bpf is not None:
             bpf, self._bpf = self._bpf, None
             bpf.cleanup()
+            # bcc registered cleanup at exit, which keeps the whole module alive
+            # until then; it is done now (a failed attempt's module is garbage)
+            atexit.unregister(bpf.cleanup)
         if errors:
             raise LoadError("detaching failed: " + "; ".join(errors))
 
