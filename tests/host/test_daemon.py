@@ -20,11 +20,9 @@ nothing; SIGTERM exits 0 with nothing left attached; ``guard status``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -35,79 +33,27 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 from support import need, need_root
-from support.cgroup import TestCgroup
+from support.cgroup import TestCgroup, attached_programs
+from support.daemon import GuardDaemon, running_daemon, start_daemon
 from support.rsyslog import Rsyslog, Syslog5424, guard_messages
 
 pytestmark = pytest.mark.host
 
 REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 120.0  # bcc compiles the programs at start: seconds natively
 
 # --- attached programs, asked of the kernel (BPF_PROG_QUERY) ------------------------------
 
-SYS_BPF = 321  # x86_64
-BPF_PROG_QUERY = 16
 CGROUP_ATTACH_TYPES = {"inet_egress": 1, "inet4_connect": 10, "inet6_connect": 11,
                        "udp4_sendmsg": 14, "udp6_sendmsg": 15}
 
 
 def attached(directory: Path) -> dict[str, int]:
     """How many programs are attached to a cgroup, per network attach type."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        counts: dict[str, int] = {}
-        for name, attach_type in CGROUP_ATTACH_TYPES.items():
-            attr = (ctypes.c_uint8 * 128)()
-            ctypes.c_uint32.from_buffer(attr, 0).value = fd  # target_fd
-            ctypes.c_uint32.from_buffer(attr, 4).value = attach_type
-            if libc.syscall(SYS_BPF, BPF_PROG_QUERY, attr, ctypes.sizeof(attr)) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"BPF_PROG_QUERY: {os.strerror(err)}")
-            counts[name] = ctypes.c_uint32.from_buffer(attr, 24).value  # prog_cnt
-        return counts
-    finally:
-        os.close(fd)
-
-
-# --- sd_notify, heard the way systemd hears it ---------------------------------------------
-
-
-class NotifyListener:
-    def __init__(self) -> None:
-        self.name = f"@guard-test-notify-{secrets.token_hex(6)}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(b"\0" + self.name[1:].encode())
-        self.messages: list[tuple[float, str]] = []
-
-    def wait_for(self, predicate: Callable[[str], bool], timeout: float,
-                 proc: subprocess.Popen[bytes] | None = None) -> tuple[float, str]:
-        """The first message (new or already heard) matching ``predicate``."""
-        for heard in self.messages:
-            if predicate(heard[1]):
-                self.messages.remove(heard)
-                return heard
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise AssertionError(f"guard exited with {proc.returncode} before notifying")
-            self.sock.settimeout(0.2)
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            heard = (time.monotonic(), data.decode())
-            if predicate(heard[1]):
-                return heard
-            self.messages.append(heard)
-        raise TimeoutError(f"no matching sd_notify message; heard {self.messages}")
-
-    def close(self) -> None:
-        self.sock.close()
+    return {name: attached_programs(directory, attach_type)
+            for name, attach_type in CGROUP_ATTACH_TYPES.items()}
 
 
 # --- the client: connects from inside the test cgroup -----------------------------------
@@ -215,72 +161,19 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         syslog.stop()
 
 
-# --- one daemon ------------------------------------------------------------------------
+# --- one daemon (support.daemon) -------------------------------------------------------
 
 
-@dataclass
-class Guard:
-    proc: subprocess.Popen[bytes]
-    notify: NotifyListener
-    state_dir: Path
-    policies: Path
-    stderr: Path
-    started: float
-    ready_after: float = 0.0
-
-    def wait_ready(self) -> None:
-        heard, _message = self.notify.wait_for(lambda m: "READY=1" in m, START_TIMEOUT,
-                                              self.proc)
-        self.ready_after = heard - self.started
-
-    def status(self) -> dict[str, Any]:
-        done = subprocess.run(
-            [sys.executable, "-m", "guard", "status", "--json", "--state-dir",
-             str(self.state_dir)], cwd=REPO, capture_output=True, text=True, timeout=30)
-        assert done.returncode == 0, done.stderr
-        body: dict[str, Any] = json.loads(done.stdout)
-        return body
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
-        self.notify.close()
-        return self.proc.returncode
-
-    def stderr_text(self) -> str:
-        return self.stderr.read_text(errors="replace")
-
-
-def start_guard(lab: Lab, policies: Path, name: str) -> Guard:
-    notify = NotifyListener()
-    state_dir = lab.work / f"state-{name}"
-    stderr = lab.work / f"guard-{name}.stderr"
-    env = dict(os.environ, NOTIFY_SOCKET=notify.name)
-    with stderr.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "guard", "run", "--policies", str(policies),
-             "--syslog", f"unix:{lab.syslog.unix_path}", "--host-cgroup", lab.top.path,
-             "--state-dir", str(state_dir)],
-            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=err)
-    return Guard(proc, notify, state_dir, policies, stderr, time.monotonic())
+def start_guard(lab: Lab, policies: Path, name: str) -> GuardDaemon:
+    return start_daemon(policies, lab.top.path, f"unix:{lab.syslog.unix_path}", lab.work, name)
 
 
 @contextlib.contextmanager
-def running_guard(lab: Lab, policies: Path, name: str) -> Iterator[Guard]:
-    guard = start_guard(lab, policies, name)
-    try:
-        guard.wait_ready()
+def running_guard(lab: Lab, policies: Path, name: str) -> Iterator[GuardDaemon]:
+    """Ready on entry; on exit stopped, exit code 0 and nothing left attached."""
+    with running_daemon(policies, lab.top, f"unix:{lab.syslog.unix_path}", lab.work,
+                        name) as guard:
         yield guard
-    finally:
-        guard.stop()
-        # Whatever happened, nothing may stay attached to the test's cgroup.
-        assert sum(attached(lab.top.directory).values()) == 0, guard.stderr_text()
 
 
 def lines_of(lab: Lab, predicate: Callable[[Syslog5424], bool], count: int = 1,
@@ -366,7 +259,7 @@ def test_repeated_denials_are_aggregated_with_a_count(lab: Lab) -> None:
         assert sum(counts) == 50, counts
         assert counts[0] == 1  # the first went out at once
         assert len(counts) <= 3 and max(counts) > 1, counts
-        status = guard.status()
+        status = guard.status_cli()
         assert status["events"]["received"] >= 50
         assert status["events"]["aggregated"] >= 50 - len(counts)
 
@@ -379,7 +272,7 @@ def test_sighup_applies_a_changed_policy_and_keeps_it_on_a_broken_one(lab: Lab) 
     with running_guard(lab, policies, "reload") as guard:
         assert lab.connect(first)[1] == [errno.EPERM]
         assert lab.connect(second)[1] == [0]
-        generation = guard.status()["generation"]
+        generation = guard.status_cli()["generation"]
 
         policy.write_text(egress_policy("lock", second))
         guard.proc.send_signal(signal.SIGHUP)
@@ -387,7 +280,7 @@ def test_sighup_applies_a_changed_policy_and_keeps_it_on_a_broken_one(lab: Lab) 
         guard.notify.wait_for(lambda m: "READY=1" in m, 30, guard.proc)
         assert lab.connect(first)[1] == [0]
         assert lab.connect(second)[1] == [errno.EPERM]
-        status = guard.status()
+        status = guard.status_cli()
         assert status["generation"] == generation + 1
         assert status["last_reload"]["ok"] and status["last_reload_error"] is None
 
@@ -401,7 +294,7 @@ def test_sighup_applies_a_changed_policy_and_keeps_it_on_a_broken_one(lab: Lab) 
         assert any(": error: " in m.msg and m.severity == 3 for m in errors)
         rejected = lines_of(lab, lambda m: m.msgid == "reload" and "rejected" in m.msg)
         assert rejected
-        status = guard.status()
+        status = guard.status_cli()
         assert status["generation"] == generation + 1
         assert not status["last_reload"]["ok"]
         assert any(f"{policy}:12:" in e for e in status["last_reload_error"]["errors"])
@@ -416,10 +309,10 @@ def test_status_json_and_text(lab: Lab) -> None:
         assert oct(socket_path.stat().st_mode & 0o777) == "0o600"
         lab.connect(denied, count=3)
         deadline = time.monotonic() + 10
-        status = guard.status()
+        status = guard.status_cli()
         while status["events"]["received"] < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
-            status = guard.status()
+            status = guard.status_cli()
         assert status["pid"] == guard.proc.pid
         assert status["policies_dir"] == str(policies)
         assert status["host_cgroup"] == lab.top.path
@@ -495,7 +388,7 @@ def test_a_family_the_kernel_cannot_run_is_a_loud_error_and_the_rest_is_enforced
         [line] = lines_of(lab, lambda m: m.msgid == "unenforced"
                           and m.procid == str(guard.proc.pid))
         assert line.severity == 3 and where in line.msg and "exec programs" in line.msg
-        status = guard.status()
+        status = guard.status_cli()
         assert "exec" in status["families"]["unavailable"]
         assert "exec" not in status["families"]["enforced"]
         assert any(where in message for message in status["families"]["unenforced"])
@@ -533,7 +426,7 @@ def test_ring_buffer_overflow_is_counted_and_reported(lab: Lab) -> None:
         [lost] = [m for m in guard_messages(lines)
                   if m.procid == mine and m.fields.get("kind") == "lost"]
         assert lost.fields["source"] == "ringbuf" and int(lost.fields["count"]) > 0
-        status = guard.status()
+        status = guard.status_cli()
         assert status["kernel"]["denied"] == total
         assert status["kernel"]["lost"] == status["events"]["lost"]["ringbuf"] \
             == int(lost.fields["count"])

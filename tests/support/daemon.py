@@ -21,23 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from support import sdnotify
 from support.cgroup import TestCgroup, attached_programs
+from support.sdnotify import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 120.0  # bcc compiles every program family at start
 NET_ATTACH_TYPES = (1, 10, 11, 14, 15)  # inet egress, connect4/6, udp sendmsg4/6
 
@@ -47,90 +44,24 @@ def attached_total(directory: Path) -> int:
     return sum(attached_programs(directory, t) for t in NET_ATTACH_TYPES)
 
 
-class NotifyListener:
-    """The sd_notify socket, heard the way systemd hears it (abstract, datagrams).
-
-    A thread reads it all the time, as systemd does: a daemon's sendto() blocks
-    once the socket's queue is full, and a test that does hundreds of reloads
-    would otherwise hang the daemon it is testing.
-    """
-
-    def __init__(self) -> None:
-        self.name = f"@guard-test-notify-{secrets.token_hex(6)}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(b"\0" + self.name[1:].encode())
-        self.sock.settimeout(0.2)
-        self.heard: list[tuple[float, str]] = []  # not yet taken by wait_for
-        self.history: list[tuple[float, str]] = []  # everything, in order
-        self.count: dict[str, int] = {}  # messages per first line, ever
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._read, name="notify-listener", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._closed:
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            message = data.decode()
-            first = message.split("\n", 1)[0]
-            with self._cond:
-                self.count[first] = self.count.get(first, 0) + 1
-                self.heard.append((time.monotonic(), message))
-                self.history.append(self.heard[-1])
-                self._cond.notify_all()
+class NotifyListener(sdnotify.NotifyListener):
+    """The sd_notify socket, heard the way systemd hears it (support.sdnotify); a
+    message ``wait_for`` returned is taken, so the next call finds the next one."""
 
     def wait_for(self, predicate: Callable[[str], bool], timeout: float,
                  proc: subprocess.Popen[bytes] | None = None) -> tuple[float, str]:
         """The first message heard and not yet taken that matches ``predicate``; takes it."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for heard in self.heard:
-                    if predicate(heard[1]):
-                        self.heard.remove(heard)
-                        return heard
-                if proc is not None and proc.poll() is not None:
-                    raise AssertionError(f"guard exited with {proc.returncode} before notifying")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no matching sd_notify message; heard {self.heard}")
-                self._cond.wait(min(left, 0.2))
-
-    def mark(self) -> int:
-        with self._cond:
-            return len(self.history)
+        index = self.first(predicate, timeout, alive=sdnotify.running(proc), take=True)
+        return self.history[index]
 
     def wait_sequence(self, mark: int, first: str, then: str, timeout: float,
                       proc: subprocess.Popen[bytes] | None = None) -> None:
         """A message containing ``first`` heard after ``mark``, and ``then`` after it."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                found = [i for i, (_, m) in enumerate(self.history) if i >= mark and first in m]
-                if found and any(then in m for _, m in self.history[found[0] + 1:]):
-                    return
-                if proc is not None and proc.poll() is not None:
-                    raise AssertionError(f"guard exited with {proc.returncode}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no {first} then {then} after message {mark}; "
-                                       f"heard {self.history[mark:]}")
-                self._cond.wait(min(left, 0.2))
-
-    def drain(self) -> None:
-        """Forget everything heard so far (counts stay)."""
-        with self._cond:
-            self.heard.clear()
-
-    def close(self) -> None:
-        self._closed = True
-        self._thread.join(timeout=2)
-        self.sock.close()
+        alive = sdnotify.running(proc)
+        found = self.first(lambda m: first in m, timeout, after=mark, alive=alive, what=first)
+        self.first(lambda m: then in m, deadline - time.monotonic(), after=found + 1,
+                   alive=alive, what=f"{then} after {first}")
 
 
 @dataclass
@@ -195,20 +126,9 @@ class GuardDaemon:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                # hung: SIGABRT makes faulthandler print every thread's stack to stderr
-                self.proc.send_signal(signal.SIGABRT)
-                try:
-                    self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=timeout)
+        code = sdnotify.stop(self.proc, timeout, dump_stacks=True)
         self.notify.close()
-        return self.proc.returncode
+        return code
 
     def stderr_text(self) -> str:
         return self.stderr.read_text(errors="replace")
@@ -219,14 +139,10 @@ def start_daemon(policies: Path, host_cgroup: str, syslog: str, work: Path, name
     notify = NotifyListener()
     state_dir = work / f"state-{name}"
     stderr = work / f"guard-{name}.stderr"
-    env = dict(os.environ, NOTIFY_SOCKET=notify.name, PYTHONFAULTHANDLER="1")
-    with stderr.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "guard", "run", "--policies", str(policies),
-             "--syslog", syslog, "--host-cgroup", host_cgroup, "--state-dir", str(state_dir),
-             *extra],
-            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=err)
+    proc = sdnotify.spawn(
+        [sys.executable, "-m", "guard", "run", "--policies", str(policies), "--syslog", syslog,
+         "--host-cgroup", host_cgroup, "--state-dir", str(state_dir), *extra],
+        notify, stderr, env={"PYTHONFAULTHANDLER": "1"})
     return GuardDaemon(proc, notify, state_dir, policies, stderr, time.monotonic())
 
 

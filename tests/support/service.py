@@ -29,20 +29,18 @@ import errno
 import json
 import os
 import re
-import secrets
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from support import sdnotify
+
+REPO = sdnotify.REPO
 UNIT = REPO / "systemd" / "guard.service"
 ENV_TEMPLATE = REPO / "systemd" / "guard.env"
 
@@ -292,51 +290,17 @@ def service_command(env: Mapping[str, str], own_dirs: Sequence[str | Path] = (),
         read_only=ReadOnlyPlan(tuple(dict.fromkeys(writable))))
 
 
-class NotifyListener:
+class NotifyListener(sdnotify.NotifyListener):
     """The sd_notify socket (abstract, datagrams), read by a thread as systemd does."""
 
     def __init__(self) -> None:
-        self.name = f"@guard-svc-notify-{secrets.token_hex(6)}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(b"\0" + self.name[1:].encode())
-        self.sock.settimeout(0.2)
-        self.messages: list[str] = []
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._closed:
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._cond:
-                self.messages.append(data.decode())
-                self._cond.notify_all()
+        super().__init__("guard-svc-notify")
 
     def wait_for(self, text: str, timeout: float, after: int = 0,
                  alive: Callable[[], bool] = lambda: True) -> int:
         """Index of the first message from ``after`` on containing ``text``."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for i in range(after, len(self.messages)):
-                    if text in self.messages[i]:
-                        return i
-                if not alive():
-                    raise AssertionError(f"guard exited before {text!r}; heard {self.messages}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no {text!r} within {timeout} s; heard {self.messages}")
-                self._cond.wait(min(left, 0.5))
-
-    def close(self) -> None:
-        self._closed = True
-        self.sock.close()
+        return self.first(lambda m: text in m, timeout, after=after, alive=alive,
+                          what=repr(text))
 
 
 @dataclass
@@ -374,15 +338,9 @@ class GuardService:
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM (SIGKILL after ``timeout``); the exit code. Pins are not touched."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
+        code = sdnotify.stop(self.proc, timeout)
         self.notify.close()
-        return self.proc.returncode
+        return code
 
     def kill(self) -> None:
         """SIGKILL, as a crash or the OOM killer would."""
@@ -403,12 +361,8 @@ def start_guard(guard_args: Sequence[str], state_dir: Path, stderr_path: Path, *
     """``python -m guard ARGS`` (or the unit's wrapped command), READY not yet awaited;
     ``env`` is added to this process's environment."""
     notify = NotifyListener()
-    env = dict(os.environ, **(env or {}), NOTIFY_SOCKET=notify.name)
     argv = command.argv if command else [sys.executable, "-m", "guard", *guard_args]
-    hook = command.preexec if command else preexec
-    with stderr_path.open("wb") as err:
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=hook)
+    proc = sdnotify.spawn(argv, notify, stderr_path, env, command.preexec if command else preexec)
     return GuardService(proc, notify, state_dir, stderr_path, time.monotonic())
 
 
