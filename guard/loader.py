@@ -293,6 +293,8 @@ def captured_stderr() -> Iterator[list[str]]:
     try:
         sink = os.memfd_create("guard-bcc-output", os.MFD_CLOEXEC)
     except OSError:  # no memfd (a seccomp filter): attribute from the exceptions alone
+        sink = -1
+    if sink < 0:
         yield out
         return
     with contextlib.suppress(Exception):
@@ -326,6 +328,10 @@ def _write_all(fd: int, data: bytes) -> None:
     with contextlib.suppress(OSError):  # no stderr to give it back to
         while data:
             data = data[os.write(fd, data):]
+
+
+def _reasons(reasons: Mapping[str, str]) -> str:
+    return "; ".join(f"{family}: {why}" for family, why in sorted(reasons.items()))
 
 
 class _AttemptFailed(Exception):
@@ -381,28 +387,26 @@ class Kernel:
             except _AttemptFailed as failed:
                 self.close()
                 fault = attribute(str(failed), "".join(output), owners, failed.program)
-                culprits = {f: why for f, why in fault.culprits.items() if f in self.families}
-                if not culprits:
-                    raise LoadError(self._failed_message(fault.reason),
-                                    self.dropped) from failed.__cause__
-                self.dropped.update(culprits)
-                self.families = self.families - culprits.keys()
-                if not self.families:
-                    raise LoadError(
-                        "no program family could be loaded: "
-                        + "; ".join(f"{f}: {why}" for f, why in sorted(self.dropped.items())),
-                        self.dropped) from failed.__cause__
+                self._leave_out(fault, failed.__cause__)
             except BaseException:
                 self.close()
                 raise
         raise AssertionError("unreachable: every failed attempt drops a family")
 
-    def _failed_message(self, reason: str) -> str:
-        message = f"compiling/loading {sorted(self.families)} failed: {reason}"
-        if self.dropped:
-            message += " (left out before: " + "; ".join(
-                f"{f}: {why}" for f, why in sorted(self.dropped.items())) + ")"
-        return message
+    def _leave_out(self, fault: Fault, cause: BaseException | None) -> None:
+        """Drop the families ``fault`` names for the next attempt; LoadError
+        when it names none of those tried, or none is left."""
+        culprits = {f: why for f, why in fault.culprits.items() if f in self.families}
+        if not culprits:
+            message = f"compiling/loading {sorted(self.families)} failed: {fault.reason}"
+            if self.dropped:
+                message += f" (left out before: {_reasons(self.dropped)})"
+            raise LoadError(message, self.dropped) from cause
+        self.dropped.update(culprits)
+        self.families = self.families - culprits.keys()
+        if not self.families:
+            raise LoadError(f"no program family could be loaded: {_reasons(self.dropped)}",
+                            self.dropped) from cause
 
     def _load(self, bpf_dir: Path) -> None:
         try:

@@ -271,6 +271,23 @@ def test_a_family_that_does_not_compile_is_left_out_and_net_still_enforces(
         probe.close()
 
 
+def test_every_family_with_a_clang_error_goes_in_one_attempt_and_a_shared_error_fails_at_once(
+        top: TestCgroup, tmp_path: Path) -> None:
+    bpf_dir = bpf_copy(tmp_path, exec=BROKEN_C, tamper=BROKEN_C.replace("broken", "other"))
+    families = {"net", "exec", "tamper"}
+    with Kernel(families=families, host_cgroup=top.path, bpf_dir=bpf_dir) as kernel:
+        assert kernel.families == {"net"} and kernel.attempts == 2
+        assert sorted(kernel.dropped) == ["exec", "tamper"]
+        assert kernel.dropped["tamper"].startswith("compiling failed: tamper.bpf.c:3:")
+    maps = bpf_dir / "guard_maps.h"
+    maps.write_text(maps.read_text() + "\nint guard_shared_broken = ;\n")
+    with pytest.raises(LoadError) as failed:
+        Kernel(families={"net"}, host_cgroup=top.path, bpf_dir=bpf_dir)
+    # a fault no family owns: no retry, the whole load fails with the compiler's line
+    assert str(failed.value).startswith("compiling/loading ['net'] failed: guard_maps.h:")
+    assert "error: expected expression" in str(failed.value) and failed.value.reasons == {}
+
+
 def test_a_family_the_kernel_refuses_at_load_is_left_out_and_nothing_of_it_stays(
         top: TestCgroup, tmp_path: Path) -> None:
     lsm = probe_family("exec")
