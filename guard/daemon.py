@@ -69,7 +69,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guard import layout, notify
+from guard import layout, memory, notify
 from guard.audit import (
     Aggregator,
     AuditEvent,
@@ -268,6 +268,7 @@ class Daemon:
                                        fail_open=fail_open)
         self.tamper_error = ""
         self.rule_hits: dict[str, int] = {}  # rule label -> reported decisions
+        self.memory_release: memory.Release | None = None
         self._unload = False
 
     # -- messages ------------------------------------------------------------------
@@ -347,6 +348,9 @@ class Daemon:
         self.say(SEV_INFO, "start", summary,
                  (("revision", str(loaded.revision)), ("policies", len(loaded.policy_set.policies)),
                   ("generation", self.generation), ("families", ",".join(self.enforced))))
+        # Enforcing: the compiler's memory is dead weight now (guard/memory.py; never raises)
+        self.memory_release = memory.release()
+        self.say(SEV_INFO, "memory", self.memory_release.summary())
         if self.watch_error:
             self.say(SEV_WARNING, "watch", f"not watching {self.policies} "
                      f"({self.watch_error}); reload with SIGHUP")
@@ -847,6 +851,7 @@ class Daemon:
                 "tamper": {"enabled": "tamper" in self.enforced, "error": self.tamper_error,
                            "denied": kernel["tamper"]},
                 "rule_hits": dict(sorted(self.rule_hits.items())),
+                "memory": memory.status_body(self.memory_release),
             }
 
     def _watch_status(self) -> dict[str, Any]:
@@ -1097,6 +1102,9 @@ def format_status(body: Mapping[str, Any]) -> str:
         for old in pins.get("taken_over", []):
             lines.append(f"  took over from {old['instance']} (pid {old['pid']}): "
                          f"{old['events_drained']} undelivered events, {old['lost']} lost")
+    memory_line = memory.status_line(body.get("memory") or {})
+    if memory_line:
+        lines.append(memory_line)
     tamper = body.get("tamper")
     if tamper is not None:
         lines.append(f"tamper protection: {'on' if tamper['enabled'] else 'off'}"
