@@ -387,14 +387,29 @@ class Daemon:
     ready_s: float | None
     stderr_path: Path
 
-    def memory_mb(self) -> tuple[float | None, float | None]:
+    def memory_mb(self) -> dict[str, float | None]:
+        """VmRSS, VmHWM, RssAnon (/proc/PID/status), Pss and Private (smaps_rollup), in
+        MB: guard.memory.Usage.as_mb() keys; {} when the process cannot be read.
+
+        VmRSS counts shared library pages and the ring buffer's mapped pages too; PSS
+        (shared pages divided among their users) and Private are the daemon's own.
+        """
+        from guard.memory import read_usage
+
         try:
-            text = Path(f"/proc/{self.proc.pid}/status").read_text()
+            return read_usage(self.proc.pid).as_mb()
         except OSError:
-            return None, None
-        found = {m.group(1): int(m.group(2)) / 1024 for m in
-                 re.finditer(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, re.MULTILINE)}
-        return found.get("VmRSS"), found.get("VmHWM")
+            return {}
+
+    def wait_released(self, timeout: float = 10.0) -> None:
+        """Until ``guard status`` shows the release after load done (guard/memory.py; it
+        runs right after READY), or ``timeout``: what is measured is the steady state."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                if (self.status().get("memory") or {}).get("release") is not None:
+                    return
+            time.sleep(0.05)
 
     def status(self) -> dict[str, Any]:
         from guard.daemon import query
@@ -465,9 +480,13 @@ def daemon_start(cfg: Config, root: TestCgroup, syslog: str, work: Path, log: Lo
                 results.daemon.append(DaemonStart(k, None, None, None, status=f"failed: {why}"))
                 previous = (k, cfg.daemon_timeout_s)
             else:
+                d.wait_released()
                 time.sleep(0.5)  # the event loop's first rounds
-                rss, hwm = d.memory_mb()
-                results.daemon.append(DaemonStart(k, d.ready_s, rss, hwm))
+                mem = d.memory_mb()
+                results.daemon.append(DaemonStart(k, d.ready_s, mem.get("rss"), mem.get("hwm"),
+                                                  rssanon_mb=mem.get("anon"),
+                                                  pss_mb=mem.get("pss"),
+                                                  private_mb=mem.get("private")))
                 previous = (k, d.ready_s)
                 fixed = d.ready_s if fixed is None else fixed
             log(f"daemon: {k:,} rules: {results.daemon[-1]}")

@@ -77,9 +77,14 @@ class ReloadLatency:
 class DaemonStart:
     rules: int
     ready_s: float | None
-    vmrss_mb: float | None
-    vmhwm_mb: float | None
+    vmrss_mb: float | None  # after READY and guard's release after load
+    vmhwm_mb: float | None  # the peak: the compile at start
     status: str = OK
+    # The daemon's own share: RssAnon (/proc/PID/status), Pss and Private_Clean +
+    # Private_Dirty (/proc/PID/smaps_rollup); None in results made before they were kept.
+    rssanon_mb: float | None = None
+    pss_mb: float | None = None
+    private_mb: float | None = None
 
 
 @dataclass(frozen=True)
