@@ -500,6 +500,34 @@ def _summary(rows: list[Overhead], metric: str, k: int) -> str:
         for r in rows if r.metric == metric and r.rules == k)
 
 
+def open_program_cost(cfg: Config, binary: Path, cgroup: Any, kernel: Any, metric: str,
+                      k: int, path: str, baseline_us: list[float]) -> Overhead:
+    """The file_open program's own time per call (kernel.bpf_stats_enabled: run_time_ns
+    over run_cnt) while the scoped probe opens ``path``, next to an open()+close()
+    without guard: a cost the rounds' wall-clock noise under emulation cannot hide.
+    Measured in a run of its own, because the stats themselves cost two clock reads
+    per program run."""
+    from bench import bench_exec
+
+    was = bench_exec.STATS_SYSCTL.read_text().strip()
+    bench_exec.STATS_SYSCTL.write_text("1")
+    try:
+        before = bench_exec.program_counters(kernel.bpf)
+        res = _run(binary, ["open", str(cfg.open_count), str(cfg.open_max_s),
+                            str(cfg.open_batch), path], cgroup, cfg.open_max_s + 120)
+        after = bench_exec.program_counters(kernel.bpf)
+    finally:
+        bench_exec.STATS_SYSCTL.write_text(was)
+    (cost,) = [c for c in bench_exec.hook_costs(k, before, after) if c.hook == "file_open"]
+    if not res.get("n") or res.get("errors") or not cost.calls or not baseline_us:
+        return Overhead(metric, "guard", k, status=f"failed: {res} {cost}")
+    base = sorted(baseline_us)[len(baseline_us) // 2]
+    value = cost.ns_per_call / 1000.0
+    return Overhead(metric, "guard", k, value=value, baseline=base,
+                    ratio=(base + value) / base, rounds=1,
+                    note=f"{cost.calls:,} calls of file_open, {cost.ns_per_call:.0f} ns each")
+
+
 def open_bench(cfg: Config, binary: Path, cgroups: dict[str, Any], kernel: Any, applier: Any,
                lsm: Lsm, rng: random.Random, results: Results, log: Log,
                save: Callable[[], None], files_problem: str = "") -> None:
@@ -569,6 +597,12 @@ def open_bench(cfg: Config, binary: Path, cgroups: dict[str, Any], kernel: Any, 
                 results.overhead.append(overhead_rows(
                     "open-match", "guard", k, vals, msamples["none"][: len(vals)], status,
                     "every open is an audit event, read from the ring buffer"))
+            if have_files and "guard" not in skipped:
+                paths = {"open-bpf": plain, **({"open-match-bpf": audited} if k else {})}
+                for metric, path in paths.items():
+                    base = (samples if metric == "open-bpf" else msamples)["none"]
+                    results.overhead.append(open_program_cost(
+                        cfg, binary, cgroups["guard"], kernel, metric, k, path, base))
             log("open: " + _summary(results.overhead, "open", k))
             save()
     finally:

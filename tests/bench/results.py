@@ -22,6 +22,9 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "exec-spawn": ("posix_spawn /usr/bin/true from Python (bench_exec.py)", "us", False),
     "open": ("open()+close(), path matching no rule", "us", False),
     "open-match": ("open()+close(), path matching an audit rule", "us", False),
+    "open-bpf": ("file_open program's own time, path matching no rule", "us", False),
+    "open-match-bpf": ("file_open program's own time, path matching an audit rule", "us",
+                       False),
 }
 # engine -> label, in the order tables and plots show them
 ENGINES: dict[str, str] = {
