@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--net-rules", type=_ints, default=None, metavar="K+K+...",
                    help="rule counts for the network runs, e.g. 0+100+10000")
     p.add_argument("--guest-rules", type=_ints, default=None, metavar="K+K+...")
+    p.add_argument("--guest-metrics", default=None, metavar="exec,open",
+                   help="which of the guest's measurements run (default: both)")
     p.add_argument("--apply-rules", type=_ints, default=None, metavar="K+K+...")
     p.add_argument("--daemon-rules", type=_ints, default=None, metavar="K+K+...")
     p.add_argument("--rounds", type=int, default=None, help="rounds per rule count")
@@ -71,6 +73,11 @@ def config_from(args: argparse.Namespace) -> Config:
         value = getattr(args, name)
         if value is not None:
             cfg = replace(cfg, **{name: value})
+    if args.guest_metrics is not None:
+        metrics = tuple(m for m in args.guest_metrics.split(",") if m)
+        if not metrics or set(metrics) - {"exec", "open"}:
+            raise SystemExit("bench: --guest-metrics takes exec, open or exec,open")
+        cfg = replace(cfg, guest_metrics=metrics)
     if args.rounds is not None:
         cfg = replace(cfg, rounds=args.rounds, guest_rounds=args.rounds)
     return cfg

@@ -40,6 +40,7 @@ class Config:
     audit_drain_s: float = 60.0
     # the guest (exec, open)
     guest_rules: tuple[int, ...] = (0, 100, 10_000, 100_000)
+    guest_metrics: tuple[str, ...] = ("exec", "open")  # which halves of the guest part run
     guest_rounds: int = 5
     exec_count: int = 400
     exec_max_s: float = 2.5

@@ -268,20 +268,28 @@ def measure(cfg: Config, binary: Path, results: Results, log: Log,
         rng = random.Random(cfg.seed)
         # exec first, with its own programs; the file programs after, as a unit of
         # their own: a file program that does not load costs its own compile only
-        exec_kernel, problem = load("exec", results, log)
-        if exec_kernel is None:
-            raise RuntimeError(f"guard's exec programs do not load: {problem}")
-        stack.enter_context(exec_kernel)
-        lsm = Lsm([exec_kernel])
+        lsm = Lsm([])
         stack.callback(lambda: lsm.set(True))  # Kernel.close detaches what is attached
-        applier = Applier(exec_kernel)
-        steps(cfg, "exec", deadline, results, log, save, lsm,
-              partial(exec_bench, binary=binary, cgroups=cgroups, applier=applier, lsm=lsm,
-                      rng=rng, results=results, log=log, save=save))
-        if cfg.exec_spawn_samples and time.monotonic() < deadline:
-            exec_spawn(cfg, applier, lsm, results, log)
-            save()
+        exec_kernel: Any = None
+        applier: Any = None
+        if "exec" in cfg.guest_metrics:
+            exec_kernel, problem = load("exec", results, log)
+            if exec_kernel is None:
+                raise RuntimeError(f"guard's exec programs do not load: {problem}")
+            stack.enter_context(exec_kernel)
+            lsm.add(exec_kernel)
+            applier = Applier(exec_kernel)
+            steps(cfg, "exec", deadline, results, log, save, lsm,
+                  partial(exec_bench, binary=binary, cgroups=cgroups, applier=applier,
+                          lsm=lsm, rng=rng, results=results, log=log, save=save))
+            if cfg.exec_spawn_samples and time.monotonic() < deadline:
+                exec_spawn(cfg, applier, lsm, results, log)
+                save()
+        if "open" not in cfg.guest_metrics:
+            return
         files_kernel, files_problem = load("files", results, log)
+        if files_kernel is None and exec_kernel is None:
+            raise RuntimeError(f"guard's file programs do not load: {files_problem}")
         if files_kernel is not None:
             stack.enter_context(files_kernel)
             lsm.add(files_kernel)
