@@ -323,11 +323,15 @@ def parse_with(text: str, libyaml: bool) -> tuple[list[Any], list[Diagnostic]]:
 @SETTINGS
 @given(mutated_texts() | planted_documents())
 def test_both_yaml_parsers_agree_on_well_formed_yaml(text: str) -> None:
-    # The parsers word syntax errors differently; on text both accept, everything
+    # The parsers word syntax errors differently, and do not always agree on what
+    # is one: "{access:[read]}" in a flow mapping is a syntax error to libyaml and a
+    # key "access:[read" to the pure-Python scanner. On text both accept, everything
     # guard reports (and builds) must be the same.
     if not yaml.__with_libyaml__:
         return
     python = parse_with(text, libyaml=False)
-    if any(d.code == "yaml-syntax" for d in python[1]) or "\\u" in text or "\\U" in text:
+    c = parse_with(text, libyaml=True)
+    syntax = any(d.code == "yaml-syntax" for d in (*python[1], *c[1]))
+    if syntax or "\\u" in text or "\\U" in text:
         return
-    assert parse_with(text, libyaml=True) == python
+    assert c == python
