@@ -14,6 +14,13 @@ Three steps, each a function of values so it is unit-tested without a kernel:
    count) inside a window into one line with ``count=N``, so a process retrying a
    denied connect in a loop does not drown the operator.
 
+The daemon runs step 3 first, on the records themselves (``Folder`` keyed by
+``record_identity``): a repeat inside a window then costs a slice and a dict
+lookup, and only the records that become lines are decoded, enriched and
+formatted. That is what lets a flood of identical events go through at the rate
+the kernel makes them. ``Aggregator`` is the same folding over ``AuditEvent``
+values, for callers that already hold events.
+
 Nothing is dropped without a count: ``LossTracker`` turns the kernel's
 GUARD_STAT_EVENTS_LOST counter (events the ring buffer could not take) and the
 reader's own drops (records rejected, queue overflow) into ``kind=lost`` events
@@ -28,11 +35,13 @@ import operator
 import os
 import re
 import socket
+import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, NamedTuple, TypeVar
 
 from guard import layout
 from guard.plan import RuleRef, Verdict
@@ -45,6 +54,8 @@ ACTION_NAMES = {
     Verdict.WOULD_DENY: "would-deny",
     Verdict.DENY: "deny",
 }
+# by the record's integer: building a Verdict per event costs more than the lookup
+_ACTION_BY_VALUE = {int(verdict): name for verdict, name in ACTION_NAMES.items()}
 
 PROTO_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", 0: "any"}
 
@@ -61,9 +72,14 @@ class DecodeError(ValueError):
     """A ring buffer record that is not a ``struct guard_event``."""
 
 
-@dataclass(frozen=True)
-class RawEvent:
-    """``struct guard_event`` as Python values; strings are still bytes."""
+class RawEvent(NamedTuple):
+    """``struct guard_event`` as Python values; strings are still bytes.
+
+    A NamedTuple rather than a frozen dataclass: ``decode`` builds it from the
+    tuple ``struct`` unpacks in one step, where a frozen dataclass would set its
+    21 fields one by one (five times slower, once per event of a flood). The
+    fields are the C struct's, in its order (tests/unit/test_audit.py checks).
+    """
 
     time_ns: int  # CLOCK_BOOTTIME
     cgroup_id: int
@@ -73,7 +89,7 @@ class RawEvent:
     uid: int
     rule_id: int
     ruleset: int
-    count: int
+    count: int  # type: ignore[assignment]  # the field, not tuple.count
     flags: int
     kind: int
     hook: int
@@ -88,36 +104,71 @@ class RawEvent:
     exe: bytes
 
 
+def _struct_format(ctype: type[ctypes.Structure]) -> str:
+    """The ``struct`` format of a ctypes mirror, derived from its fields and
+    offsets (native byte order, explicit padding), so the two cannot drift."""
+    scalars: dict[object, str] = {ctypes.c_uint8: "B", ctypes.c_uint16: "H",
+                                  ctypes.c_uint32: "I", ctypes.c_uint64: "Q"}
+    out, at = ["="], 0
+    for entry in ctype._fields_:
+        field_type = entry[1]
+        member = getattr(ctype, entry[0])
+        if member.offset > at:
+            out.append(f"{member.offset - at}x")
+        out.append(f"{member.size}s" if issubclass(field_type, ctypes.Array)
+                   else scalars[field_type])
+        at = member.offset + member.size
+    if ctypes.sizeof(ctype) > at:
+        out.append(f"{ctypes.sizeof(ctype) - at}x")
+    return "".join(out)
+
+
+_RECORD = struct.Struct(_struct_format(layout.Event))
+_COMM, _PATH, _EXE = (RawEvent._fields.index(n) for n in ("comm", "path", "exe"))
+_COUNT = struct.Struct("=I")
+_COUNT_AT = layout.Event.count.offset
+
+
 def decode(data: bytes | bytearray | memoryview) -> RawEvent:
     """One record as the ring buffer hands it over; longer records are tolerated
     (a newer program may append fields), shorter ones are not."""
     if len(data) < EVENT_SIZE:
         raise DecodeError(f"event record of {len(data)} bytes, expected {EVENT_SIZE}")
-    record = layout.Event.from_buffer_copy(bytes(data[:EVENT_SIZE]))
-    return RawEvent(
-        time_ns=record.time_ns,
-        cgroup_id=record.cgroup_id,
-        pid=record.pid,
-        tid=record.tid,
-        ppid=record.ppid,
-        uid=record.uid,
-        rule_id=record.rule_id,
-        ruleset=record.ruleset,
-        count=record.count,
-        flags=record.flags,
-        kind=record.kind,
-        hook=record.hook,
-        verdict=record.verdict,
-        access=record.access,
-        family=record.family,
-        proto=record.proto,
-        port=record.port,
-        addr=bytes(record.addr),
-        # ctypes c_char arrays stop at the first NUL already
-        comm=record.comm,
-        path=record.path,
-        exe=record.exe,
-    )
+    values = _RECORD.unpack_from(data)
+    # C strings end at the first NUL (as ctypes' c_char arrays read them)
+    return RawEvent._make((*values[:_COMM], values[_COMM].partition(b"\0")[0],
+                           values[_PATH].partition(b"\0")[0],
+                           values[_EXE].partition(b"\0")[0]))
+
+
+def _identity_slices(varying: tuple[str, ...]) -> tuple[slice, ...]:
+    """The byte ranges of a record outside the ``varying`` fields, merged."""
+    ranges: list[list[int]] = []
+    for entry in layout.Event._fields_:
+        name = entry[0]
+        if name in varying:
+            continue
+        member = getattr(layout.Event, name)
+        if ranges and ranges[-1][1] == member.offset:
+            ranges[-1][1] = member.offset + member.size
+        else:
+            ranges.append([member.offset, member.offset + member.size])
+    return tuple(slice(a, b) for a, b in ranges)
+
+
+# The folding key of a raw record: its bytes but time, tid and count (the fields
+# identical events may differ in), taken by one C call. Two records with the same
+# key decode to the same event but for those fields; padding after a string's
+# NUL is part of the key, which can only keep apart what could have been folded,
+# never fold what differs.
+record_identity: Callable[[bytes], Hashable] = operator.itemgetter(
+    *_identity_slices(("time_ns", "tid", "count")))
+
+
+def record_count(data: bytes) -> int:
+    """The events one record stands for (the kernel may have folded repeats)."""
+    count: int = _COUNT.unpack_from(data, _COUNT_AT)[0]
+    return count or 1
 
 
 _PLAIN_ASCII = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the backslash
@@ -130,6 +181,8 @@ def printable(raw: bytes) -> str:
     file name must not start a forged log line) and the backslash itself become
     ``\\xNN``, so the text maps back to exactly one byte string.
     """
+    if not raw:
+        return ""
     if _PLAIN_ASCII.fullmatch(raw):  # the common case, and the cheap one
         return raw.decode("ascii")
     text = raw.decode("utf-8", errors="surrogateescape")
@@ -145,12 +198,15 @@ def printable(raw: bytes) -> str:
     return "".join(out)
 
 
-@dataclass(frozen=True)
-class AuditEvent:
+class AuditEvent(NamedTuple):
     """One decision worth reporting, ready to format. Text fields are printable.
 
     ``kind`` is exec/file/connect, or ``lost`` for a report of events that never
     arrived (``count`` of them, lost at ``source``).
+
+    Immutable like a frozen dataclass, but a NamedTuple: one is made per line
+    of a flood, and a frozen dataclass sets its 23 fields one call at a time
+    (twice the cost). ``_replace`` makes a changed copy.
     """
 
     time_ns: int  # wall clock, ns since the epoch (UTC)
@@ -173,7 +229,7 @@ class AuditEvent:
     addr: str = ""  # connect: destination address
     port: int = 0
     proto: str = ""  # connect: tcp | udp | any
-    count: int = 1
+    count: int = 1  # type: ignore[assignment]  # the field, not tuple.count
     undecided: bool = False  # the program hit a bound and decided by mode
     source: str = ""  # kind=lost: where they were lost: ringbuf | reader | sink
 
@@ -192,9 +248,9 @@ class AuditEvent:
         return key
 
 
-# attrgetter builds the key tuple in C: this runs once per event of a flood
-_identity = operator.attrgetter(
-    *(f.name for f in fields(AuditEvent) if f.name not in ("time_ns", "tid", "count")))
+# itemgetter builds the key tuple in C: this runs once per event of a flood
+_identity = operator.itemgetter(
+    *(i for i, name in enumerate(AuditEvent._fields) if name not in ("time_ns", "tid", "count")))
 
 
 def lost_event(count: int, source: str, time_ns: int | None = None) -> AuditEvent:
@@ -273,7 +329,7 @@ class _TtlCache:
 
 def _address_text(family: int, addr: bytes) -> str:
     if family == socket.AF_INET:
-        return str(ipaddress.IPv4Address(addr[:4]))
+        return socket.inet_ntop(socket.AF_INET, addr[:4])  # what IPv4Address prints, 8x faster
     if family == socket.AF_INET6:
         six = ipaddress.IPv6Address(addr[:16])
         return str(six.ipv4_mapped or six)
@@ -293,6 +349,32 @@ def _tamper_object(raw: RawEvent) -> str:
     return tamper_object(raw.hook, raw.port, raw.addr, printable(raw.path))
 
 
+@dataclass(frozen=True, slots=True)
+class _Actor:
+    """What an event takes from its process, rule and cgroup, enriched once for
+    the many events of a flood rather than once per event."""
+
+    ref: RuleRef | None  # the rule it was made with: a reload's new plan makes it stale
+    expires: float  # the /proc part is as old as the proc cache allows
+    action: str
+    kind: str
+    hook: str
+    policy: str
+    rule: str
+    location: str
+    ppid: int
+    comm: str
+    exe: str
+    cgroup: str
+
+
+# the record fields an _Actor is made from
+_actor_key = operator.itemgetter(*(RawEvent._fields.index(name) for name in (
+    "pid", "cgroup_id", "ruleset", "rule_id", "verdict", "kind", "hook", "ppid", "comm", "exe")))
+
+PROC_TTL_S = 1.0  # /proc answers (ppid, exe) are reused this long
+
+
 class Enricher:
     """Turns RawEvents into AuditEvents using the daemon's current knowledge.
 
@@ -300,7 +382,15 @@ class Enricher:
     the plan of each slot, so an event from the previous generation still finds
     its rule); ``cgroups`` maps a cgroup id to its path. Both may return None:
     the event then carries the ids rather than being dropped.
+
+    What comes from the process, the rule and the cgroup is kept per actor
+    (pid, cgroup, rule, verdict, hook, comm, exe) for PROC_TTL_S, bounded: a
+    flood of distinct events from one process costs a lookup for it, not
+    /proc, cgroup and rule lookups and text conversions per event. The rule is
+    still asked for each event, so a reload's new plan is seen at once.
     """
+
+    MAX_ACTORS = 4096
 
     def __init__(
         self,
@@ -314,8 +404,10 @@ class Enricher:
         self.cgroups = cgroups
         self.proc = proc
         self.wall_offset = wall_offset
-        self._procs = _TtlCache(1024, 1.0, clock)
+        self.clock = clock
+        self._procs = _TtlCache(1024, PROC_TTL_S, clock)
         self._cgroup_paths: OrderedDict[int, str] = OrderedDict()
+        self._actors: dict[tuple[object, ...], _Actor] = {}
 
     def _cgroup(self, cgroup_id: int) -> str:
         path = self._cgroup_paths.get(cgroup_id)
@@ -335,41 +427,64 @@ class Enricher:
                 self._cgroup_paths.popitem(last=False)
         return path
 
-    def enrich(self, raw: RawEvent) -> AuditEvent:
-        ref = self.rules(raw.ruleset, raw.rule_id) if raw.rule_id else None
+    def _read_proc(self, pid: int) -> ProcInfo | None:
+        return read_proc(pid, self.proc)
+
+    def _actor(self, raw: RawEvent, ref: RuleRef | None, now: float) -> _Actor:
         ppid, exe = raw.ppid, printable(raw.exe)
         if (ppid == 0 or not exe) and raw.pid > 0:
-            info = self._procs.get(raw.pid, lambda pid: read_proc(pid, self.proc))
+            info = self._procs.get(raw.pid, self._read_proc)
             if info is not None:
                 ppid = ppid or info.ppid
                 exe = exe or info.exe
-        try:
-            verdict_name = ACTION_NAMES[Verdict(raw.verdict)]
-        except ValueError:
-            verdict_name = f"verdict-{raw.verdict}"
-        connect = raw.kind == layout.KIND_CONNECT
-        return AuditEvent(
-            time_ns=raw.time_ns + self.wall_offset(),
-            action=verdict_name,
+        return _Actor(
+            ref=ref,
+            expires=now + PROC_TTL_S,
+            action=_ACTION_BY_VALUE.get(raw.verdict) or f"verdict-{raw.verdict}",
             kind=layout.KIND_NAMES.get(raw.kind, f"kind-{raw.kind}"),
             hook=layout.HOOK_NAMES.get(raw.hook, f"hook-{raw.hook}"),
             policy=ref.policy if ref else "",
             rule=ref.label if ref else (f"#{raw.rule_id}" if raw.rule_id else ""),
             location=f"{ref.location.file}:{ref.location.line}" if ref else "",
-            pid=raw.pid,
-            tid=raw.tid,
             ppid=ppid,
-            uid=raw.uid,
             comm=printable(raw.comm),
             exe=exe,
             cgroup=self._cgroup(raw.cgroup_id),
+        )
+
+    def enrich(self, raw: RawEvent) -> AuditEvent:
+        ref = self.rules(raw.ruleset, raw.rule_id) if raw.rule_id else None
+        now = self.clock()
+        key = _actor_key(raw)
+        actor = self._actors.get(key)
+        if actor is None or actor.ref is not ref or actor.expires <= now:
+            if len(self._actors) >= self.MAX_ACTORS:
+                self._actors.clear()
+            actor = self._actors[key] = self._actor(raw, ref, now)
+        kind = raw.kind
+        connect = kind == layout.KIND_CONNECT
+        return AuditEvent(
+            time_ns=raw.time_ns + self.wall_offset(),
+            action=actor.action,
+            kind=actor.kind,
+            hook=actor.hook,
+            policy=actor.policy,
+            rule=actor.rule,
+            location=actor.location,
+            pid=raw.pid,
+            tid=raw.tid,
+            ppid=actor.ppid,
+            uid=raw.uid,
+            comm=actor.comm,
+            exe=actor.exe,
+            cgroup=actor.cgroup,
             cgroup_id=raw.cgroup_id,
-            path=_tamper_object(raw) if raw.kind == layout.KIND_TAMPER else printable(raw.path),
-            access=_access_text(raw.access) if raw.kind == layout.KIND_FILE else "",
+            path=_tamper_object(raw) if kind == layout.KIND_TAMPER else printable(raw.path),
+            access=_access_text(raw.access) if kind == layout.KIND_FILE else "",
             addr=_address_text(raw.family, raw.addr) if connect else "",
             port=raw.port if connect else 0,
             proto=PROTO_NAMES.get(raw.proto, str(raw.proto)) if connect else "",
-            count=max(raw.count, 1),
+            count=raw.count or 1,
             undecided=bool(raw.flags & layout.EVENT_UNDECIDED),
         )
 
@@ -377,12 +492,14 @@ class Enricher:
 # --- aggregation --------------------------------------------------------------
 
 
-@dataclass
-class _Window:
-    first: AuditEvent
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Window(Generic[T]):
     closes_at: float
     repeats: int = 0  # events folded since the last line went out (sum of counts)
-    last: AuditEvent | None = None
+    last: T | None = None
 
 
 @dataclass(frozen=True)
@@ -397,19 +514,24 @@ class AggregatorStats:
         return self.seen - self.pending - self.emitted_lines
 
 
-class Aggregator:
-    """Folds identical events within ``window`` seconds into one line.
+class Folder(Generic[T]):
+    """Folds identical items within ``window`` seconds into one line.
 
-    The first event of a kind goes out at once, so an operator sees an attack
-    begin without delay. Identical events inside the window are only counted;
-    when the window closes they go out as ONE line whose ``count`` is their sum
-    (kernel-folded events add their own count), stamped with the last one's
-    time. If repeats went out, a new window opens for the same event, so a
-    sustained flood costs one line per window rather than one per event; a
+    The first item of a kind goes out at once (``add`` says so), so an operator
+    sees an attack begin without delay. Identical items inside the window are
+    only counted; when the window closes they go out as ONE line whose count is
+    their sum (kernel-folded events add their own count), made from the last
+    one (``closed``). If repeats went out, a new window opens for the same key,
+    so a sustained flood costs one line per window rather than one per event; a
     window that closes with nothing folded ends the aggregation.
 
-    Pure apart from the injected clock; ``max_keys`` bounds memory: when that
-    many distinct events are open, a new one goes out unaggregated (never lost).
+    The caller names each item's identity (``key``) and count, and turns an item
+    and a count into a line; it calls ``closed`` before it adds what arrived
+    after a window's end (the daemon does once per batch of records, so a window
+    may take in a few milliseconds' more events than its second: counts stay
+    exact). Pure apart from the injected clock; ``max_keys`` bounds memory: when
+    that many distinct items are open, a new one goes out unaggregated (never
+    lost).
     """
 
     def __init__(
@@ -422,11 +544,11 @@ class Aggregator:
             raise ValueError("aggregation window must be >= 0 seconds")
         self.window = window
         self.clock = clock
-        self.max_keys = max_keys
+        self.max_keys = max_keys if window > 0 else 0
         # Ordered by closing time: a window is appended when it opens and moved to
-        # the end when it reopens, and every window is ``window`` long, so flush()
+        # the end when it reopens, and every window is ``window`` long, so closed()
         # only looks at the front.
-        self._open: OrderedDict[tuple[object, ...], _Window] = OrderedDict()
+        self._open: OrderedDict[Hashable, _Window[T]] = OrderedDict()
         self.seen = 0
         self.emitted_lines = 0
         self._pending = 0
@@ -434,42 +556,43 @@ class Aggregator:
     def stats(self) -> AggregatorStats:
         return AggregatorStats(self.seen, self.emitted_lines, self._pending)
 
-    def push(self, event: AuditEvent) -> list[AuditEvent]:
-        """Take one event; return what must go out now (closed windows first)."""
-        out = self.flush()
-        self.seen += event.count
-        if event.kind == KIND_LOST or self.window == 0:
-            return self._emit(out, [event])
-        key = event.identity()
+    def add(self, key: Hashable, item: T, count: int) -> bool:
+        """Count one item; True when it must go out now, as a line of its own."""
+        self.seen += count
         window = self._open.get(key)
         if window is not None:
-            window.repeats += event.count
-            window.last = event
-            self._pending += event.count
-            return out
+            window.repeats += count
+            window.last = item
+            self._pending += count
+            return False
         if len(self._open) < self.max_keys:
-            self._open[key] = _Window(first=event, closes_at=self.clock() + self.window)
-        return self._emit(out, [event])
+            self._open[key] = _Window(self.clock() + self.window)
+        self.emitted_lines += 1
+        return True
 
-    def flush(self, force: bool = False) -> list[AuditEvent]:
-        """Lines of the windows that have closed (all of them with ``force``)."""
+    def closed(self, force: bool = False) -> list[tuple[T, int]]:
+        """The lines of the windows that have closed (all of them with ``force``):
+        the last item folded in each, and how many events the line stands for."""
+        out: list[tuple[T, int]] = []
+        if not self._open:
+            return out
         now = self.clock()
-        out: list[AuditEvent] = []
-        reopened: list[tuple[tuple[object, ...], _Window]] = []
+        reopened: list[tuple[Hashable, _Window[T]]] = []
         while self._open:
             key, window = next(iter(self._open.items()))
             if not force and window.closes_at > now:
                 break
             del self._open[key]
             if window.repeats and window.last is not None:
-                out.append(replace(window.last, count=window.repeats))
+                out.append((window.last, window.repeats))
                 self._pending -= window.repeats
                 if not force:
                     window.repeats, window.last = 0, None
                     window.closes_at = now + self.window
                     reopened.append((key, window))
         self._open.update(reopened)  # at the end: they close last
-        return self._emit([], out)
+        self.emitted_lines += len(out)
+        return out
 
     def next_deadline(self) -> float | None:
         """Clock time when the earliest open window closes."""
@@ -482,11 +605,26 @@ class Aggregator:
         """Events counted but not yet sent in a line."""
         return self._pending
 
-    def _emit(self, out: list[AuditEvent], events: Iterable[AuditEvent]) -> list[AuditEvent]:
-        new = list(events)
-        self.emitted_lines += len(new)
-        out.extend(new)
+
+class Aggregator(Folder[AuditEvent]):
+    """``Folder`` over AuditEvents, keyed by ``AuditEvent.identity``: events in,
+    lines out (a folded line is the last event with the window's count, stamped
+    with its time). Lost-event reports are never folded."""
+
+    def push(self, event: AuditEvent) -> list[AuditEvent]:
+        """Take one event; return what must go out now (closed windows first)."""
+        out = self.flush()
+        if event.kind == KIND_LOST:
+            self.seen += event.count
+            self.emitted_lines += 1
+            out.append(event)
+        elif self.add(event.identity(), event, event.count):
+            out.append(event)
         return out
+
+    def flush(self, force: bool = False) -> list[AuditEvent]:
+        """Lines of the windows that have closed (all of them with ``force``)."""
+        return [last._replace(count=n) for last, n in self.closed(force)]
 
 
 # --- loss accounting ----------------------------------------------------------

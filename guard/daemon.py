@@ -16,9 +16,15 @@ Start-up, in this order, so that READY=1 means "enforcing":
    policies, revision R".
 
 Then one thread runs one loop (``Daemon.serve``): wait on the ring buffer's fd
-and a wake-up pipe (signals, reload requests), consume records, decode, enrich,
-aggregate, send; check the kernel's lost-event counter once a second. The
-status socket is answered from a second thread, from counters only.
+and a wake-up pipe (signals, reload requests), consume records, fold identical
+ones (guard.audit.Folder, on the records' bytes), decode, enrich and format only
+those that become lines, send; check the kernel's lost-event counter once a
+second. A round takes at most RECORD_BATCH records and drains the ring buffer
+before each, so a flood neither overflows the ring while a backlog is worked off
+nor keeps signals, reloads and status waiting; while the syslog target is full
+it makes no more lines (the records wait in the ring buffer and the reader's
+queue, counted if those overflow). The status socket is answered from a second
+thread, from counters only.
 
 Signals: SIGTERM/SIGINT stop cleanly (every program detached, exit 0).
 
@@ -71,12 +77,16 @@ from typing import Any
 
 from guard import layout, memory, notify
 from guard.audit import (
+    EVENT_SIZE,
     Aggregator,
     AuditEvent,
     DecodeError,
     Enricher,
+    Folder,
     LossTracker,
     decode,
+    record_count,
+    record_identity,
 )
 from guard.errors import Diagnostic, Location, PolicyError
 from guard.model import PolicySet
@@ -89,7 +99,6 @@ from guard.sinks import (
     ParamValue,
     Sink,
     TargetError,
-    event_record,
     log_record,
     parse_target,
 )
@@ -100,6 +109,7 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
 
 STATUS_SOCKET = "status.sock"
 RECORD_QUEUE_MAX = 65_536  # records taken from the ring buffer and not yet processed
+RECORD_BATCH = 512  # records one round of the loop takes (a few ms of work at most)
 MAX_ERROR_LINES = 100  # errors of one rejected reload sent to syslog and kept for status
 LOST_CHECK_S = 1.0
 MAX_WAIT_S = 1.0
@@ -224,7 +234,8 @@ class Daemon:
         self.state_dir = Path(state_dir)
         self.sink = sink
         self.stderr = stderr if stderr is not None else sys.stderr
-        self.aggregator = Aggregator(window=aggregate_window)
+        # folds records on their bytes before anything else is done with them
+        self.aggregator: Folder[bytes] = Folder(window=aggregate_window)
         self.losses = LossTracker()
         self.kernel: Any = None
         self.applier: Any = None
@@ -490,6 +501,8 @@ class Daemon:
         enricher = Enricher(rules=(lambda _rs, rule: plan.rule(rule)) if same
                             else (lambda _rs, _rule: None),
                             cgroups=self._enricher.cgroups if self._enricher else lambda _i: None)
+        # folded on their own, with this enricher, and all out now
+        aggregator = Aggregator(window=self.aggregator.window)
         for data in retired.records:
             try:
                 event = enricher.enrich(decode(data))
@@ -498,8 +511,10 @@ class Daemon:
                 self.losses.reader_dropped()
                 continue
             self.records_received += 1
-            for line in self.aggregator.push(event):
+            for line in aggregator.push(event):
                 self._send(line)
+        for line in aggregator.flush(force=True):
+            self._send(line)
         if retired.lost_unreported:
             self._send(lost_event(retired.lost_unreported, LOST_KERNEL))
         who = f"pid {manifest.pid}, revision {manifest.revision}" if manifest else "no manifest"
@@ -548,8 +563,21 @@ class Daemon:
         if self._ringbuf_fd >= 0:
             poller.register(self._ringbuf_fd, select.POLLIN)
         self._next_lost_check = time.monotonic()
+        sink_fd: int | None = None  # polled for room while the syslog target is full
+        reading = True  # the ring buffer's fd is polled (not while congested)
         try:
             while not self._stop:
+                wanted = self.sink.wait_fd()
+                if wanted != sink_fd:
+                    if sink_fd is not None:
+                        with contextlib.suppress(KeyError, ValueError):
+                            poller.unregister(sink_fd)
+                    if wanted is not None:
+                        poller.register(wanted, select.POLLOUT)
+                    sink_fd = wanted
+                if self._ringbuf_fd >= 0 and reading == self._congested():
+                    reading = not reading
+                    poller.modify(self._ringbuf_fd, select.POLLIN if reading else 0)
                 poller.poll(self._wait_ms())
                 self._drain_wake()
                 self.step()
@@ -574,6 +602,8 @@ class Daemon:
                 return "+".join(sorted(reasons))
 
     def _wait_ms(self) -> int:
+        if self._records and self._batch_limit() > 0:
+            return 0  # a backlog to work off: no waiting
         now = time.monotonic()
         deadlines = [now + MAX_WAIT_S, self._next_lost_check]
         flush_at = self.aggregator.next_deadline()
@@ -592,37 +622,84 @@ class Daemon:
     def step(self) -> None:
         """One round: take records, send lines, report losses, deliver."""
         with self._lock:
-            if self.kernel is not None:
-                self.kernel.bpf.ring_buffer_consume()
-            self._process_records()
-            for line in self.aggregator.flush():
-                self._send(line)
+            if self._congested():
+                self.sink.pump()  # woken because the target has room again, or by a timer
+            if not self._congested():
+                if self.kernel is not None:
+                    self.kernel.bpf.ring_buffer_consume()
+                self._send_closed()
+                self._process_records(self._batch_limit())
+            else:
+                self._send_closed()
             if time.monotonic() >= self._next_lost_check:
                 self._next_lost_check = time.monotonic() + LOST_CHECK_S
                 self._check_losses()
             self.sink.pump()
 
-    def _process_records(self) -> None:
-        assert self._enricher is not None or not self._records
-        while self._records:
-            data = self._records.popleft()
-            self.records_received += 1
-            try:
-                raw = decode(data)
-            except DecodeError:
+    def _congested(self) -> bool:
+        """The syslog target is connected but full with a quarter of the queue
+        waiting: making more lines now would only fill the queue, and take CPU
+        from the receiver. The loop then neither reads the ring buffer nor
+        works off records until the target has room (POLLOUT on its socket):
+        what overflows the ring buffer is counted by the kernel. (A target that
+        is down does not stop the records: they are still folded, and what does
+        not fit in the queue is counted.)"""
+        return self.sink.congested(max(1, self.sink.queue_size // 4))
+
+    def _batch_limit(self) -> int:
+        """Records the next round takes: RECORD_BATCH, none while the target is
+        congested, and while it is connected no more than the syslog queue has
+        room for (a record makes at most one line), so a burst waits as records
+        rather than overflowing the queue a connected target is emptying."""
+        if self._congested():
+            return 0
+        room = self.sink.room()
+        return RECORD_BATCH if room is None else min(RECORD_BATCH, room)
+
+    def _process_records(self, limit: int | None = None) -> None:
+        """Fold up to ``limit`` queued records (all without); a record that opens
+        a window, or fits none, becomes a line at once."""
+        records, folder = self._records, self.aggregator
+        n = len(records) if limit is None else min(limit, len(records))
+        if n == 0:
+            return
+        enricher = self._enricher
+        assert enricher is not None
+        self.records_received += n
+        for _ in range(n):
+            data = records.popleft()
+            if len(data) < EVENT_SIZE:  # not ours; never read past its end
                 self.records_malformed += 1
                 self.losses.reader_dropped()
                 continue
+            if folder.add(record_identity(data), data, record_count(data)):
+                self._send_record(data, 0, enricher)
+
+    def _send_closed(self, force: bool = False) -> None:
+        """The lines of the windows that closed (all of them with ``force``)."""
+        closed = self.aggregator.closed(force)
+        if closed:
             assert self._enricher is not None
-            event = self._enricher.enrich(raw)
-            if event.rule:
-                self.rule_hits[event.rule] = self.rule_hits.get(event.rule, 0) + event.count
-            for line in self.aggregator.push(event):
-                self._send(line)
+            for data, count in closed:
+                self._send_record(data, count, self._enricher)
+
+    def _send_record(self, data: bytes, count: int, enricher: Enricher) -> None:
+        """One record as one line; ``count``: the events the line stands for
+        (0: the record's own)."""
+        raw = decode(data)
+        if count:
+            raw = raw._replace(count=count)
+        self._send_line(enricher.enrich(raw))
+
+    def _send_line(self, event: AuditEvent) -> None:
+        if event.rule:  # hits as reported in lines: a window's count when it closes
+            self.rule_hits[event.rule] = self.rule_hits.get(event.rule, 0) + event.count
+        self._send(event)
 
     def _send(self, event: AuditEvent) -> None:
+        """Queue the line; the loop delivers it before it waits again."""
         self.event_lines += 1
-        self.sink.submit(event_record(event))
+        self.sink.queue_event(event)
 
     def _check_losses(self) -> None:
         lost_kernel = self.kernel_stat(layout.STAT_EVENTS_LOST)
@@ -757,8 +834,7 @@ class Daemon:
                     self.kernel.bpf.ring_buffer_consume()
                 self._process_records()
                 self._check_losses()
-            for line in self.aggregator.flush(force=True):
-                self._send(line)
+            self._send_closed(force=True)
             kept = self._release_pins()
             self._close_kernel()
         self.say(SEV_INFO, "stop", f"stopped; enforcement stays pinned in {kept} (fail-closed; "

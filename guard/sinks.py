@@ -41,8 +41,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import functools
+import itertools
 import json
+import operator
 import os
+import re
 import select
 import socket
 import time
@@ -173,11 +177,16 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
+@functools.lru_cache(maxsize=16)
+def _second(seconds: int) -> str:
+    # the lines of a flood share their second: strftime once per second, not per line
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def timestamp(time_ns: int) -> str:
     """RFC 3339 in UTC with microseconds, as RFC 5424 allows (TIME-SECFRAC 6)."""
     seconds, rest = divmod(time_ns, 1_000_000_000)
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{rest // 1000:06d}Z"
+    return f"{_second(seconds)}.{rest // 1000:06d}Z"
 
 
 def format_rfc5424(record: Record, hostname: str, procid: int,
@@ -208,6 +217,87 @@ def format_json(record: Record, hostname: str, procid: int,
     body.update(record.params)
     body["message"] = record.message
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+_SD_SPECIAL = re.compile(r'["\\\]\r\n]')  # what escape_param_value or _one_line change
+
+
+def _sd_text(value: str) -> str:
+    """``escape_param_value(_one_line(value))``, without the five passes when
+    there is nothing to change (nearly always)."""
+    if _SD_SPECIAL.search(value) is None:
+        return value
+    return escape_param_value(_one_line(value))
+
+
+# The fields of an event a flood's lines share: everything format_rfc5424 puts
+# before ``count`` in the structured data, and the message's tail.
+_shared_fields = operator.attrgetter("action", "kind", "hook", "policy", "rule", "location",
+                                     "pid", "ppid", "uid", "comm", "exe", "cgroup")
+
+
+class EventFormatter:
+    """``format_rfc5424(event_record(event), ...)`` for decision events, made
+    fast for floods: the header, the structured data up to ``count`` and the
+    message's tail depend only on fields the events of one process and rule
+    share, so they are rendered once per such group (a bounded cache) and each
+    line adds its time, count and object. tests/unit/test_sinks.py checks the
+    lines are the generic formatter's, byte for byte. Lost-event reports go
+    through the generic formatter.
+    """
+
+    MAX_GROUPS = 4096
+
+    def __init__(self, hostname: str, procid: int, facility: int = FACILITY_AUTHPRIV) -> None:
+        self.hostname, self.procid, self.facility = hostname, procid, facility
+        self._groups: dict[tuple[object, ...], tuple[str, str, str]] = {}
+
+    def _group(self, event: AuditEvent) -> tuple[str, str, str]:
+        pri = self.facility * 8 + _severity(event)
+        # params up to cgroup, exactly as event_params lists them
+        shared = event_params(event)[:12]
+        inner = " ".join(f'{name}="{_sd_text(str(value))}"' for name, value in shared)
+        middle = (f" {_header_token(self.hostname, 255)} {APP_NAME} {self.procid} "
+                  f"{_header_token(event.kind, 32)} [{SD_ID} {inner}")
+        rule = f"rule {event.rule}" if event.rule else "no rule"
+        tail = _one_line(f" by pid {event.pid} ({event.comm}) uid {event.uid} "
+                         f"in {event.cgroup}: {rule}")
+        return f"<{pri}>1 ", middle, tail
+
+    def line(self, event: AuditEvent) -> str:
+        if event.kind == "lost":
+            return format_rfc5424(event_record(event), self.hostname, self.procid,
+                                  self.facility)
+        key = _shared_fields(event)
+        group = self._groups.get(key)
+        if group is None:
+            if len(self._groups) >= self.MAX_GROUPS:
+                self._groups.clear()
+            group = self._groups[key] = self._group(event)
+        head, middle, tail = group
+        params = [f' count="{event.count}"']
+        if event.path:
+            params.append(f' path="{_sd_text(event.path)}"')
+        if event.access:
+            params.append(f' access="{_sd_text(event.access)}"')
+        if event.addr:
+            params.append(f' addr="{_sd_text(event.addr)}" port="{event.port}" '
+                          f'proto="{_sd_text(event.proto)}"')
+        if event.undecided:
+            params.append(' undecided="1"')
+        if event.kind == "connect":
+            what = f"connect to {event.destination}"
+        elif event.kind == "file":
+            what = f"{event.access or 'access'} of {event.path}"
+        else:
+            what = f"{event.kind} of {event.path}"
+        end = tail
+        if event.undecided:
+            end += " (undecided: a bounded walk did not finish)"
+        if event.count > 1:
+            end += f" (x{event.count})"
+        return (f"{head}{timestamp(event.time_ns)}{middle}{''.join(params)}] "
+                f"{_one_line(event.action)} {_one_line(what)}{end}")
 
 
 # --- targets ---------------------------------------------------------------------
@@ -271,9 +361,18 @@ _AGAIN = {errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS}
 class Transport:
     """One connection to a target. ``send`` returns the bytes it took (possibly 0
     when the peer is momentarily full) and raises OSError when the connection is
-    broken; the Sink then closes it and reconnects later."""
+    broken; the Sink then closes it and reconnects later.
+
+    A ``datagram`` transport takes one frame per ``send``, whole or not at all
+    (the syslog datagram protocol: one line per datagram); the others take bytes,
+    so the Sink hands them many frames joined in one ``send``.
+    """
 
     stream = False
+
+    @property
+    def datagram(self) -> bool:
+        return not self.stream
 
     def open(self) -> None:
         raise NotImplementedError
@@ -288,12 +387,16 @@ class Transport:
     def close(self) -> None:
         raise NotImplementedError
 
-    def frame(self, line: str) -> bytes:
-        data = line.encode("utf-8", "surrogateescape")
+    def frame(self, data: bytes) -> bytes:
+        """One encoded line as this connection carries it."""
         if self.stream:
             # RFC 6587 3.4.1 octet counting: a newline inside a message cannot split it
-            return f"{len(data)} ".encode() + data
+            return b"%d " % len(data) + data
         return data
+
+    def fileno(self) -> int | None:
+        """The descriptor to wait on for room to write, if there is one."""
+        return None
 
 
 class _SocketTransport(Transport):
@@ -305,6 +408,9 @@ class _SocketTransport(Transport):
             with contextlib.suppress(OSError):
                 self.sock.close()
             self.sock = None
+
+    def fileno(self) -> int | None:
+        return self.sock.fileno() if self.sock is not None else None
 
     def _send(self, frame: bytes) -> int:
         if self.sock is None:
@@ -433,6 +539,10 @@ class TcpTransport(_SocketTransport):
 class FileTransport(Transport):
     """JSON lines appended to a file (opened per write burst: rotation-safe)."""
 
+    @property
+    def datagram(self) -> bool:
+        return False  # a write may be short: the sink resumes from where it stopped
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd: int | None = None
@@ -442,8 +552,8 @@ class FileTransport(Transport):
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                            0o600)
 
-    def frame(self, line: str) -> bytes:
-        return line.encode("utf-8", "surrogateescape") + b"\n"
+    def frame(self, data: bytes) -> bytes:
+        return data + b"\n"
 
     def send(self, frame: bytes) -> int:
         if self._fd is None:
@@ -488,7 +598,17 @@ class SinkStats:
 
 class Sink:
     """A bounded queue in front of one transport. Not thread-safe: the daemon's
-    main loop owns it. Call ``pump`` from the loop; ``retry_in`` says when."""
+    main loop owns it. Call ``pump`` from the loop; ``retry_in`` says when, and
+    ``wait_fd`` what to wait on when the peer was full.
+
+    ``submit`` queues a line and delivers at once; ``queue``/``queue_event`` only
+    queue, for a caller that makes many lines and then calls ``pump`` once (the
+    daemon, per batch of records): a stream target then gets them in a few large
+    writes rather than one system call per line.
+    """
+
+    # a write to a byte transport carries up to this much (whole lines)
+    BATCH_BYTES = 64 * 1024
 
     def __init__(
         self,
@@ -514,12 +634,18 @@ class Sink:
         self.retry_initial, self.retry_max = retry_initial, retry_max
         self.clock = clock or time.monotonic
         self.json = target.scheme == "file"
-        # Lines, framed only when sent: whether a unix target is a stream (and so
-        # wants octet counting) is known only once it is connected.
-        self._queue: deque[str] = deque()
-        self._head: bytes | None = None  # the queue's head, framed for this connection
-        self._offset = 0  # bytes of _head already sent (stream, file)
+        self._events = EventFormatter(self.hostname, self.procid, facility)
+        # Lines encoded, framed only when sent: whether a unix target is a stream
+        # (and so wants octet counting) is known only once it is connected.
+        self._queue: deque[bytes] = deque()
+        # Byte transports: the queue's first lines framed and joined for this
+        # connection, where each one ends in it, and how much of it went out.
+        self._batch: bytes | None = None
+        self._batch_ends: list[int] = []
+        self._batch_done = 0  # lines of the batch already written (and popped)
+        self._offset = 0
         self._open = False
+        self._peer_full = False  # the last send found no room
         self._next_try = 0.0
         self._backoff = retry_initial
         self.delivered = 0
@@ -534,12 +660,31 @@ class Sink:
             return format_json(record, self.hostname, self.procid, self.facility)
         return format_rfc5424(record, self.hostname, self.procid, self.facility)
 
-    def submit(self, record: Record) -> None:
-        """Queue one line and try to deliver what is queued."""
+    def format_event(self, event: AuditEvent) -> str:
+        if self.json:
+            return self.format(event_record(event))
+        return self._events.line(event)
+
+    def _append(self, line: str) -> None:
         if len(self._queue) >= self.queue_size:
             self.overflow += 1
         else:
-            self._queue.append(self.format(record))
+            self._queue.append(line.encode("utf-8", "surrogateescape"))
+
+    def queue(self, record: Record) -> None:
+        """Queue one line; ``pump`` delivers it."""
+        self._append(self.format(record))
+
+    def queue_event(self, event: AuditEvent) -> None:
+        """Queue one event's line; ``pump`` delivers it."""
+        if len(self._queue) >= self.queue_size:
+            self.overflow += 1  # counted before any formatting: a flood's cheap path
+        else:
+            self._append(self.format_event(event))
+
+    def submit(self, record: Record) -> None:
+        """Queue one line and try to deliver what is queued."""
+        self.queue(record)
         self.pump()
 
     def stats(self) -> SinkStats:
@@ -554,6 +699,10 @@ class Sink:
             last_error=self.last_error,
         )
 
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
     def retry_in(self) -> float | None:
         """Seconds until ``pump`` has work it could not do now; None: nothing waits."""
         if not self._queue and self.overflow == self._overflow_reported:
@@ -561,6 +710,23 @@ class Sink:
         if not self._open:
             return max(0.0, self._next_try - self.clock())
         return 0.05  # connected but the peer was full or connecting: poll again soon
+
+    def wait_fd(self) -> int | None:
+        """The descriptor that becomes writable when the peer that was full has
+        room again (wait for POLLOUT on it), or None."""
+        if self._open and self._peer_full and self._queue:
+            return self.transport.fileno()
+        return None
+
+    def room(self) -> int | None:
+        """Lines the queue takes before it overflows, while connected; None when
+        the target is not connected (lines are then queued or counted)."""
+        return self.queue_size - len(self._queue) if self._open else None
+
+    def congested(self, high_water: int) -> bool:
+        """Connected, the peer full, and at least ``high_water`` lines waiting:
+        a producer should make no more lines until the peer reads."""
+        return self._open and self._peer_full and len(self._queue) >= high_water
 
     def pump(self) -> None:
         """Deliver as much of the queue as the target takes right now."""
@@ -572,27 +738,68 @@ class Sink:
             if not self.transport.ready():
                 return
             self._report_overflow()
-            while self._queue:
-                if self._head is None:
-                    self._head = self.transport.frame(self._queue[0])
-                head = self._head
-                sent = self.transport.send(head[self._offset:] if self._offset else head)
-                if sent <= 0:
-                    return  # the peer is full: keep the line, try again later
-                # a datagram goes whole or not at all; a stream may take part of a frame
-                self._offset += sent
-                if self._offset >= len(head):
-                    self._queue.popleft()
-                    self._head, self._offset = None, 0
-                    self.delivered += 1
+            if self.transport.datagram:
+                self._pump_datagrams()
+            else:
+                self._pump_bytes()
         except OSError as error:
-            if error.errno == errno.EMSGSIZE and self._queue:
+            if error.errno == errno.EMSGSIZE and self._queue and self.transport.datagram:
                 # this one line can never go as a datagram: count it, keep the rest
                 self._queue.popleft()
-                self._head, self._offset = None, 0
                 self.overflow += 1
                 return
             self._failed(error)
+
+    def _pump_datagrams(self) -> None:
+        queue, send, frame = self._queue, self.transport.send, self.transport.frame
+        sent = 0
+        try:
+            while queue:
+                if send(frame(queue[0])) <= 0:
+                    self._peer_full = True  # keep the line, try again when there is room
+                    return
+                queue.popleft()
+                sent += 1
+            self._peer_full = False
+        finally:
+            self.delivered += sent
+
+    def _pump_bytes(self) -> None:
+        """Whole lines joined in writes of up to BATCH_BYTES. A line counts as
+        delivered once its last byte is written; a connection that breaks in the
+        middle of one sends that line again whole after the reconnect."""
+        queue = self._queue
+        while queue:
+            if self._batch is None:
+                frames: list[bytes] = []
+                size = 0
+                for data in queue:
+                    framed = self.transport.frame(data)
+                    frames.append(framed)
+                    size += len(framed)
+                    if size >= self.BATCH_BYTES:
+                        break
+                self._batch = b"".join(frames)
+                self._batch_ends = list(itertools.accumulate(map(len, frames)))
+                self._batch_done, self._offset = 0, 0
+            batch = self._batch
+            sent = self.transport.send(batch[self._offset:] if self._offset else batch)
+            if sent <= 0:
+                self._peer_full = True
+                return  # the peer is full: keep the lines, try again later
+            self._peer_full = False
+            self._offset += sent
+            ends, done = self._batch_ends, self._batch_done
+            while done < len(ends) and ends[done] <= self._offset:
+                queue.popleft()
+                done += 1
+            self.delivered += done - self._batch_done
+            self._batch_done = done
+            if done == len(ends):
+                self._drop_batch()  # written whole: nothing of it is pending
+
+    def _drop_batch(self) -> None:
+        self._batch, self._batch_ends, self._batch_done, self._offset = None, [], 0, 0
 
     def _report_overflow(self) -> None:
         """Before the backlog: say how many lines the full queue turned away."""
@@ -600,8 +807,10 @@ class Sink:
         if pending <= 0:
             return
         if self._offset:
-            return  # finish the half-sent frame first; its stream must stay framed
-        self._queue.appendleft(self.format(event_record(lost_event(pending, LOST_SINK))))
+            return  # finish the half-sent batch first; its stream must stay framed
+        self._drop_batch()  # made from the queue's old head
+        line = self.format(event_record(lost_event(pending, LOST_SINK)))
+        self._queue.appendleft(line.encode("utf-8", "surrogateescape"))
         self._overflow_reported += pending
 
     def _ensure_open(self) -> bool:
@@ -616,19 +825,21 @@ class Sink:
             self._failed(error)
             return False
         self._open = True
+        self._peer_full = False
         if self._ever_opened:
             self.reconnects += 1
         self._ever_opened = True
         self._backoff = self.retry_initial
-        # a frame half-written on the broken connection is sent again whole
-        self._head, self._offset = None, 0
+        # a line half-written on the broken connection is sent again whole
+        self._drop_batch()
         return True
 
     def _failed(self, error: OSError) -> None:
         self.last_error = f"{self.target}: {error.strerror or error}"
         self.transport.close()
         self._open = False
-        self._head, self._offset = None, 0
+        self._peer_full = False
+        self._drop_batch()
         self._next_try = self.clock() + self._backoff
         self._backoff = min(self._backoff * 2, self.retry_max)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import socket
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,14 +16,19 @@ from guard.audit import (
     EVENT_SIZE,
     LOST_KERNEL,
     LOST_QUEUE,
+    PROC_TTL_S,
     Aggregator,
     AuditEvent,
     DecodeError,
     Enricher,
+    Folder,
     LossTracker,
+    RawEvent,
     decode,
     printable,
     read_proc,
+    record_count,
+    record_identity,
 )
 from guard.errors import Location
 from guard.plan import RuleRef, Verdict
@@ -110,10 +115,90 @@ def test_decode_accepts_a_memoryview() -> None:
     assert decode(memoryview(record(pid=9))).pid == 9
 
 
+def test_raw_event_fields_are_the_records_in_order() -> None:
+    assert RawEvent._fields == tuple(entry[0] for entry in layout.Event._fields_)
+
+
+def ctypes_decode(data: bytes) -> RawEvent:
+    """The reference: the record read field by field through the ctypes mirror."""
+    event = layout.Event.from_buffer_copy(data[:EVENT_SIZE])
+    values = {name: getattr(event, name) for name in RawEvent._fields}
+    values["addr"] = bytes(event.addr)
+    return RawEvent(**values)
+
+
+def test_decode_agrees_with_the_ctypes_mirror_on_every_field() -> None:
+    # every byte of the record random: every field, at its offset, with its width
+    rng = random.Random(5)
+    for _ in range(200):
+        data = bytes(rng.getrandbits(8) for _ in range(EVENT_SIZE))
+        assert decode(data) == ctypes_decode(data)
+    data = record(port=65535, count=2**32 - 1, comm=b"a\0b", path=b"/x")
+    assert decode(data) == ctypes_decode(data)
+    assert decode(data).comm == b"a"  # a C string ends at its first NUL
+
+
 def test_full_length_strings_without_nul() -> None:
     long = b"/" + b"a" * (layout.PATH_LEN - 1)
     raw = decode(record(path=long, comm=b"c" * layout.COMM_LEN))
     assert raw.path == long and raw.comm == b"c" * 16
+
+
+# --- folding on the record's bytes ------------------------------------------------------
+
+
+def test_record_identity_ignores_exactly_time_tid_and_count() -> None:
+    base = record(kind=layout.KIND_CONNECT, family=2, proto=17, port=53,
+                  addr=bytes([127, 0, 0, 1]))
+    same = record(kind=layout.KIND_CONNECT, family=2, proto=17, port=53,
+                  addr=bytes([127, 0, 0, 1]), time_ns=9, tid=1, count=40)
+    assert record_identity(base) == record_identity(same)
+    # any other field, changed alone, makes another identity
+    changes: dict[str, object] = {
+        "cgroup_id": 78, "pid": 1, "ppid": 2, "uid": 3, "rule_id": 4, "ruleset": 5,
+        "flags": 1, "kind": layout.KIND_FILE, "hook": 2, "verdict": Verdict.AUDIT,
+        "access": 1, "family": 10, "proto": 6, "port": 54, "addr": bytes([127, 0, 0, 2]),
+        "comm": b"curk", "path": b"/usr/bin/curk", "exe": b"/usr/bin/bask"}
+    assert set(changes) == set(RawEvent._fields) - {"time_ns", "tid", "count"}
+    for name, value in changes.items():
+        fields = {"kind": layout.KIND_CONNECT, "family": 2, "proto": 17, "port": 53,
+                  "addr": bytes([127, 0, 0, 1]), name: value}
+        assert record_identity(record(**fields)) != record_identity(base), name
+
+
+def test_record_identity_ignores_bytes_after_the_record() -> None:
+    assert record_identity(record() + b"\x01" * 8) == record_identity(record())
+
+
+def test_record_count_is_at_least_one() -> None:
+    assert record_count(record(count=0)) == 1
+    assert record_count(record(count=7)) == 7
+
+
+def test_folder_on_records_first_out_repeats_counted_last_kept() -> None:
+    clock = Clock()
+    folder: Folder[bytes] = Folder(window=1.0, clock=clock)
+    first, second, third = record(time_ns=1), record(time_ns=2, tid=9), record(time_ns=3, count=5)
+    assert folder.add(record_identity(first), first, record_count(first))
+    assert not folder.add(record_identity(second), second, record_count(second))
+    assert not folder.add(record_identity(third), third, record_count(third))
+    other = record(pid=1)
+    assert folder.add(record_identity(other), other, 1)
+    assert folder.closed() == []
+    clock.now += 1.0
+    assert folder.closed() == [(third, 6)]  # the last record, the sum of the repeats
+    stats = folder.stats()
+    assert (stats.seen, stats.emitted_lines, stats.pending, stats.aggregated) == (8, 3, 0, 5)
+    # the window reopened for the flood; the other one closed silently
+    assert folder.add(record_identity(first), first, 1) is False
+    assert folder.closed(force=True) == [(first, 1)]
+    assert folder.next_deadline() is None
+
+
+def test_folder_with_window_zero_folds_nothing() -> None:
+    folder: Folder[bytes] = Folder(window=0, clock=Clock())
+    assert all(folder.add(b"k", b"r", 1) for _ in range(3))
+    assert folder.closed(force=True) == [] and folder.stats().emitted_lines == 3
 
 
 # --- printable ----------------------------------------------------------------------
@@ -217,6 +302,36 @@ def test_process_gone_leaves_fields_empty(tmp_path: Path) -> None:
     assert (event.ppid, event.exe) == (0, "")
 
 
+def test_actor_cache_reads_proc_again_after_its_ttl(tmp_path: Path) -> None:
+    now = [0.0]
+    paths = {77: "/test/web"}
+    e = Enricher(rules=lambda rs, r: RULES.get((rs, r)), cgroups=paths.get, proc=tmp_path,
+                 wall_offset=lambda: 0, clock=lambda: now[0])
+    assert e.enrich(decode(record(ppid=0, exe=b""))).exe == ""  # not there yet
+    fake_proc(tmp_path, 4242, ppid=17, exe="/usr/bin/python3")
+    now[0] += PROC_TTL_S / 2
+    assert e.enrich(decode(record(ppid=0, exe=b""))).exe == ""  # cached
+    now[0] += PROC_TTL_S
+    assert e.enrich(decode(record(ppid=0, exe=b""))).exe == "/usr/bin/python3"
+
+
+def test_actor_cache_sees_a_new_plan_at_once(tmp_path: Path) -> None:
+    plans = {2: RULES[(1, 2)]}
+    e = Enricher(rules=lambda _rs, r: plans.get(r), cgroups={77: "/t"}.get, proc=tmp_path,
+                 wall_offset=lambda: 0, clock=lambda: 0.0)
+    assert e.enrich(decode(record())).rule == "web/exec.rules[0]"
+    plans[2] = RuleRef(2, "other", "exec", 3, Location("/etc/guard/other.yaml", 4, 5))
+    event = e.enrich(decode(record()))
+    assert (event.rule, event.location) == ("other/exec.rules[3]", "/etc/guard/other.yaml:4")
+
+
+def test_actor_cache_is_bounded(tmp_path: Path) -> None:
+    e = enricher(tmp_path)
+    for pid in range(Enricher.MAX_ACTORS + 10):
+        assert e.enrich(decode(record(pid=pid + 1))).pid == pid + 1
+    assert len(e._actors) <= Enricher.MAX_ACTORS
+
+
 def test_read_proc_real_process() -> None:
     info = read_proc(os.getpid())
     assert info is not None
@@ -246,7 +361,7 @@ def deny(**changes: object) -> AuditEvent:
     base = AuditEvent(time_ns=1, action="deny", kind="connect", policy="p", rule="p/egress.x",
                       pid=10, tid=10, ppid=1, uid=0, comm="curl", cgroup="/t", addr="127.0.0.1",
                       port=80, proto="tcp")
-    return replace(base, **changes)  # type: ignore[arg-type]
+    return base._replace(**changes)  # type: ignore[arg-type]
 
 
 def test_first_event_goes_out_at_once_and_repeats_fold() -> None:

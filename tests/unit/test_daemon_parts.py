@@ -4,6 +4,8 @@ runs the real daemon)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import secrets
 import socket
 import textwrap
@@ -11,9 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.rsyslog import parse_rfc5424
 
-from guard import notify
+from guard import layout, notify
+from guard.audit import Enricher, Folder
 from guard.daemon import (
+    RECORD_BATCH,
+    Daemon,
     PolicyLoad,
     families_to_load,
     format_status,
@@ -21,6 +27,9 @@ from guard.daemon import (
     needed_sections,
     unenforced,
 )
+from guard.errors import Location
+from guard.plan import RuleRef
+from guard.sinks import Sink, Target, Transport, log_record
 
 POLICY = textwrap.dedent("""\
     apiVersion: guard/v1
@@ -216,3 +225,148 @@ def test_run_refuses_a_missing_policy_directory(tmp_path: Path,
     missing = str(tmp_path / "nope")
     assert run(run_args(missing, "/dev/log", str(tmp_path / "state"))) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+# --- the event path of the loop, without a kernel ------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Peer(Transport):
+    """A datagram receiver the test reads, and fills (``room`` datagrams)."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.room: int | None = None
+
+    def open(self) -> None:
+        pass
+
+    def send(self, frame: bytes) -> int:
+        if self.room is not None:
+            if self.room <= 0:
+                return 0
+            self.room -= 1
+        self.frames.append(frame)
+        return len(frame)
+
+    def close(self) -> None:
+        pass
+
+    def fields(self) -> list[dict[str, str]]:
+        return [parse_rfc5424(f.decode()).fields for f in self.frames]
+
+
+RULE = RuleRef(3, "audit", "egress", 0, Location("/etc/guard/audit.yaml", 9, 11))
+
+
+def connect_record(port: int, time_ns: int = 1, count: int = 1) -> bytes:
+    event = layout.Event(time_ns=time_ns, cgroup_id=7, pid=50, tid=50, ppid=1, uid=0,
+                         rule_id=3, ruleset=1, count=count, kind=layout.KIND_CONNECT, hook=8,
+                         verdict=2, family=socket.AF_INET, proto=socket.IPPROTO_UDP, port=port,
+                         comm=b"flood", exe=b"/bin/flood")
+    event.addr[:4] = [127, 0, 0, 1]
+    return bytes(event)
+
+
+@pytest.fixture
+def loop(tmp_path: Path) -> Iterator[tuple[Daemon, Peer, Clock]]:
+    """A daemon's event path with no kernel: records go in its queue by hand."""
+    peer, clock = Peer(), Clock()
+    sink = Sink(Target("unix", path="/nonexistent"), transport=peer, hostname="h", procid=1,
+                queue_size=40)
+    daemon = Daemon(str(tmp_path / "policies"), "/", str(tmp_path / "state"), sink)
+    daemon.aggregator = Folder(window=1.0, clock=clock)
+    daemon._enricher = Enricher(rules=lambda _rs, rule: RULE if rule == 3 else None,
+                                cgroups=lambda _id: "/flood", proc=tmp_path / "proc",
+                                wall_offset=lambda: 0)
+    sink.submit(log_record(6, "start", "connected"))  # as the daemon's start does
+    peer.frames.clear()
+    try:
+        yield daemon, peer, clock
+    finally:
+        for fd in (daemon._wake_r, daemon._wake_w):
+            with contextlib.suppress(OSError):  # shutdown() closes them
+                os.close(fd)
+
+
+def drain(daemon: Daemon) -> None:
+    for _ in range(1000):
+        if not daemon._records:
+            return
+        daemon.step()
+    raise AssertionError("records left after 1000 rounds")
+
+
+def test_first_event_out_at_once_repeats_folded_counts_exact(
+        loop: tuple[Daemon, Peer, Clock]) -> None:
+    daemon, peer, clock = loop
+    daemon._records.extend(connect_record(20000, time_ns=t) for t in range(1, 6))
+    daemon._records.append(connect_record(20000, time_ns=6, count=10))  # kernel-folded
+    daemon._records.append(connect_record(20001))
+    daemon.step()
+    assert [(f["port"], f["count"]) for f in peer.fields()] == [("20000", "1"), ("20001", "1")]
+    assert daemon.aggregator.pending == 14
+    clock.now += 1.0
+    daemon.step()  # the window closed: one line with the repeats
+    assert [(f["port"], f["count"]) for f in peer.fields()][2:] == [("20000", "14")]
+    assert peer.fields()[0]["rule"] == "audit/egress.rules[0]"
+    assert peer.fields()[0]["cgroup"] == "/flood"
+    status = daemon.status()["events"]
+    assert (status["received"], status["lines"], status["aggregated"], status["pending"]) == (
+        7, 3, 13, 0)
+    assert daemon.rule_hits == {"audit/egress.rules[0]": 16}
+
+
+def test_shutdown_sends_what_is_still_folded(loop: tuple[Daemon, Peer, Clock]) -> None:
+    daemon, peer, _ = loop
+    daemon._records.extend(connect_record(20000) for _ in range(4))
+    daemon.step()
+    daemon.shutdown()
+    assert [(f.get("port"), f.get("count")) for f in peer.fields()
+            if f.get("kind") == "connect"] == [("20000", "1"), ("20000", "3")]
+
+
+def test_a_short_record_is_counted_and_reported_lost(loop: tuple[Daemon, Peer, Clock]) -> None:
+    daemon, peer, _ = loop
+    daemon._records.append(connect_record(20000)[:-1])
+    daemon._records.append(connect_record(20001))
+    daemon.step()
+    assert daemon.records_malformed == 1
+    kinds = [(f["kind"], f.get("source"), f["count"]) for f in peer.fields()]
+    assert kinds == [("connect", None, "1"), ("lost", "reader", "1")]
+
+
+def test_a_round_takes_a_bounded_batch(loop: tuple[Daemon, Peer, Clock]) -> None:
+    daemon, peer, _ = loop
+    daemon.sink.queue_size = 10 * RECORD_BATCH
+    daemon._records.extend(connect_record(20000 + i) for i in range(RECORD_BATCH + 5))
+    daemon.step()
+    assert len(daemon._records) == 5 and len(peer.frames) == RECORD_BATCH
+    assert daemon._wait_ms() == 0  # a backlog: the loop does not wait
+    daemon.step()
+    assert not daemon._records and len(peer.frames) == RECORD_BATCH + 5
+
+
+def test_a_full_target_pauses_the_records_without_losing_any(
+        loop: tuple[Daemon, Peer, Clock]) -> None:
+    daemon, peer, _ = loop
+    peer.room = 0  # the receiver stops reading
+    daemon._records.extend(connect_record(20000 + i) for i in range(100))
+    daemon.step()  # takes what the syslog queue has room for: 40
+    assert daemon.sink.queued == 40 and len(daemon._records) == 60
+    assert daemon._congested() and daemon._batch_limit() == 0
+    daemon.step()  # full and congested: no more records are made into lines
+    assert daemon.sink.queued == 40 and len(daemon._records) == 60
+    assert daemon.sink.stats().overflow == 0
+    peer.room = None  # it reads again
+    drain(daemon)
+    daemon.step()
+    assert [int(f["port"]) for f in peer.fields()] == list(range(20000, 20100))
+    assert daemon.sink.stats().overflow == 0 and daemon.sink.queued == 0

@@ -9,9 +9,11 @@ unix sockets the test owns.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import json
 import os
+import select
 import socket
 import threading
 from pathlib import Path
@@ -21,8 +23,10 @@ from support.rsyslog import ParseError, parse_rfc5424
 
 from guard.audit import AuditEvent, lost_event
 from guard.sinks import (
+    FACILITY_AUTH,
     FACILITY_AUTHPRIV,
     SEV_ERR,
+    EventFormatter,
     Record,
     Sink,
     Target,
@@ -155,6 +159,60 @@ def test_the_parser_is_strict() -> None:
     ]:
         with pytest.raises(ParseError):
             parse_rfc5424(bad)
+
+
+# --- the event formatter: the generic lines, byte for byte ------------------------------
+
+NASTY = ['a"b', "a\\b", "a]b", "tw\no\rlines", "ünï", "[guard@1 x=\"y\"]", "", " "]
+
+
+def formatter_cases() -> list[AuditEvent]:
+    cases = [
+        exec_deny(),
+        exec_deny(action="audit", count=5),
+        exec_deny(action="would-deny", undecided=True, rule=""),
+        exec_deny(kind="connect", hook="connect4", path="", addr="127.0.0.1", port=8080,
+                  proto="tcp", count=2),
+        exec_deny(kind="connect", hook="sendmsg6", path="", addr="fd00::1", port=53,
+                  proto="udp"),
+        exec_deny(kind="file", hook="file_open", access="read,write", path="/etc/shadow"),
+        exec_deny(kind="file", hook="path_change", access="", path="/etc/x"),
+        exec_deny(kind="tamper", hook="bpf", path="bpf(BPF_PROG_GET_NEXT_ID)"),
+        exec_deny(kind="weird kind\n", hook="hook-99", action="verdict-9"),
+        lost_event(12, "ringbuf", T0),
+        lost_event(3, "sink", 0),
+        exec_deny(time_ns=0),
+        exec_deny(time_ns=T0 + 999_999_999),
+    ]
+    for nasty in NASTY:
+        cases += [exec_deny(path=nasty, comm=nasty, policy=nasty, rule=nasty, exe=nasty,
+                            cgroup=nasty, location=nasty, action=nasty or "deny"),
+                  exec_deny(kind="file", access=nasty, path=nasty)]
+    return cases
+
+
+@pytest.mark.parametrize("facility", [FACILITY_AUTHPRIV, FACILITY_AUTH])
+def test_event_formatter_writes_the_generic_line(facility: int) -> None:
+    formatter = EventFormatter("host 1", 4242, facility)
+    for _ in range(2):  # the second time from its cache
+        for event in formatter_cases():
+            assert formatter.line(event) == format_rfc5424(
+                event_record(event), "host 1", 4242, facility), event
+
+
+def test_event_formatter_cache_is_bounded() -> None:
+    formatter = EventFormatter("h", 1)
+    for pid in range(EventFormatter.MAX_GROUPS + 10):
+        event = exec_deny(pid=pid)
+        assert formatter.line(event) == format_rfc5424(event_record(event), "h", 1)
+    assert len(formatter._groups) <= EventFormatter.MAX_GROUPS
+
+
+def test_timestamp_of_many_seconds() -> None:
+    for seconds in range(0, 100_000, 997):
+        moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+        assert timestamp(seconds * 10**9 + 1_000) == (
+            moment.strftime("%Y-%m-%dT%H:%M:%S") + ".000001Z")
 
 
 # --- JSON lines ------------------------------------------------------------------------
@@ -360,6 +418,136 @@ def test_oversized_datagram_is_counted_not_retried_forever() -> None:
     assert [f.get("pid", "lost") for f in parsed(transport.frames)] == ["1", "lost", "3"]
 
 
+def test_queue_then_pump_sends_datagrams_one_line_each() -> None:
+    transport, clock = Script(), Clock()
+    sink = make_sink(transport, clock, queue_size=10)
+    for pid in range(1, 5):
+        sink.queue_event(exec_deny(pid=pid))
+    assert transport.frames == [] and sink.queued == 4  # queued only
+    sink.pump()
+    assert [f["pid"] for f in parsed(transport.frames)] == ["1", "2", "3", "4"]
+    assert sink.stats().delivered == 4
+
+
+def test_queue_event_overflow_is_counted_and_reported_first() -> None:
+    transport, clock = Script(), Clock()
+    sink = make_sink(transport, clock, queue_size=2)
+    for pid in range(1, 6):
+        sink.queue_event(exec_deny(pid=pid))
+    assert sink.stats().overflow == 3
+    sink.pump()
+    assert [f.get("pid", f["count"]) for f in parsed(transport.frames)] == ["3", "1", "2"]
+
+
+class Counting(Script):
+    """A stream transport that counts its writes."""
+
+    def __init__(self) -> None:
+        super().__init__(stream=True)
+        self.writes = 0
+
+    def send(self, frame: bytes) -> int:
+        self.writes += 1
+        return super().send(frame)
+
+
+def test_stream_target_gets_many_lines_per_write() -> None:
+    transport, clock = Counting(), Clock()
+    sink = make_sink(transport, clock, queue_size=1000)
+    for pid in range(500):
+        sink.queue_event(exec_deny(pid=pid))
+    sink.pump()
+    frames = octet_frames(bytes(transport.got))
+    assert [parse_rfc5424(f).fields["pid"] for f in frames] == [str(p) for p in range(500)]
+    assert sink.stats().delivered == 500 and sink.stats().queued == 0
+    # about 400 bytes a line: a few 64 KiB writes, not 500
+    assert transport.writes <= len(transport.got) // Sink.BATCH_BYTES + 2
+
+
+def test_stream_short_writes_count_whole_lines_only() -> None:
+    transport, clock = Counting(), Clock()
+    sink = make_sink(transport, clock, queue_size=100)
+    for pid in range(3):
+        sink.queue_event(exec_deny(pid=pid))
+    one = len(octet_frame_of(sink, exec_deny(pid=0)))
+    transport.room = one + 10  # the first line and a bit of the second
+    sink.pump()
+    assert sink.stats().delivered == 1 and sink.stats().queued == 2
+    assert sink.wait_fd() is None  # the script has no descriptor
+    transport.room = None
+    sink.pump()
+    frames = octet_frames(bytes(transport.got))
+    assert [parse_rfc5424(f).fields["pid"] for f in frames] == ["0", "1", "2"]
+    assert sink.stats().delivered == 3
+
+
+def test_stream_broken_mid_batch_resends_only_unfinished_lines() -> None:
+    transport, clock = Counting(), Clock()
+    sink = make_sink(transport, clock, queue_size=100)
+    for pid in range(3):
+        sink.queue_event(exec_deny(pid=pid))
+    one = len(octet_frame_of(sink, exec_deny(pid=0)))
+    transport.room = one + 10
+    sink.pump()
+    transport.up = False  # the connection breaks inside the second line
+    sink.pump()
+    assert not sink.stats().connected and sink.stats().delivered == 1
+    transport.up, transport.room = True, None
+    transport.got.clear()
+    clock.now += 1.0
+    sink.pump()
+    frames = octet_frames(bytes(transport.got))
+    assert [parse_rfc5424(f).fields["pid"] for f in frames] == ["1", "2"]  # whole, once
+    assert sink.stats().delivered == 3
+
+
+def test_stream_overflow_is_reported_first_after_whole_batches() -> None:
+    transport, clock = Counting(), Clock()
+    sink = make_sink(transport, clock, queue_size=3)
+    for pid in range(3):
+        sink.queue_event(exec_deny(pid=pid))
+    sink.pump()  # a whole batch out
+    for pid in range(3, 8):
+        sink.queue_event(exec_deny(pid=pid))  # 3 kept, 2 turned away
+    sink.pump()
+    frames = [parse_rfc5424(f).fields for f in octet_frames(bytes(transport.got))]
+    assert [f.get("pid", "lost " + f["count"]) for f in frames] == [
+        "0", "1", "2", "lost 2", "3", "4", "5"]
+    assert sink.stats().overflow_unreported == 0
+
+
+def test_congested_only_when_connected_full_and_backlogged() -> None:
+    transport, clock = Script(), Clock()
+    sink = make_sink(transport, clock, queue_size=100)
+    transport.room = 0
+    for pid in range(4):
+        sink.queue_event(exec_deny(pid=pid))
+    assert not sink.congested(high_water=4)  # nothing tried yet
+    sink.pump()
+    assert sink.congested(high_water=4) and not sink.congested(high_water=5)
+    transport.room = None
+    sink.pump()
+    assert not sink.congested(high_water=1) and sink.queued == 0
+    transport.up = False
+    sink.queue_event(exec_deny())
+    sink.pump()  # down, not full: a producer goes on (its overflow is counted)
+    assert not sink.congested(high_water=1)
+
+
+def octet_frame_of(sink: Sink, event: AuditEvent) -> bytes:
+    data = sink.format_event(event).encode()
+    return b"%d " % len(data) + data
+
+
+def octet_frames(data: bytes) -> list[str]:
+    frames: list[str] = []
+    while data:
+        length, _, rest = data.partition(b" ")
+        frames.append(rest[: int(length)].decode())
+        data = rest[int(length):]
+    return frames
+
+
 def test_close_flushes_what_it_can() -> None:
     transport, clock = Script(), Clock()
     sink = make_sink(transport, clock)
@@ -421,6 +609,36 @@ def read_octet_counted(conn: socket.socket, count: int) -> list[str]:
             frames.append(rest[: int(length)].decode())
             buffer = rest[int(length):]
     return frames
+
+
+def test_full_datagram_peer_is_waited_for_on_the_socket(tmp_path: Path) -> None:
+    """A datagram receiver that does not read fills up (net.unix.max_dgram_qlen
+    datagrams); the sink keeps the lines, names the socket to wait on for
+    POLLOUT, and delivers the rest, in order, as the receiver reads."""
+    path = tmp_path / "log.sock"
+    lines = 2000  # more than any unix datagram queue holds (10 by default, 512 with systemd)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        sink = Sink(parse_target(f"unix:{path}"), hostname="h", procid=1, queue_size=lines)
+        for pid in range(lines):
+            sink.queue_event(exec_deny(pid=pid))
+        sink.pump()
+        fd = sink.wait_fd()
+        assert fd is not None and sink.congested(1)
+        assert 0 < sink.stats().delivered < lines
+        assert select.select([], [fd], [], 0)[1] == []  # no room: not writable
+        server.settimeout(2)
+        got: list[bytes] = []
+        for _ in range(lines):  # each round: read what was sent, wait for room, send more
+            got += [server.recv(65536) for _ in range(sink.stats().delivered - len(got))]
+            if sink.queued == 0:
+                break
+            assert select.select([], [fd], [], 2)[1] == [fd]  # room again
+            sink.pump()
+        assert [parse_rfc5424(g.decode()).fields["pid"] for g in got] == [
+            str(p) for p in range(lines)]
+        assert sink.wait_fd() is None and not sink.congested(1)
+        sink.close()
 
 
 def test_udp_loopback() -> None:
