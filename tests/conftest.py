@@ -20,3 +20,26 @@ import guestharness  # needs the path above
 
 def pytest_configure(config: pytest.Config) -> None:
     guestharness.configure(config)
+
+
+
+class SkipIsFailureInCI:
+    """In CI a skipped test is a failed one: a feature whose test did not run is not
+    shown to work (support.need already fails there; this catches every other skip,
+    including those relayed from the guest). Registered at session start, after the
+    session itself, so that it turns the report round before the session counts it."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if not report.skipped or hasattr(report, "wasxfail"):
+            return
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where every test must run: {reason}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    from support import in_ci
+
+    if in_ci():
+        session.config.pluginmanager.register(SkipIsFailureInCI(), "skip-is-failure-in-ci")
