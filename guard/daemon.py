@@ -21,10 +21,11 @@ ones (guard.audit.Folder, on the records' bytes), decode, enrich and format only
 those that become lines, send; check the kernel's lost-event counter once a
 second. A round takes at most RECORD_BATCH records and drains the ring buffer
 before each, so a flood neither overflows the ring while a backlog is worked off
-nor keeps signals, reloads and status waiting; while the syslog target is full
-it makes no more lines (the records wait in the ring buffer and the reader's
-queue, counted if those overflow). The status socket is answered from a second
-thread, from counters only.
+nor keeps signals, reloads and status waiting; a round that follows a busy one
+waits GATHER_S first, so a stream of events costs one round per millisecond,
+not one per event; while the syslog target is full it makes no more lines (the
+records wait in the reader's queue, counted if it overflows). The status socket
+is answered from a second thread, from counters only.
 
 Signals: SIGTERM/SIGINT stop cleanly (every program detached, exit 0).
 
@@ -110,6 +111,8 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
 STATUS_SOCKET = "status.sock"
 RECORD_QUEUE_MAX = 65_536  # records taken from the ring buffer and not yet processed
 RECORD_BATCH = 512  # records one round of the loop takes (a few ms of work at most)
+GATHER_S = 0.001  # a busy ring buffer is read at most this often (``Daemon._gather``)
+CONGESTED_READ_S = 0.005  # ... and at least this often while the syslog target is full
 MAX_ERROR_LINES = 100  # errors of one rejected reload sent to syslog and kept for status
 LOST_CHECK_S = 1.0
 MAX_WAIT_S = 1.0
@@ -268,6 +271,7 @@ class Daemon:
         self._status_sock: socket.socket | None = None
         self._status_thread: threading.Thread | None = None
         self._next_lost_check = 0.0
+        self._last_busy = 0.0  # monotonic time of the last round that read or sent
         self._enricher: Enricher | None = None
         self._ring: Any = None
         self._stats: Any = None
@@ -578,7 +582,7 @@ class Daemon:
                 if self._ringbuf_fd >= 0 and reading == self._congested():
                     reading = not reading
                     poller.modify(self._ringbuf_fd, select.POLLIN if reading else 0)
-                poller.poll(self._wait_ms())
+                poller.poll(self._gather(self._wait_ms()))
                 self._drain_wake()
                 self.step()
                 reasons = self._take_reload_requests()
@@ -587,6 +591,23 @@ class Daemon:
         finally:
             self.shutdown()
         return EXIT_OK
+
+    def _gather(self, timeout_ms: int) -> int:
+        """The poll timeout after sleeping out the rest of GATHER_S since the
+        last busy round, if there was one: a stream of events then gathers in
+        the ring buffer (and room in a syslog socket that was full), so a
+        round's fixed cost (waking up, the ring buffer's library call, a send
+        and the receiver's wake-up) is paid per few dozen records or lines, not
+        per one. The first record after a quiet spell wakes the loop at once; a
+        backlog of records, or a congested target (it gets every free slot as
+        soon as there is one), is never waited for."""
+        if timeout_ms == 0 or self._congested():
+            return timeout_ms
+        wait = self._last_busy + GATHER_S - time.monotonic()
+        if wait <= 0:
+            return timeout_ms
+        time.sleep(wait)
+        return 0
 
     def _take_reload_requests(self) -> str:
         """Every pending request, as one reason ("SIGHUP", "watch", "SIGHUP+watch").
@@ -605,7 +626,9 @@ class Daemon:
         if self._records and self._batch_limit() > 0:
             return 0  # a backlog to work off: no waiting
         now = time.monotonic()
-        deadlines = [now + MAX_WAIT_S, self._next_lost_check]
+        # congested, the ring buffer's fd is not polled; it is read this often
+        deadlines = [now + (CONGESTED_READ_S if self._congested() else MAX_WAIT_S),
+                     self._next_lost_check]
         flush_at = self.aggregator.next_deadline()
         if flush_at is not None:
             deadlines.append(flush_at)
@@ -622,28 +645,32 @@ class Daemon:
     def step(self) -> None:
         """One round: take records, send lines, report losses, deliver."""
         with self._lock:
+            delivered, taken = self.sink.delivered, self.records_received
             if self._congested():
                 self.sink.pump()  # woken because the target has room again, or by a timer
-            if not self._congested():
-                if self.kernel is not None:
-                    self.kernel.bpf.ring_buffer_consume()
-                self._send_closed()
-                self._process_records(self._batch_limit())
-            else:
-                self._send_closed()
-            if time.monotonic() >= self._next_lost_check:
-                self._next_lost_check = time.monotonic() + LOST_CHECK_S
+            if self.kernel is not None:
+                # also while congested: the record queue absorbs a burst the
+                # target cannot take yet, where the ring buffer would overflow
+                self.kernel.bpf.ring_buffer_consume()
+            self._send_closed()
+            self._process_records(self._batch_limit())
+            now = time.monotonic()
+            if now >= self._next_lost_check:
+                self._next_lost_check = now + LOST_CHECK_S
                 self._check_losses()
             self.sink.pump()
+            if self.records_received != taken or self.sink.delivered != delivered:
+                self._last_busy = now
 
     def _congested(self) -> bool:
         """The syslog target is connected but full with a quarter of the queue
         waiting: making more lines now would only fill the queue, and take CPU
-        from the receiver. The loop then neither reads the ring buffer nor
-        works off records until the target has room (POLLOUT on its socket):
-        what overflows the ring buffer is counted by the kernel. (A target that
-        is down does not stop the records: they are still folded, and what does
-        not fit in the queue is counted.)"""
+        from the receiver. The loop then makes no lines until the target has
+        room (POLLOUT on its socket); it reads the ring buffer every
+        CONGESTED_READ_S into the record queue, which absorbs the burst (what
+        overflows it is counted). (A target that is down does not stop the
+        records: they are still folded, and what does not fit in the syslog
+        queue is counted.)"""
         return self.sink.congested(max(1, self.sink.queue_size // 4))
 
     def _batch_limit(self) -> int:

@@ -9,6 +9,7 @@ import os
 import secrets
 import socket
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from support.rsyslog import parse_rfc5424
 from guard import layout, notify
 from guard.audit import Enricher, Folder
 from guard.daemon import (
+    CONGESTED_READ_S,
+    GATHER_S,
     RECORD_BATCH,
     Daemon,
     PolicyLoad,
@@ -370,3 +373,29 @@ def test_a_full_target_pauses_the_records_without_losing_any(
     daemon.step()
     assert [int(f["port"]) for f in peer.fields()] == list(range(20000, 20100))
     assert daemon.sink.stats().overflow == 0 and daemon.sink.queued == 0
+
+
+def test_a_round_after_a_busy_one_gathers_first(loop: tuple[Daemon, Peer, Clock]) -> None:
+    daemon, _, _ = loop
+    assert daemon._gather(500) == 500  # quiet: the first event wakes the loop at once
+    daemon._records.append(connect_record(20000))
+    daemon.step()
+    began = time.monotonic()
+    assert daemon._gather(500) == 0  # busy: slept out GATHER_S, then poll without waiting
+    assert time.monotonic() - began >= GATHER_S * 0.9
+    assert daemon._gather(0) == 0  # a backlog is never waited for
+    began = time.monotonic()
+    assert daemon._gather(500) == 500  # the gathering is over
+    assert time.monotonic() - began < GATHER_S
+
+
+def test_congested_the_ring_buffer_is_still_read_often(
+        loop: tuple[Daemon, Peer, Clock]) -> None:
+    daemon, peer, clock = loop
+    clock.now = time.monotonic() + 10  # the windows close long after (_wait_ms reads this clock)
+    peer.room = 0
+    daemon._records.extend(connect_record(20000 + i) for i in range(100))
+    daemon.step()
+    assert daemon._congested()
+    assert 0 < daemon._wait_ms() <= CONGESTED_READ_S * 1000 + 1
+    assert daemon._gather(3) == 3  # a congested target gets every free slot at once
