@@ -272,9 +272,9 @@ CgroupLookup = Callable[[int], str | None]  # cgroup id -> path
 def boot_to_wall_offset_ns() -> int:
     """Add this to a CLOCK_BOOTTIME time to get CLOCK_REALTIME.
 
-    Sampled at each conversion rather than once: the wall clock may be stepped
-    (NTP) while the daemon runs, and the event should carry the time a person
-    would have read on the wall when it happened.
+    Sampled again every WALL_OFFSET_TTL_S (by the Enricher) rather than once:
+    the wall clock may be stepped (NTP) while the daemon runs, and the event
+    should carry the time a person would have read on the wall when it happened.
     """
     return time.clock_gettime_ns(time.CLOCK_REALTIME) - time.clock_gettime_ns(
         time.CLOCK_BOOTTIME
@@ -373,6 +373,7 @@ _actor_key = operator.itemgetter(*(RawEvent._fields.index(name) for name in (
     "pid", "cgroup_id", "ruleset", "rule_id", "verdict", "kind", "hook", "ppid", "comm", "exe")))
 
 PROC_TTL_S = 1.0  # /proc answers (ppid, exe) are reused this long
+WALL_OFFSET_TTL_S = 0.01  # the boot-to-wall clock offset is sampled this often
 
 
 class Enricher:
@@ -408,6 +409,7 @@ class Enricher:
         self._procs = _TtlCache(1024, PROC_TTL_S, clock)
         self._cgroup_paths: OrderedDict[int, str] = OrderedDict()
         self._actors: dict[tuple[object, ...], _Actor] = {}
+        self._offset, self._offset_until = 0, float("-inf")
 
     def _cgroup(self, cgroup_id: int) -> str:
         path = self._cgroup_paths.get(cgroup_id)
@@ -461,32 +463,25 @@ class Enricher:
             if len(self._actors) >= self.MAX_ACTORS:
                 self._actors.clear()
             actor = self._actors[key] = self._actor(raw, ref, now)
+        if now >= self._offset_until:
+            self._offset = self.wall_offset()
+            self._offset_until = now + WALL_OFFSET_TTL_S
         kind = raw.kind
-        connect = kind == layout.KIND_CONNECT
-        return AuditEvent(
-            time_ns=raw.time_ns + self.wall_offset(),
-            action=actor.action,
-            kind=actor.kind,
-            hook=actor.hook,
-            policy=actor.policy,
-            rule=actor.rule,
-            location=actor.location,
-            pid=raw.pid,
-            tid=raw.tid,
-            ppid=actor.ppid,
-            uid=raw.uid,
-            comm=actor.comm,
-            exe=actor.exe,
-            cgroup=actor.cgroup,
-            cgroup_id=raw.cgroup_id,
-            path=_tamper_object(raw) if kind == layout.KIND_TAMPER else printable(raw.path),
-            access=_access_text(raw.access) if kind == layout.KIND_FILE else "",
-            addr=_address_text(raw.family, raw.addr) if connect else "",
-            port=raw.port if connect else 0,
-            proto=PROTO_NAMES.get(raw.proto, str(raw.proto)) if connect else "",
-            count=raw.count or 1,
-            undecided=bool(raw.flags & layout.EVENT_UNDECIDED),
-        )
+        if kind == layout.KIND_CONNECT:
+            path, access = "", ""
+            addr = (socket.inet_ntop(socket.AF_INET, raw.addr[:4])
+                    if raw.family == socket.AF_INET else _address_text(raw.family, raw.addr))
+            port, proto = raw.port, PROTO_NAMES.get(raw.proto) or str(raw.proto)
+        else:
+            path = _tamper_object(raw) if kind == layout.KIND_TAMPER else printable(raw.path)
+            access = _access_text(raw.access) if kind == layout.KIND_FILE else ""
+            addr, port, proto = "", 0, ""
+        # positional, in the field order: a third of the keyword call's cost
+        return AuditEvent(raw.time_ns + self._offset, actor.action, actor.kind, actor.hook,
+                          actor.policy, actor.rule, actor.location, raw.pid, raw.tid,
+                          actor.ppid, raw.uid, actor.comm, actor.exe, actor.cgroup,
+                          raw.cgroup_id, path, access, addr, port, proto, raw.count or 1,
+                          bool(raw.flags & layout.EVENT_UNDECIDED), "")
 
 
 # --- aggregation --------------------------------------------------------------

@@ -17,6 +17,7 @@ from guard.audit import (
     LOST_KERNEL,
     LOST_QUEUE,
     PROC_TTL_S,
+    WALL_OFFSET_TTL_S,
     Aggregator,
     AuditEvent,
     DecodeError,
@@ -323,6 +324,18 @@ def test_actor_cache_sees_a_new_plan_at_once(tmp_path: Path) -> None:
     plans[2] = RuleRef(2, "other", "exec", 3, Location("/etc/guard/other.yaml", 4, 5))
     event = e.enrich(decode(record()))
     assert (event.rule, event.location) == ("other/exec.rules[3]", "/etc/guard/other.yaml:4")
+
+
+def test_wall_clock_offset_is_sampled_again_after_its_ttl(tmp_path: Path) -> None:
+    now, offset = [0.0], [1000]
+    e = Enricher(rules=lambda _rs, _r: None, cgroups=lambda _i: "/t", proc=tmp_path,
+                 wall_offset=lambda: offset[0], clock=lambda: now[0])
+    assert e.enrich(decode(record(time_ns=5))).time_ns == 1005
+    offset[0] = 2000  # the wall clock was stepped
+    now[0] += WALL_OFFSET_TTL_S / 2
+    assert e.enrich(decode(record(time_ns=5))).time_ns == 1005
+    now[0] += WALL_OFFSET_TTL_S
+    assert e.enrich(decode(record(time_ns=5))).time_ns == 2005
 
 
 def test_actor_cache_is_bounded(tmp_path: Path) -> None:
