@@ -31,6 +31,43 @@
 #define GUARD_RINGBUF_BYTES      (4 * 1024 * 1024)
 
 /*
+ * The file filter (guard_file_filter, an array of __u64 words): per slot, one
+ * bit for every (ino, dev) that appears in a guard_files key of that slot, the
+ * subtree summary (ino 0, dev 0) excepted. A clear bit proves that no key of
+ * the slot has that inode, so file_open skips the lookups (and for NAME keys
+ * the name hash) it would have done: every non-matching open pays array reads,
+ * not hash lookups, whatever the number of rules. A set bit may be another
+ * inode's (a false positive): then the lookup is done as without the filter,
+ * so the filter never changes a decision. The bit is guard_file_filter_bit();
+ * slot s uses words s * GUARD_FILE_FILTER_WORDS ... + GUARD_FILE_FILTER_WORDS - 1.
+ */
+#define GUARD_FILE_FILTER_BITS_LOG2  22            /* bits per slot: 2^22 */
+#define GUARD_FILE_FILTER_WORDS      65536         /* 2^22 / 64 words per slot, 512 KiB */
+
+/*
+ * The bit of (ino, dev): dev spread by an odd multiplier and added to ino,
+ * then the 64-bit finalizer of MurmurHash3 (xor-shift, multiply, twice), whose
+ * output bits each depend on every input bit; the top
+ * GUARD_FILE_FILTER_BITS_LOG2 bits are the bit's index. A mixer, not a plain
+ * multiplicative hash: consecutive inode numbers of two file systems would
+ * land in the same few buckets after a plain multiplication (a constant
+ * offset), making half the inodes of one file system false positives for the
+ * other. Arithmetic modulo 2^64. guard/layout.py file_filter_bit() computes
+ * the same; tests/unit/test_file_filter.py compares the two.
+ */
+static inline __attribute__((always_inline)) __u32 guard_file_filter_bit(__u64 ino, __u32 dev)
+{
+	__u64 x = ino + (__u64)dev * 0x9E3779B97F4A7C15ULL;
+
+	x ^= x >> 33;
+	x *= 0xFF51AFD7ED558CCDULL;
+	x ^= x >> 33;
+	x *= 0xC4CEB9FE1A85EC53ULL;
+	x ^= x >> 33;
+	return (__u32)(x >> (64 - GUARD_FILE_FILTER_BITS_LOG2));
+}
+
+/*
  * Two generation slots make a reload atomic: user space fills the idle slot,
  * then flips guard_config.active_slot in one 4-byte write. Every lookup of one
  * decision reads the slot once, so a decision sees the whole old set or the
@@ -123,7 +160,9 @@ struct guard_ruleset {          /* guard_rulesets[slot * GUARD_MAX_RULESETS + id
 	struct guard_decision exec_default;
 	struct guard_decision egress_default;
 	__u32 has_files;            /* 1 when any file rule exists: skip the walk otherwise */
-	__u32 _pad;
+	__u32 files_subtree;        /* GUARD_ACCESS_* bits some subtree file rule decides
+	                             * (the summary key's present decisions): the walk
+	                             * runs only for these accesses */
 };
 
 struct guard_inode_key {        /* guard_exec and guard_files */

@@ -21,6 +21,8 @@ BPF_F_TABLE("hash", struct guard_inode_key, struct guard_decision, guard_exec,
 	    GUARD_MAX_EXEC_ENTRIES, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct guard_inode_key, struct guard_file_value, guard_files,
 	    GUARD_MAX_FILE_ENTRIES, BPF_F_NO_PREALLOC);
+/* guard_files' inodes as bits, per slot (guard.h): here so that apply finds it in every family */
+BPF_ARRAY(guard_file_filter, __u64, GUARD_SLOTS * GUARD_FILE_FILTER_WORDS);
 BPF_LPM_TRIE(guard_net4, struct guard_net4_key, __u32, GUARD_MAX_NET_ENTRIES);
 BPF_LPM_TRIE(guard_net6, struct guard_net6_key, __u32, GUARD_MAX_NET_ENTRIES);
 BPF_F_TABLE("hash", __u32, struct guard_port_table, guard_port_tables,

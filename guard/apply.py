@@ -21,6 +21,13 @@ back to its rule: ``Applier.rule_for``.
 
 Capacity: both slots live in the same maps during a reload, so one slot may use
 at most half of each map's entries (``validate``).
+
+The file filter (``guard_file_filter``, bpf/guard.h) is derived from the
+guard_files keys of a slot: one bit per (ino, dev) they name, in 64-bit words of
+an array, both slots' words in one map. It goes through the same fill, flip and
+clear as every other entry: a word is an entry (only nonzero words are kept, an
+array element is zeroed rather than deleted), so a fill writes only the words
+that changed and the clear zeroes the old slot's words after the flip.
 """
 
 from __future__ import annotations
@@ -50,9 +57,11 @@ FILES = "guard_files"
 NET4 = "guard_net4"
 NET6 = "guard_net6"
 PORT_TABLES = "guard_port_tables"
+FILE_FILTER = "guard_file_filter"
 CONFIG = "guard_config"
-MAP_NAMES = (SCOPES, RULESETS, EXEC, FILES, NET4, NET6, PORT_TABLES)
-ARRAY_MAPS = frozenset({RULESETS})  # entries cannot be deleted, only zeroed
+MAP_NAMES = (SCOPES, RULESETS, EXEC, FILES, FILE_FILTER, NET4, NET6, PORT_TABLES)
+ARRAY_MAPS = frozenset({RULESETS, FILE_FILTER})  # entries cannot be deleted, only zeroed
+DERIVED_MAPS = frozenset({FILE_FILTER})  # computed from other maps' entries: not rule entries
 
 # Entries one slot may use: half of each map (the other half is the other slot).
 SLOT_CAPACITY = {
@@ -63,6 +72,7 @@ SLOT_CAPACITY = {
     NET4: layout.MAX_NET_ENTRIES // layout.SLOTS,
     NET6: layout.MAX_NET_ENTRIES // layout.SLOTS,
     PORT_TABLES: layout.MAX_PORT_TABLES,
+    FILE_FILTER: layout.FILE_FILTER_WORDS,  # words; a slot's bits never fall outside them
 }
 
 SlotEntries = dict[str, dict[bytes, bytes]]  # map name -> {key bytes: value bytes}
@@ -112,9 +122,28 @@ def scope_entries(plan: Plan, slot: int, ids: Mapping[str, int]) -> dict[bytes, 
     return out
 
 
-def ruleset_entries(plan: Plan, slot: int) -> dict[bytes, bytes]:
-    """guard_rulesets[slot * MAX_RULESETS + id]: the defaults and the has_files flag."""
+def _is_summary(item: InodeEntry | FileInodeEntry) -> bool:
+    """The subtree summary key (ino 0, dev 0): no inode, a ruleset's strongest subtree verdict."""
+    return item.key.ino == 0 and item.key.dev == 0 and item.key.match == layout.MATCH_SUBTREE
+
+
+def files_subtree(file_items: Iterable[FileInodeEntry]) -> dict[int, int]:
+    """Slot-local ruleset id -> the ACCESS_* bits its subtree summary has a decision for:
+    the accesses for which file programs walk the parents (guard_ruleset.files_subtree)."""
+    out: dict[int, int] = {}
+    for item in file_items:
+        if _is_summary(item):
+            bits = (layout.ACCESS_READ if item.read is not None else 0) | (
+                layout.ACCESS_WRITE if item.write is not None else 0)
+            out[item.key.ruleset] = out.get(item.key.ruleset, 0) | bits
+    return out
+
+
+def ruleset_entries(plan: Plan, slot: int,
+                    file_items: Iterable[FileInodeEntry] = ()) -> dict[bytes, bytes]:
+    """guard_rulesets[slot * MAX_RULESETS + id]: the defaults, has_files and files_subtree."""
     with_files = {entry.ruleset for entry in plan.files}
+    subtree = files_subtree(file_items)
     defaults = {d.ruleset: d for d in plan.defaults}
     out: dict[bytes, bytes] = {}
     for ruleset in plan.rulesets:
@@ -123,6 +152,7 @@ def ruleset_entries(plan: Plan, slot: int) -> dict[bytes, bytes]:
             exec_default=decision_c(d.exec if d else None),
             egress_default=decision_c(d.egress if d else None),
             has_files=1 if ruleset.id in with_files else 0,
+            files_subtree=subtree.get(ruleset.id, 0),
         )
         out[_u32(qualified_ruleset(slot, ruleset.id))] = bytes(value)
     return out
@@ -202,6 +232,23 @@ def file_inode_entries(items: Iterable[FileInodeEntry], slot: int) -> dict[bytes
     }
 
 
+def file_filter_words(file_items: Iterable[FileInodeEntry]) -> dict[int, int]:
+    """Word index within a slot -> word: the bit of every (ino, dev) of a guard_files key,
+    the summary excepted; words without a bit are left out (zero in the array)."""
+    words: dict[int, int] = {}
+    for ino, dev in {(i.key.ino, i.key.dev) for i in file_items if not _is_summary(i)}:
+        bit = layout.file_filter_bit(ino, dev)
+        words[bit >> 6] = words.get(bit >> 6, 0) | (1 << (bit & 63))
+    return words
+
+
+def file_filter_entries(file_items: Iterable[FileInodeEntry], slot: int) -> dict[bytes, bytes]:
+    """guard_file_filter[slot * FILE_FILTER_WORDS + word] = the word, nonzero words only."""
+    base = slot * layout.FILE_FILTER_WORDS
+    return {_u32(base + index): bytes(ctypes.c_uint64(word))
+            for index, word in file_filter_words(file_items).items()}
+
+
 def slot_entries(
     plan: Plan,
     slot: int,
@@ -213,9 +260,10 @@ def slot_entries(
     v4, v6 = net_entries(plan, slot)
     return {
         SCOPES: scope_entries(plan, slot, scope_ids),
-        RULESETS: ruleset_entries(plan, slot),
+        RULESETS: ruleset_entries(plan, slot, file_items),
         EXEC: exec_inode_entries(exec_items, slot),
         FILES: file_inode_entries(file_items, slot),
+        FILE_FILTER: file_filter_entries(file_items, slot),
         NET4: v4,
         NET6: v6,
         PORT_TABLES: port_table_entries(plan, slot),
@@ -268,9 +316,13 @@ def scope_ids(
 
 
 def diff_counts(old: SlotEntries, new: SlotEntries) -> tuple[int, int, int]:
-    """(added, removed, updated) between two entry sets of the same slot."""
+    """(added, removed, updated) between two entry sets of the same slot; derived maps
+    (the file filter) are not counted: they change exactly when the entries they come
+    from do."""
     added = removed = updated = 0
     for name in MAP_NAMES:
+        if name in DERIVED_MAPS:
+            continue
         before, after = old.get(name, {}), new.get(name, {})
         added += sum(1 for k in after if k not in before)
         removed += sum(1 for k in before if k not in after)

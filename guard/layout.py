@@ -28,6 +28,12 @@ MAX_PORT_TABLES = 16384
 MAX_RULES = 262144
 RINGBUF_BYTES = 4 * 1024 * 1024
 SLOTS = 2
+FILE_FILTER_BITS_LOG2 = 22
+FILE_FILTER_WORDS = 65536  # per slot: (1 << FILE_FILTER_BITS_LOG2) // 64
+# the constants of guard_file_filter_bit(): dev's spread, the two finalizer multipliers
+FILE_FILTER_DEV_MULTIPLIER = 0x9E3779B97F4A7C15
+FILE_FILTER_MIX = (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53)
+_U64 = (1 << 64) - 1
 
 KIND_EXEC, KIND_FILE, KIND_CONNECT, KIND_TAMPER = 1, 2, 3, 4
 KIND_NAMES = {KIND_EXEC: "exec", KIND_FILE: "file", KIND_CONNECT: "connect",
@@ -98,7 +104,7 @@ class RulesetC(ctypes.Structure):
         ("exec_default", DecisionC),
         ("egress_default", DecisionC),
         ("has_files", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
+        ("files_subtree", ctypes.c_uint32),  # ACCESS_* bits some subtree file rule decides
     ]
 
 
@@ -214,3 +220,14 @@ def eval_product(expr: str) -> int:
 def kernel_dev(major: int, minor: int) -> int:
     """The kernel's internal dev_t (``sb->s_dev``), as the programs read it."""
     return (major << 20) | minor
+
+
+def file_filter_bit(ino: int, dev: int) -> int:
+    """The file filter's bit for (ino, dev), exactly as guard_file_filter_bit() in guard.h:
+    ino + dev * DEV_MULTIPLIER, mixed by MurmurHash3's 64-bit finalizer, top bits."""
+    x = (ino + dev * FILE_FILTER_DEV_MULTIPLIER) & _U64
+    for multiplier in FILE_FILTER_MIX:
+        x ^= x >> 33
+        x = (x * multiplier) & _U64
+    x ^= x >> 33
+    return x >> (64 - FILE_FILTER_BITS_LOG2)

@@ -631,6 +631,60 @@ def test_a_burst_is_delivered_whole_and_aggregates_to_its_count(
         (1, "file", "audit", "read", str(f)), (count - 1, "file", "audit", "read", str(f))]
 
 
+# --- the inode filter (guard_file_filter) ---------------------------------------------
+
+
+def test_many_exact_rules_match_their_files_only_in_every_slot_and_the_filter_is_used(
+    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+) -> None:
+    """200 exact rules in one directory: each named file is reported and its
+    neighbours (same directory: the NAME lookup is made, and misses) are not,
+    after each of three reloads (slot 1, slot 0, slot 1 again: each fill writes
+    the idle half of the filter, each clear zeroes the old half). Then the
+    kernel is shown to consult the filter: with the bits of one rule's file and
+    directory cleared by hand in the active half, its open goes unreported; put
+    back, it is reported again."""
+    from guard import apply
+    from guard.resolve import Resolver
+
+    d = tmp_path / "many"
+    files = [make(d / f"f{i:03d}") for i in range(400)]
+    neighbours = [make(d / f"n{i:03d}") for i in range(10)]
+    first, second = files[:200], files[200:]
+    for rules, not_named in ((first, second), (second, first), (first, second)):
+        guard.apply_yaml(files_policy("many", [cgroup.path], [("audit", ["read"], rules)]))
+        assert guard.last_warnings == ()
+        start = len(guard.log.for_cgroup(cgroup.id, settle_s=0))
+        for f in rules[::20] + neighbours + not_named[::20]:
+            assert probe.read(f) == 0
+        events = guard.log.for_cgroup(cgroup.id)[start:]
+        assert [e.path.decode() for e in events] == [str(f) for f in rules[::20]]
+
+    target = first[7]
+    resolver = Resolver()
+    file_id, dir_id = resolver.identity(str(target)), resolver.identity(str(d))
+    assert file_id is not None and dir_id is not None
+    slot = guard.applier.writer().read_config().active_slot & 1
+    table = guard.kernel.map(apply.FILE_FILTER)
+    saved: dict[int, int] = {}
+    for ino, dev in ((file_id.ino, file_id.dev), (dir_id.ino, dir_id.dev)):
+        bit = layout.file_filter_bit(ino, dev)
+        index = slot * layout.FILE_FILTER_WORDS + (bit >> 6)
+        word = saved.setdefault(index, int(table[ctypes.c_int(index)].value))
+        assert word >> (bit & 63) & 1, "apply left the bit of a key's inode clear"
+        current = int(table[ctypes.c_int(index)].value)
+        table[ctypes.c_int(index)] = ctypes.c_uint64(current & ~(1 << (bit & 63)))
+    try:
+        start = len(guard.log.for_cgroup(cgroup.id, settle_s=0))
+        assert probe.read(target) == 0
+        assert guard.log.for_cgroup(cgroup.id)[start:] == []
+    finally:
+        for index, word in saved.items():
+            table[ctypes.c_int(index)] = ctypes.c_uint64(word)
+    assert probe.read(target) == 0
+    assert [e.path.decode() for e in guard.log.for_cgroup(cgroup.id)[start:]] == [str(target)]
+
+
 # --- what the program cannot decide -----------------------------------------------
 
 

@@ -1,0 +1,274 @@
+"""The file filter's entries (guard_file_filter, bpf/guard.h): pure, no kernel.
+
+The kernel tests a bit before every guard_files lookup and skips the lookup
+when the bit is clear, so the filter must hold the bit of every inode a key
+names, in the slot of the key, computed exactly as the kernel computes it.
+The bit function is checked against guard.h itself, compiled by the machine's
+C compiler, and against values that compiler gave once (in case it is absent).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+import shutil
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+from support import need
+
+from guard import apply, layout
+from guard.errors import Location
+from guard.plan import Decision, FileEntry, Plan, RuleRef, Ruleset, ScopeEntry, Verdict
+from guard.resolve import FileInodeEntry, InodeKey, Match, summary_key
+
+AUDIT = Decision(Verdict.AUDIT, 1)
+DENY = Decision(Verdict.DENY, 2)
+DEV = layout.kernel_dev(0, 41)
+
+# (ino, dev, bit), printed by a C program calling guard_file_filter_bit() from guard.h
+KNOWN = [
+    (0, 0, 0),
+    (0, 1, 2566169),
+    (0, 8388609, 2256096),
+    (1, 1, 3768176),
+    (4294967296, 1, 1009203),
+    (12345678901234, 4294967295, 3681142),
+]
+
+PROBE_INPUTS = [
+    (ino, dev)
+    for ino in (0, 1, 2, 131, 4242, 0xFFFFFFFF, 1 << 32, (1 << 64) - 1, 12345678901234)
+    for dev in (0, 1, layout.kernel_dev(8, 1), 42, 0xFFFFF, 0xFFFFFFFF)
+]
+
+
+def c_bits(tmp_path: Path, inputs: list[tuple[int, int]]) -> list[int]:
+    compiler = shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+    need(compiler is not None, "a C compiler (gcc) to compile the filter probe")
+    assert compiler is not None
+    lines = ["#include <stdio.h>", "#include <linux/types.h>",
+             f'#include "{layout.HEADER}"', "int main(void) {"]
+    lines += [f'  printf("%u\\n", guard_file_filter_bit({ino}ULL, {dev}U));'
+              for ino, dev in inputs]
+    lines += ["  return 0;", "}"]
+    source, binary = tmp_path / "filter.c", tmp_path / "filter"
+    source.write_text("\n".join(lines) + "\n")
+    subprocess.run([compiler, "-Wall", "-Werror", "-o", str(binary), str(source)],
+                   check=True, capture_output=True, text=True)
+    out = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
+    return [int(line) for line in out.split()]
+
+
+def test_the_bit_is_the_headers_bit(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    inputs = PROBE_INPUTS + [(rng.getrandbits(64), rng.getrandbits(32)) for _ in range(200)]
+    assert [layout.file_filter_bit(ino, dev) for ino, dev in inputs] == c_bits(tmp_path, inputs)
+
+
+@pytest.mark.parametrize(("ino", "dev", "bit"), KNOWN)
+def test_the_bit_keeps_its_known_values(ino: int, dev: int, bit: int) -> None:
+    assert layout.file_filter_bit(ino, dev) == bit
+
+
+def test_constants_agree_with_the_header() -> None:
+    found = layout.header_constants()
+    assert found["FILE_FILTER_BITS_LOG2"] == layout.FILE_FILTER_BITS_LOG2
+    assert found["FILE_FILTER_WORDS"] == layout.FILE_FILTER_WORDS
+    assert layout.FILE_FILTER_WORDS * 64 == 1 << layout.FILE_FILTER_BITS_LOG2
+    assert apply.SLOT_CAPACITY[apply.FILE_FILTER] == layout.FILE_FILTER_WORDS
+
+
+def test_false_positives_stay_near_the_fill_ratio_across_file_systems() -> None:
+    # 100,000 consecutive inodes of one file system set ~2.4% of the bits; consecutive
+    # inodes of another file system (the same numbers) and of this one (the next
+    # numbers) must not fall on them more often than chance: the mixer's job
+    n = 100_000
+    bits = {layout.file_filter_bit(ino, DEV) for ino in range(1000, 1000 + n)}
+    chance = len(bits) / (1 << layout.FILE_FILTER_BITS_LOG2)
+    assert 0.02 < chance < 0.025
+    for dev, first in ((layout.kernel_dev(0, 42), 1000), (layout.kernel_dev(8, 1), 1000),
+                       (DEV, 1000 + n)):
+        hits = sum(layout.file_filter_bit(ino, dev) in bits for ino in range(first, first + n))
+        assert hits / n < 2 * chance, (dev, hits)
+
+
+# --- entries -----------------------------------------------------------------------------
+
+
+def item(ino: int, match: Match = Match.EXACT, ruleset: int = 0, name_hash: int = 0,
+         read: Decision | None = AUDIT, write: Decision | None = None,
+         dev: int = DEV) -> FileInodeEntry:
+    return FileInodeEntry(InodeKey(ino, dev, ruleset, match, name_hash), read, write, "/x")
+
+
+def is_set(entries: dict[bytes, bytes], slot: int, ino: int, dev: int) -> bool:
+    bit = layout.file_filter_bit(ino, dev)
+    key = bytes(ctypes.c_uint32(slot * layout.FILE_FILTER_WORDS + (bit >> 6)))
+    word = int.from_bytes(entries.get(key, bytes(8)), "little")
+    return bool(word >> (bit & 63) & 1)
+
+
+def test_every_inode_of_every_key_is_in_its_slots_half() -> None:
+    items = [item(10), item(11, Match.NAME, name_hash=0xABC), item(12, Match.SUBTREE),
+             item(13, ruleset=5), item(14, dev=layout.kernel_dev(8, 1))]
+    for slot in (0, 1):
+        entries = apply.file_filter_entries(items, slot)
+        for i in items:
+            assert is_set(entries, slot, i.key.ino, i.key.dev)
+            assert not is_set(entries, 1 - slot, i.key.ino, i.key.dev)
+        low, high = slot * layout.FILE_FILTER_WORDS, (slot + 1) * layout.FILE_FILTER_WORDS
+        for key, value in entries.items():
+            assert low <= int.from_bytes(key, "little") < high
+            assert len(value) == 8 and value != bytes(8)  # only nonzero words
+
+
+def test_the_subtree_summary_sets_no_bit_and_nothing_else_does() -> None:
+    summary = FileInodeEntry(summary_key(0), AUDIT, None, "(subtree summary)")
+    assert apply.file_filter_entries([summary], 0) == {}
+    entries = apply.file_filter_entries([summary, item(77)], 0)
+    ones = sum(bin(int.from_bytes(v, "little")).count("1") for v in entries.values())
+    assert ones == 1 and is_set(entries, 0, 77, DEV)
+
+
+def test_a_first_fill_writes_at_most_one_word_per_inode() -> None:
+    rng = random.Random(3)
+    inodes = rng.sample(range(1, 10_000_000), 100_000)
+    # an EXACT and a NAME key per file, the NAME keys all in a few directories
+    items = [item(ino) for ino in inodes] + [
+        item(d, Match.NAME, name_hash=h) for d in (2, 3, 4) for h in range(1, 1000)]
+    words = apply.file_filter_words(items)
+    assert len(words) <= len(set(inodes) | {2, 3, 4})
+    assert all(0 <= index < layout.FILE_FILTER_WORDS for index in words)
+    assert sum(bin(w).count("1") for w in words.values()) == len(
+        {layout.file_filter_bit(i, DEV) for i in [*inodes, 2, 3, 4]})
+
+
+def test_files_subtree_names_the_accesses_of_the_summary() -> None:
+    items = [item(5), FileInodeEntry(summary_key(0), AUDIT, None, "s"),
+             FileInodeEntry(summary_key(1), None, DENY, "s"),
+             FileInodeEntry(summary_key(2), AUDIT, DENY, "s")]
+    assert apply.files_subtree(items) == {
+        0: layout.ACCESS_READ, 1: layout.ACCESS_WRITE,
+        2: layout.ACCESS_READ | layout.ACCESS_WRITE}
+
+
+HERE = Location("t.yaml", 1, 1)
+
+
+def files_plan(rulesets: int = 3) -> Plan:
+    return Plan(
+        rules=(RuleRef(1, "p", "files", 0, HERE), RuleRef(2, "p", "files", 1, HERE)),
+        rulesets=tuple(Ruleset(i, ("p",)) for i in range(rulesets)),
+        scopes=tuple(ScopeEntry(f"/c{i}", i) for i in range(rulesets)),
+        defaults=(),
+        exec=(),
+        files=tuple(FileEntry(i, "/x", False, AUDIT, None) for i in range(rulesets - 1)),
+        net=(),
+        port_tables=(),
+    )
+
+
+def test_ruleset_entries_carry_files_subtree() -> None:
+    items = [item(5), FileInodeEntry(summary_key(1), None, DENY, "s")]
+    entries = apply.slot_entries(files_plan(), 1, {}, file_items=items)
+    got = {int.from_bytes(k, "little"): layout.RulesetC.from_buffer_copy(v)
+           for k, v in entries[apply.RULESETS].items()}
+    base = layout.MAX_RULESETS
+    assert [(got[base + i].has_files, got[base + i].files_subtree) for i in range(3)] == [
+        (1, 0), (1, layout.ACCESS_WRITE), (0, 0)]
+    assert entries[apply.FILE_FILTER] == apply.file_filter_entries(items, 1)
+
+
+def test_the_filter_is_not_counted_as_rule_entries() -> None:
+    before = apply.slot_entries(files_plan(), 0, {}, file_items=[item(5)])
+    after = apply.slot_entries(files_plan(), 0, {}, file_items=[item(5), item(6)])
+    # the FILES entry only, though a filter word was added or changed too
+    assert apply.diff_counts(before, after) == (1, 0, 0)
+
+
+# --- through the Applier's fill, flip and clear --------------------------------------------
+
+
+class ArrayMaps:
+    """Only what MapWriter needs to be overridden below: never asked for a real map."""
+
+    def map(self, name: str) -> object:
+        raise AssertionError(f"no real map here: {name}")
+
+
+class RecordingWriter(apply.MapWriter):
+    """Map contents by name, arrays zeroed rather than deleted, and what the maps held
+    at the moment of each flip."""
+
+    def __init__(self) -> None:
+        super().__init__(ArrayMaps())
+        self.maps: dict[str, dict[bytes, bytes]] = {name: {} for name in apply.MAP_NAMES}
+        self.config = layout.Config()
+        self.at_flip: list[dict[bytes, bytes]] = []
+        self.writes: dict[str, int] = {}
+
+    def update(self, name: str, items: list[tuple[bytes, bytes]]) -> int:  # type: ignore[override]
+        self.maps[name].update(items)
+        self.writes[name] = self.writes.get(name, 0) + len(items)
+        return len(items)
+
+    def delete(self, name: str, keys: list[bytes]) -> int:  # type: ignore[override]
+        for key in keys:
+            if name in apply.ARRAY_MAPS:
+                self.maps[name][key] = bytes(len(self.maps[name].get(key, bytes(8))))
+            else:
+                self.maps[name].pop(key, None)
+        self.writes[name] = self.writes.get(name, 0) + len(keys)
+        return len(keys)
+
+    def read_config(self) -> layout.Config:
+        return layout.Config(active_slot=self.config.active_slot,
+                             generation=self.config.generation)
+
+    def write_config(self, config: layout.Config) -> None:
+        self.at_flip.append(dict(self.maps[apply.FILE_FILTER]))
+        self.config = config
+
+
+class FixedApplier(apply.Applier):
+    """Resolves a plan to the file items the test set last: no file system involved."""
+
+    def resolve(self, plan: Plan) -> tuple[dict[str, int], list, list, list[str]]:  # type: ignore[override]
+        return {}, [], list(getattr(self, "items", [])), []
+
+
+def nonzero(words: dict[bytes, bytes], slot: int) -> dict[int, int]:
+    out = {}
+    for key, value in words.items():
+        index, word = int.from_bytes(key, "little"), int.from_bytes(value, "little")
+        if word and index // layout.FILE_FILTER_WORDS == slot:
+            out[index % layout.FILE_FILTER_WORDS] = word
+    return out
+
+
+def run(applier: FixedApplier, items: Iterable[FileInodeEntry]) -> apply.ApplyResult:
+    applier.items = list(items)  # type: ignore[attr-defined]
+    return applier.apply(files_plan())
+
+
+def test_apply_fills_the_idle_half_before_the_flip_and_zeroes_the_old_after() -> None:
+    writer = RecordingWriter()
+    applier = FixedApplier(ArrayMaps(), settle_s=0)
+    applier._writer = writer
+    first = [item(i) for i in range(100, 1100)]
+    second = [item(i) for i in range(600, 1600)]
+    run(applier, first)  # slot 1
+    want1 = apply.file_filter_words(first)
+    assert nonzero(writer.at_flip[-1], 1) == want1  # complete when the flip is made
+    assert writer.writes[apply.FILE_FILTER] == len(want1)  # a first fill: each word once
+    run(applier, second)  # slot 0; slot 1 cleared after the flip
+    assert nonzero(writer.at_flip[-1], 0) == apply.file_filter_words(second)
+    assert nonzero(writer.at_flip[-1], 1) == want1  # the old half still whole at the flip
+    assert nonzero(writer.maps[apply.FILE_FILTER], 1) == {}
+    assert nonzero(writer.maps[apply.FILE_FILTER], 0) == apply.file_filter_words(second)
+    writes = writer.writes[apply.FILE_FILTER]
+    run(applier, second)  # the same again: nothing written
+    assert writer.writes[apply.FILE_FILTER] == writes
