@@ -73,7 +73,9 @@ CLIENT = textwrap.dedent("""\
             results.append(error.errno)
         finally:
             s.close()
-    print(json.dumps(results))
+    print(json.dumps(results), flush=True)
+    if len(sys.argv) > 3:  # armed: alive (its /proc readable) until stdin closes
+        sys.stdin.read()
     """)
 
 
@@ -108,7 +110,10 @@ class Lab:
 
     def armed_client(self, port: int) -> subprocess.Popen[bytes]:
         """A client already running in the cgroup that connects once told to: the
-        time from 'go' to connect() is microseconds, not an interpreter start."""
+        time from 'go' to connect() is microseconds, not an interpreter start. It
+        stays alive until its stdin is closed: the daemon reads ppid and exe of a
+        connect's process from /proc (best effort), which a process that has
+        exited no longer has."""
         proc = self.inside.spawn([sys.executable, "-c", CLIENT, str(port), "1", "armed"],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         return proc
@@ -214,8 +219,10 @@ def test_ready_only_once_enforcing_and_the_deny_reaches_syslog(lab: Lab) -> None
     client = lab.armed_client(denied)
     with running_guard(lab, policies, "ready") as guard:
         # The very first thing after READY=1: the connect is already refused.
-        out, _ = client.communicate(b"go\n", timeout=30)
-        pid, results = client.pid, json.loads(out)
+        assert client.stdin is not None and client.stdout is not None
+        client.stdin.write(b"go\n")
+        client.stdin.flush()
+        pid, results = client.pid, json.loads(client.stdout.readline())
         assert results == [errno.EPERM]
         assert lab.connect(allowed)[1] == [0]
         counts = attached(lab.top.directory)
@@ -240,6 +247,7 @@ def test_ready_only_once_enforcing_and_the_deny_reaches_syslog(lab: Lab) -> None
         assert fields["ppid"] == str(os.getpid())
         assert fields["uid"] == "0" and fields["count"] == "1"
         assert fields["exe"] == os.path.realpath(sys.executable)
+        client.communicate(timeout=30)
 
 
 def test_repeated_denials_are_aggregated_with_a_count(lab: Lab) -> None:
