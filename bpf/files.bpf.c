@@ -55,11 +55,11 @@
  * dev 0: the strongest any subtree rule could have given), the event is
  * flagged undecided and GUARD_STAT_UNDECIDED counted: fail closed.
  *
- * Every lookup by an inode is preceded by a test of that inode's bit in the
+ * Every lookup by an inode is preceded by a test of that inode's bits in the
  * slot's file filter (guard_file_filter, see guard.h): a clear bit means no
  * key of the slot names the inode, and the lookup is skipped; for the NAME key
- * the parent's bit is tested before the name is read and hashed. A set bit
- * costs only the lookup the decision did before the filter existed, so the
+ * the parent's bits are tested before the name is read and hashed. Bits all
+ * set cost only the lookup the decision did before the filter existed, so the
  * filter changes the cost of a decision, never its outcome.
  *
  * Cost: file_open runs for every open on the machine. The order is the
@@ -68,11 +68,11 @@
  * for, so a reload invalidates it without a write); the ruleset's has_files;
  * then, per inode the decision meets (the file, its directory, and on the
  * walk, which runs only when the ruleset has subtree rules for the access,
- * every ancestor), one filter word read (an array element: the verifier
- * inlines the lookup, no helper call, no hashing of a key), and a hash lookup
- * only when the bit is set. An open no rule matches does no hash lookup into
- * guard_files, however many rules there are (false positives aside: about
- * keys / 2^22 of the inodes, 2.4% with 100,000 keys).
+ * every ancestor), a hash of (ino, dev) in a few multiplications and one
+ * filter word read (an array element: the verifier inlines the lookup, no
+ * helper call), and a hash map lookup only when the inode's bits are all set. An open no rule matches does no
+ * hash lookup into guard_files, however many rules there are (false positives
+ * aside: about 0.1% of inodes with 100,000 keys).
  *
  * Events: DENY -> -EPERM; AUDIT, WOULD_DENY and DENY -> one event (kind FILE,
  * hook FILE_OPEN or PATH_CHANGE, the access bits that got the reported
@@ -277,18 +277,19 @@ static __always_inline __u32 guard_files_name_hash(struct dentry *dentry)
 /*
  * 0 when no guard_files key of the filter's slot has (ino, dev): a lookup by
  * it would miss. ``base`` is the slot's first word. An array lookup, which the
- * verifier inlines; an index out of range (never: the bit is below 2^22) reads
- * as a set bit, so the lookup is done.
+ * verifier inlines; an index out of range (never: the word is below
+ * GUARD_FILE_FILTER_WORDS) counts as a hit, so the lookup is done.
  */
 static __always_inline int guard_files_filter(__u32 base, __u64 ino, __u32 dev)
 {
-	__u32 bit = guard_file_filter_bit(ino, dev);
-	__u32 index = base + (bit >> 6);
+	__u64 hash = guard_file_filter_hash(ino, dev);
+	__u64 mask = guard_file_filter_mask(hash);
+	__u32 index = base + guard_file_filter_word(hash);
 	__u64 *word = guard_file_filter.lookup(&index);
 
 	if (!word)
 		return 1;
-	return (*word >> (bit & 63)) & 1;
+	return (*word & mask) == mask;
 }
 
 /* The filter words of the slot a slot-qualified ruleset belongs to. */

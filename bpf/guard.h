@@ -31,31 +31,34 @@
 #define GUARD_RINGBUF_BYTES      (4 * 1024 * 1024)
 
 /*
- * The file filter (guard_file_filter, an array of __u64 words): per slot, one
- * bit for every (ino, dev) that appears in a guard_files key of that slot, the
- * subtree summary (ino 0, dev 0) excepted. A clear bit proves that no key of
- * the slot has that inode, so file_open skips the lookups (and for NAME keys
- * the name hash) it would have done: every non-matching open pays array reads,
- * not hash lookups, whatever the number of rules. A set bit may be another
- * inode's (a false positive): then the lookup is done as without the filter,
- * so the filter never changes a decision. The bit is guard_file_filter_bit();
- * slot s uses words s * GUARD_FILE_FILTER_WORDS ... + GUARD_FILE_FILTER_WORDS - 1.
+ * The file filter (guard_file_filter, an array of __u64 words): per slot, a
+ * Bloom filter of every (ino, dev) that appears in a guard_files key of that
+ * slot, the subtree summary (ino 0, dev 0) excepted. An inode sets
+ * GUARD_FILE_FILTER_PROBES bits, all in one word, so a test is one array
+ * read. Any of its bits clear proves that no key of the slot has that inode,
+ * and file_open skips the lookups (and for NAME keys the name hash) it would
+ * have done: a non-matching open pays array reads, not hash lookups, whatever
+ * the number of rules. All bits set may be other inodes' (a false positive:
+ * about 0.1% of inodes with 100,000 keys, 2.4% with one bit per inode); then
+ * the lookup is done as without the filter, so the filter never changes a
+ * decision. Slot s uses words s * GUARD_FILE_FILTER_WORDS onwards.
  */
-#define GUARD_FILE_FILTER_BITS_LOG2  22            /* bits per slot: 2^22 */
-#define GUARD_FILE_FILTER_WORDS      65536         /* 2^22 / 64 words per slot, 512 KiB */
+#define GUARD_FILE_FILTER_WORDS_LOG2 16
+#define GUARD_FILE_FILTER_WORDS      65536    /* per slot: 512 KiB */
+#define GUARD_FILE_FILTER_PROBES     3        /* bits per inode, in one word */
 
 /*
- * The bit of (ino, dev): dev spread by an odd multiplier and added to ino,
+ * The hash of (ino, dev): dev spread by an odd multiplier and added to ino,
  * then the 64-bit finalizer of MurmurHash3 (xor-shift, multiply, twice), whose
- * output bits each depend on every input bit; the top
- * GUARD_FILE_FILTER_BITS_LOG2 bits are the bit's index. A mixer, not a plain
- * multiplicative hash: consecutive inode numbers of two file systems would
- * land in the same few buckets after a plain multiplication (a constant
- * offset), making half the inodes of one file system false positives for the
- * other. Arithmetic modulo 2^64. guard/layout.py file_filter_bit() computes
- * the same; tests/unit/test_file_filter.py compares the two.
+ * output bits each depend on every input bit. A mixer, not a plain
+ * multiplicative hash: after a plain multiplication, consecutive inode numbers
+ * of two file systems differ by a constant offset and crowd into the same
+ * words, making half the inodes of one file system false positives for the
+ * other. Arithmetic modulo 2^64. Its top 16 bits choose the word, the next
+ * three 6-bit fields the bits. guard/layout.py file_filter_word_mask()
+ * computes the same; tests/unit/test_file_filter.py compares the two.
  */
-static inline __attribute__((always_inline)) __u32 guard_file_filter_bit(__u64 ino, __u32 dev)
+static inline __attribute__((always_inline)) __u64 guard_file_filter_hash(__u64 ino, __u32 dev)
 {
 	__u64 x = ino + (__u64)dev * 0x9E3779B97F4A7C15ULL;
 
@@ -64,7 +67,20 @@ static inline __attribute__((always_inline)) __u32 guard_file_filter_bit(__u64 i
 	x ^= x >> 33;
 	x *= 0xC4CEB9FE1A85EC53ULL;
 	x ^= x >> 33;
-	return (__u32)(x >> (64 - GUARD_FILE_FILTER_BITS_LOG2));
+	return x;
+}
+
+/* The word of an inode's hash, within its slot's words. */
+static inline __attribute__((always_inline)) __u32 guard_file_filter_word(__u64 hash)
+{
+	return (__u32)(hash >> (64 - GUARD_FILE_FILTER_WORDS_LOG2));
+}
+
+/* The inode's bits in that word. */
+static inline __attribute__((always_inline)) __u64 guard_file_filter_mask(__u64 hash)
+{
+	return (1ULL << ((hash >> 42) & 63)) | (1ULL << ((hash >> 36) & 63)) |
+	       (1ULL << ((hash >> 30) & 63));
 }
 
 /*

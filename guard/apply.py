@@ -23,11 +23,12 @@ Capacity: both slots live in the same maps during a reload, so one slot may use
 at most half of each map's entries (``validate``).
 
 The file filter (``guard_file_filter``, bpf/guard.h) is derived from the
-guard_files keys of a slot: one bit per (ino, dev) they name, in 64-bit words of
-an array, both slots' words in one map. It goes through the same fill, flip and
-clear as every other entry: a word is an entry (only nonzero words are kept, an
-array element is zeroed rather than deleted), so a fill writes only the words
-that changed and the clear zeroes the old slot's words after the flip.
+guard_files keys of a slot: three bits in one 64-bit word per (ino, dev) they
+name, a Bloom filter in an array, both slots' words in one map. It goes
+through the same fill, flip and clear as every other entry: a word is an entry
+(only nonzero words are kept, an array element is zeroed rather than deleted),
+so a fill writes only the words that changed and the clear zeroes the old
+slot's words after the flip.
 """
 
 from __future__ import annotations
@@ -233,12 +234,12 @@ def file_inode_entries(items: Iterable[FileInodeEntry], slot: int) -> dict[bytes
 
 
 def file_filter_words(file_items: Iterable[FileInodeEntry]) -> dict[int, int]:
-    """Word index within a slot -> word: the bit of every (ino, dev) of a guard_files key,
+    """Word index within a slot -> word: the bits of every (ino, dev) of a guard_files key,
     the summary excepted; words without a bit are left out (zero in the array)."""
     words: dict[int, int] = {}
     for ino, dev in {(i.key.ino, i.key.dev) for i in file_items if not _is_summary(i)}:
-        bit = layout.file_filter_bit(ino, dev)
-        words[bit >> 6] = words.get(bit >> 6, 0) | (1 << (bit & 63))
+        index, mask = layout.file_filter_word_mask(ino, dev)
+        words[index] = words.get(index, 0) | mask
     return words
 
 

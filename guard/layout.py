@@ -28,9 +28,10 @@ MAX_PORT_TABLES = 16384
 MAX_RULES = 262144
 RINGBUF_BYTES = 4 * 1024 * 1024
 SLOTS = 2
-FILE_FILTER_BITS_LOG2 = 22
-FILE_FILTER_WORDS = 65536  # per slot: (1 << FILE_FILTER_BITS_LOG2) // 64
-# the constants of guard_file_filter_bit(): dev's spread, the two finalizer multipliers
+FILE_FILTER_WORDS_LOG2 = 16
+FILE_FILTER_WORDS = 65536  # per slot
+FILE_FILTER_PROBES = 3  # bits per inode, in one word
+# the constants of guard_file_filter_hash(): dev's spread, the two finalizer multipliers
 FILE_FILTER_DEV_MULTIPLIER = 0x9E3779B97F4A7C15
 FILE_FILTER_MIX = (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53)
 _U64 = (1 << 64) - 1
@@ -222,12 +223,22 @@ def kernel_dev(major: int, minor: int) -> int:
     return (major << 20) | minor
 
 
-def file_filter_bit(ino: int, dev: int) -> int:
-    """The file filter's bit for (ino, dev), exactly as guard_file_filter_bit() in guard.h:
-    ino + dev * DEV_MULTIPLIER, mixed by MurmurHash3's 64-bit finalizer, top bits."""
+def file_filter_hash(ino: int, dev: int) -> int:
+    """guard_file_filter_hash() of guard.h: ino + dev * DEV_MULTIPLIER, mixed by
+    MurmurHash3's 64-bit finalizer."""
     x = (ino + dev * FILE_FILTER_DEV_MULTIPLIER) & _U64
     for multiplier in FILE_FILTER_MIX:
         x ^= x >> 33
         x = (x * multiplier) & _U64
     x ^= x >> 33
-    return x >> (64 - FILE_FILTER_BITS_LOG2)
+    return x
+
+
+def file_filter_word_mask(ino: int, dev: int) -> tuple[int, int]:
+    """(word within a slot, bits in it) of (ino, dev) in the file filter, as
+    guard_file_filter_word() and guard_file_filter_mask() of guard.h give them."""
+    x = file_filter_hash(ino, dev)
+    mask = 0
+    for shift in (42, 36, 30):  # FILE_FILTER_PROBES fields of 6 bits below the word's
+        mask |= 1 << ((x >> shift) & 63)
+    return x >> (64 - FILE_FILTER_WORDS_LOG2), mask

@@ -668,12 +668,12 @@ def test_many_exact_rules_match_their_files_only_in_every_slot_and_the_filter_is
     table = guard.kernel.map(apply.FILE_FILTER)
     saved: dict[int, int] = {}
     for ino, dev in ((file_id.ino, file_id.dev), (dir_id.ino, dir_id.dev)):
-        bit = layout.file_filter_bit(ino, dev)
-        index = slot * layout.FILE_FILTER_WORDS + (bit >> 6)
-        word = saved.setdefault(index, int(table[ctypes.c_int(index)].value))
-        assert word >> (bit & 63) & 1, "apply left the bit of a key's inode clear"
+        word, mask = layout.file_filter_word_mask(ino, dev)
+        index = slot * layout.FILE_FILTER_WORDS + word
+        value = saved.setdefault(index, int(table[ctypes.c_int(index)].value))
+        assert value & mask == mask, "apply left a bit of a key's inode clear"
         current = int(table[ctypes.c_int(index)].value)
-        table[ctypes.c_int(index)] = ctypes.c_uint64(current & ~(1 << (bit & 63)))
+        table[ctypes.c_int(index)] = ctypes.c_uint64(current & ~mask)
     try:
         start = len(guard.log.for_cgroup(cgroup.id, settle_s=0))
         assert probe.read(target) == 0
