@@ -76,6 +76,151 @@ static __always_inline int guard_current_ruleset(__u32 slot)
 }
 
 /*
+ * The scope cache: the ruleset of a cgroup, remembered per cgroup id, so that a
+ * decision does one hash lookup instead of the ancestor walk above (one helper
+ * call per level, GUARD_MAX_CGROUP_DEPTH of them, and a lookup per existing
+ * level). Used by net.bpf.c for the connecting task's cgroup and for a packet's
+ * socket cgroup (the same cgroup gives the same answer either way: the scope
+ * depends only on the cgroup's ancestors and the slot's guard_scopes entries).
+ *
+ * Why a cached entry is exact: within one generation the active slot's maps are
+ * never written (guard/apply.py fills the idle slot, flips, and only then clears
+ * the old one), and a cgroup's ancestors never change (cgroup2 refuses to move a
+ * directory to another parent; ids are never reused). So an entry is stamped with
+ * the (generation, slot) it was computed for and is used only by a decision that
+ * read that same pair: a reload invalidates every entry without a write.
+ *
+ * The pair comes from ONE 8-byte load of guard_config, and is cacheable only
+ * when slot == generation & 1, which every apply keeps (it flips the slot and
+ * bumps the generation together, from 0/0). A read torn between two configs
+ * breaks that parity: such a decision walks without the cache, still with the
+ * one slot it read. Entries never go stale in another way; an evicted one is
+ * recomputed.
+ *
+ * The value carries its key: an LRU element can be recycled for another cgroup
+ * while a program that looked it up still holds it (prealloc hash elements are
+ * reused at once), and such a copy then names another cgroup and is refused.
+ */
+#define GUARD_SCOPE_CACHE_ENTRIES 16384
+
+enum guard_scope_flags {         /* what the cgroup's ruleset has */
+	GUARD_SCOPE_EGRESS = 1,     /* an egress section (its egress default exists) */
+	GUARD_SCOPE_FILES  = 2,     /* a file rule (has_files) */
+};
+
+struct guard_scope_cached {
+	__u64 cgroup_id;            /* the key, again: see above */
+	__u32 generation;
+	__u32 slot;
+	__s32 ruleset;              /* slot-qualified; -1: no policy covers the cgroup */
+	__u32 flags;                /* enum guard_scope_flags */
+};
+
+BPF_TABLE("lru_hash", __u64, struct guard_scope_cached, guard_scope_cache,
+	  GUARD_SCOPE_CACHE_ENTRIES);
+
+/* One decision's scope: the slot it read once, and what it found in that slot. */
+struct guard_scope {
+	__u32 slot;
+	__u32 generation;
+	__u32 cacheable;            /* the (generation, slot) pair may key the cache */
+	__s32 ruleset;              /* slot-qualified; -1: no policy covers the actor */
+	__u32 flags;                /* enum guard_scope_flags */
+};
+
+/* Read guard_config once for a decision: slot, generation, and whether they agree. */
+static __always_inline void guard_scope_begin(struct guard_scope *s)
+{
+	__u32 zero = 0;
+	struct guard_config *config = guard_config.lookup(&zero);
+	struct guard_config copy = {};
+	__u64 word;
+
+	s->ruleset = -1;
+	s->flags = 0;
+	if (!config) {
+		s->slot = 0;
+		s->generation = 0;
+		s->cacheable = 0;
+		return;
+	}
+	word = *(volatile __u64 *)config;   /* one load: both fields of one config */
+	__builtin_memcpy(&copy, &word, sizeof(copy));
+	s->slot = copy.active_slot & 1;
+	s->generation = copy.generation;
+	s->cacheable = copy.active_slot == (copy.generation & 1);
+}
+
+/* 1 and s->ruleset/flags set when the cache has the cgroup for s's (generation, slot). */
+static __always_inline int guard_scope_cache_get(__u64 cgroup, struct guard_scope *s)
+{
+	struct guard_scope_cached *cached;
+	__s32 ruleset;
+	__u32 flags;
+
+	if (!s->cacheable)
+		return 0;
+	cached = guard_scope_cache.lookup(&cgroup);
+	if (!cached)
+		return 0;
+	/* the key last: an element rewritten for another cgroup meanwhile shows it there */
+	ruleset = *(volatile __s32 *)&cached->ruleset;
+	flags = *(volatile __u32 *)&cached->flags;
+	if (*(volatile __u32 *)&cached->generation != s->generation ||
+	    *(volatile __u32 *)&cached->slot != s->slot ||
+	    *(volatile __u64 *)&cached->cgroup_id != cgroup)
+		return 0;
+	s->ruleset = ruleset;
+	s->flags = flags;
+	return 1;
+}
+
+/* Set s->ruleset (slot-qualified or -1, from a walk in s->slot) and its flags, and
+ * remember them for the cgroup. */
+static __always_inline void guard_scope_cache_put(__u64 cgroup, struct guard_scope *s,
+						  int ruleset)
+{
+	struct guard_scope_cached fresh = {};
+	struct guard_ruleset *rs;
+	__u32 flags = 0;
+
+	if (ruleset >= 0) {
+		rs = guard_ruleset_get((__u32)ruleset);
+		if (rs) {
+			if (rs->egress_default.present)
+				flags |= GUARD_SCOPE_EGRESS;
+			if (rs->has_files)
+				flags |= GUARD_SCOPE_FILES;
+		}
+	}
+	s->ruleset = ruleset;
+	s->flags = flags;
+	if (!s->cacheable)
+		return;
+	fresh.cgroup_id = cgroup;
+	fresh.generation = s->generation;
+	fresh.slot = s->slot;
+	fresh.ruleset = ruleset;
+	fresh.flags = flags;
+	guard_scope_cache.update(&cgroup, &fresh);
+}
+
+/*
+ * The scope of the current task for one decision: guard_current_ruleset, through
+ * the cache. s->slot is the slot every other lookup of the decision must use.
+ */
+static __always_inline void guard_current_scope(struct guard_scope *s)
+{
+	__u64 cgroup;
+
+	guard_scope_begin(s);
+	cgroup = bpf_get_current_cgroup_id();
+	if (guard_scope_cache_get(cgroup, s))
+		return;
+	guard_scope_cache_put(cgroup, s, guard_current_ruleset(s->slot));
+}
+
+/*
  * Fill the process fields of an event for the current task. Only helpers every
  * program type has: cgroup programs may not read task_struct, so LSM programs
  * fill ppid themselves and user space fills it from /proc for the others.

@@ -12,23 +12,32 @@
  *
  * One decision for all of them (guard_net_decide):
  *   slot    = guard_config[0].active_slot, read once
- *   ruleset = the deepest scoped cgroup of the actor (task, or the skb's socket)
+ *   ruleset = the deepest scoped cgroup of the actor (task, or the skb's socket),
+ *             through the scope cache of guard_maps.h (one lookup per decision;
+ *             the ancestor walk only for a cgroup not seen since the last reload)
  *   table   = LPM lookup {32 + addrbits, be32(ruleset), addr}   (one lookup, any
  *             number of prefixes)
  *   verdict = the first line of port table (table + slot * GUARD_MAX_PORT_TABLES)
  *             matching (proto, port); the compiler made every table complete,
  *             so the ruleset's egress default decides only when no prefix at all
  *             matched (or the table is missing, which user space never leaves).
- * No scope, or a ruleset without egress section: allowed, nothing reported.
+ * No scope, or a ruleset without egress section: allowed, nothing reported, and
+ * nothing else done (no socket storage, no packet parsing). "Without egress
+ * section" is read from the ruleset's egress default: the compiler gives every
+ * ruleset with an egress section a default and no other ruleset a network entry
+ * (guard/compile.py, _ruleset_tables and ruleset_defaults).
  * IPv4-mapped IPv6 destinations (::ffff:a.b.c.d) are decided as IPv4.
  *
- * Which TCP packets the egress program judges: those of sockets that went
- * through guard_connect4/6 (they are marked in socket storage). Packets of
- * accepted connections and listeners (SYN-ACKs, replies to clients) are not
- * outbound connections and pass; so do packets of TCP connections made before
- * guard was loaded. Every other IP packet (UDP, ICMP, ...) is judged, as the
- * sendmsg hooks would judge it. Non-first fragments carry no ports and pass:
- * their first fragment was judged.
+ * Which TCP packets the egress program judges: those of sockets that connected
+ * through guard_connect4/6 while the connecting process's ruleset had an egress
+ * section and allowed the connection (they are marked in socket storage).
+ * Packets of accepted connections and listeners (SYN-ACKs, replies to clients)
+ * are not outbound connections and pass; so do packets of TCP connections made
+ * before guard was loaded, or made while no egress section covered the process
+ * (creating socket storage is most of a connect's cost, so it is spent only where
+ * a policy judges the socket). Every other IP packet (UDP, ICMP, ...) is judged,
+ * as the sendmsg hooks would judge it. Non-first fragments carry no ports and
+ * pass: their first fragment was judged.
  *
  * Structs are zero-initialised and then assigned, never given constant
  * initialisers: LLVM turns those into copies from .rodata, which bcc cannot
@@ -62,7 +71,6 @@ struct guard_net_dest {
 /* Who connected a socket: skb egress runs in any context (softirq, timers), so
  * the process fields of its events come from here, recorded at connect. */
 struct guard_net_owner {
-	__u64 cgroup_id;
 	__u32 pid;
 	__u32 tid;
 	__u32 uid;
@@ -204,7 +212,8 @@ static __always_inline void guard_net_event_fill(struct guard_event *e, __u8 hoo
 	__builtin_memcpy(e->addr, d->addr, 16);
 }
 
-/* Remember the process behind a socket for the egress program's events. */
+/* Remember the process behind a socket for the egress program's events (the
+ * cgroup is not kept: events report the socket's, bpf_skb_cgroup_id). */
 static __always_inline void guard_net_mark(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
@@ -220,7 +229,6 @@ static __always_inline void guard_net_mark(struct bpf_sock_addr *ctx)
 	owner->pid = pid_tgid >> 32;
 	owner->tid = (__u32)pid_tgid;
 	owner->uid = (__u32)bpf_get_current_uid_gid();
-	owner->cgroup_id = bpf_get_current_cgroup_id();
 	owner->outbound = 1;
 	bpf_get_current_comm(&owner->comm, sizeof(owner->comm));
 }
@@ -231,27 +239,29 @@ static __always_inline int guard_sock_addr_impl(struct bpf_sock_addr *ctx,
 						__u32 outbound)
 {
 	struct guard_decision dec = {};
+	struct guard_scope scope = {};
 	struct guard_event *e;
-	__u32 slot = guard_active_slot();
-	int ruleset;
 
-	if (outbound)   /* connect only: sendmsg runs per datagram, and judges each */
-		guard_net_mark(ctx);
-	ruleset = guard_current_ruleset(slot);
-	if (ruleset < 0)
+	guard_current_scope(&scope);   /* scope.slot: the one slot of this decision */
+	if (scope.ruleset < 0 || !(scope.flags & GUARD_SCOPE_EGRESS))
 		return 1;
 	d->proto = (__u8)ctx->protocol;
-	if (!guard_net_decide(slot, ruleset, d, &dec) || dec.verdict == GUARD_ALLOW)
-		return 1;
-	guard_net_count(dec.verdict);
-	e = guard_event_reserve();
-	if (e) {
-		guard_event_fill_task(e);
-		guard_net_event_fill(e, hook, ruleset, d, &dec);
-		e->count = 1;
-		guard_event_submit(e);
+	if (guard_net_decide(scope.slot, scope.ruleset, d, &dec) && dec.verdict != GUARD_ALLOW) {
+		guard_net_count(dec.verdict);
+		e = guard_event_reserve();
+		if (e) {
+			guard_event_fill_task(e);
+			guard_net_event_fill(e, hook, scope.ruleset, d, &dec);
+			e->count = 1;
+			guard_event_submit(e);
+		}
+		if (dec.verdict == GUARD_DENY)
+			return 0;   /* refused: the socket is not connected, nothing to mark */
 	}
-	return dec.verdict == GUARD_DENY ? 0 : 1;
+	/* connect only: sendmsg runs per datagram, and judges each */
+	if (outbound)
+		guard_net_mark(ctx);
+	return 1;
 }
 
 static __always_inline int guard_sock_addr4(struct bpf_sock_addr *ctx, __u8 hook,
@@ -300,7 +310,7 @@ int guard_sendmsg6(struct bpf_sock_addr *ctx)
 
 /* --- skb egress ---------------------------------------------------------- */
 
-/* guard_current_ruleset for the socket that sent a packet. */
+/* guard_current_ruleset for the socket that sent a packet (a scope cache miss). */
 static __always_inline int guard_skb_ruleset(struct __sk_buff *skb, __u32 slot)
 {
 	struct guard_scope_key key = { .slot = slot };
@@ -317,6 +327,18 @@ static __always_inline int guard_skb_ruleset(struct __sk_buff *skb, __u32 slot)
 			return (int)(slot * GUARD_MAX_RULESETS + *ruleset);
 	}
 	return -1;
+}
+
+/* guard_current_scope for the socket that sent a packet: its cgroup's scope. */
+static __always_inline void guard_skb_scope(struct __sk_buff *skb, struct guard_scope *s)
+{
+	__u64 cgroup;
+
+	guard_scope_begin(s);
+	cgroup = bpf_skb_cgroup_id(skb);
+	if (guard_scope_cache_get(cgroup, s))
+		return;
+	guard_scope_cache_put(cgroup, s, guard_skb_ruleset(skb, s->slot));
 }
 
 /*
@@ -448,29 +470,28 @@ static __always_inline void guard_skb_report(struct __sk_buff *skb, int ruleset,
 int guard_egress(struct __sk_buff *skb)
 {
 	struct guard_decision dec = {};
+	struct guard_scope scope = {};
 	struct guard_net_dest d = {};
 	struct guard_net_owner *owner;
 	struct bpf_sock *sk = skb->sk;
-	__u32 slot;
-	int ruleset;
 
 	if (!sk)
 		return 1;
 	sk = bpf_sk_fullsock(sk);
 	if (!sk)
 		return 1;
-	if (!guard_skb_dest(skb, &d))
+	/* cheapest first: most packets belong to sockets no egress section judges */
+	guard_skb_scope(skb, &scope);   /* scope.slot: the one slot of this decision */
+	if (scope.ruleset < 0 || !(scope.flags & GUARD_SCOPE_EGRESS))
 		return 1;
 	owner = guard_net_owners.sk_storage_get(sk, 0, 0);
-	if (d.proto == GUARD_IPPROTO_TCP && (!owner || !owner->outbound))
+	if (sk->protocol == GUARD_IPPROTO_TCP && (!owner || !owner->outbound))
+		return 1;   /* accepted, listening, or connected before it was judged */
+	if (!guard_skb_dest(skb, &d))
 		return 1;
-	slot = guard_active_slot();
-	ruleset = guard_skb_ruleset(skb, slot);
-	if (ruleset < 0)
-		return 1;
-	if (!guard_net_decide(slot, ruleset, &d, &dec) || dec.verdict != GUARD_DENY)
+	if (!guard_net_decide(scope.slot, scope.ruleset, &d, &dec) || dec.verdict != GUARD_DENY)
 		return 1;
 	guard_stat_add(GUARD_STAT_DENIED, 1);
-	guard_skb_report(skb, ruleset, &d, &dec, owner);
+	guard_skb_report(skb, scope.ruleset, &d, &dec, owner);
 	return 0;
 }
