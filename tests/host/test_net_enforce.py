@@ -33,6 +33,7 @@ from guard import layout
 from guard.apply import Applier
 from guard.compile import compile_policies
 from guard.loader import Kernel, probe_family
+from guard.model import PolicySet
 from guard.parse import load_policy_paths
 from guard.plan import Plan, Verdict
 
@@ -400,6 +401,29 @@ def test_established_connection_stops_once_denied(env: Env) -> None:
         assert events and events[0].verdict == int(Verdict.DENY)
         assert events[0].pid == holder.proc.pid  # the socket's owner, from socket storage
         assert events[0].cgroup_id == env.inside.id
+    finally:
+        holder.close()
+
+
+def test_connection_made_while_no_policy_covered_it_is_cut_by_a_later_one(env: Env) -> None:
+    """A service whose first policy arrives while it is connected: the connection was
+    made with no scope at all (nothing judged it), yet the new deny stops it."""
+    env.applier.apply(compile_policies(PolicySet(())))
+    hello, after = env.token("unscoped-hello"), env.token("unscoped-after")
+    holder = env.lab.hold(env.inside, "tcp", "198.51.100.2", 7001, hello)
+    try:
+        assert echoed(holder.result(), hello)
+        env.enforce("""\
+            default: allow
+            rules:
+              - {action: deny, to: [198.51.100.2/32], ports: [7001], protocol: tcp}
+            """)
+        result = holder.send(after)
+        assert result["result"] != "ok", result
+        assert not env.lab.wait_received(after, timeout=1.0)
+        events = env.tap.wait_for(lambda e: e.hook == 10 and e.port == 7001)
+        assert events and events[0].verdict == int(Verdict.DENY)
+        assert events[0].pid == holder.proc.pid
     finally:
         holder.close()
 
