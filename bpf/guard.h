@@ -23,8 +23,8 @@
 /* Map sizes (entries). */
 #define GUARD_MAX_SCOPES         8192
 #define GUARD_MAX_RULESETS       1024  /* per generation slot */
-#define GUARD_MAX_EXEC_ENTRIES   262144
-#define GUARD_MAX_FILE_ENTRIES   262144
+#define GUARD_MAX_EXEC_ENTRIES   524288 /* 100,000 exact paths are 200,000 keys a slot, */
+#define GUARD_MAX_FILE_ENTRIES   524288 /* and both slots are full during a reload */
 #define GUARD_MAX_NET_ENTRIES    262144
 #define GUARD_MAX_PORT_TABLES    16384
 #define GUARD_MAX_RULES          262144

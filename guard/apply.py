@@ -295,6 +295,15 @@ def validate(plan: Plan) -> list[str]:
     return problems
 
 
+def over_capacity(entries: SlotEntries) -> list[str]:
+    """The inode maps that one slot's entries would overfill. Known only once paths
+    are resolved (an exact path is two keys, a subtree one per mount below it), so
+    apply checks it after resolving, still before any write."""
+    return [f"{len(entries[name]):,} {name} entries, more than one slot's "
+            f"{SLOT_CAPACITY[name]:,}"
+            for name in (EXEC, FILES) if len(entries.get(name, {})) > SLOT_CAPACITY[name]]
+
+
 def scope_ids(
     plan: Plan, lookup: Callable[[str], int | None]
 ) -> tuple[dict[str, int], list[str]]:
@@ -507,6 +516,10 @@ class Applier:
                                time.monotonic() - start, tuple(warnings))
 
         new = slot_entries(plan, idle, ids, exec_items, file_items)
+        full = over_capacity(new)
+        if full:
+            raise ApplyError("the policies need more map entries than guard has: "
+                             + "; ".join(full))
         written = self._fill(idle, new)
         self.plans[idle] = plan
         self._inputs[idle] = inputs

@@ -122,6 +122,14 @@ def test_validate_names_what_does_not_fit() -> None:
     assert any("lines" in p for p in apply.validate(bad))
 
 
+def test_inode_maps_hold_100000_exact_paths_per_slot_and_say_when_they_are_full() -> None:
+    keys = {i.to_bytes(24, "little"): b"" for i in range(200_000)}  # two per exact path
+    assert apply.over_capacity({apply.FILES: keys, apply.EXEC: keys}) == []
+    too_many = {i.to_bytes(24, "little"): b"" for i in range(apply.SLOT_CAPACITY[apply.FILES] + 1)}
+    (problem,) = apply.over_capacity({apply.FILES: too_many, apply.EXEC: {}})
+    assert problem.startswith(f"{len(too_many):,} guard_files entries, more than one slot's")
+
+
 class FakeMaps:
     """Only for the error path: a map source whose maps fail on first use."""
 
