@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 from support import need
 from support.cgroup import TestCgroup
+from support.policies import exec_section, policy_text
 from support.rsyslog import Rsyslog, guard_messages
 from support.service import GuardService, guard_cli, start_guard
 
@@ -40,20 +40,7 @@ RUN = "import subprocess, sys\ntry:\n    subprocess.run([sys.argv[1]], check=Tru
 
 
 def exec_policy(name: str, cgroup: str, denied: Path) -> str:
-    return textwrap.dedent(f"""\
-        apiVersion: guard/v1
-        kind: Policy
-        metadata:
-          name: {name}
-        spec:
-          mode: enforce
-          scope:
-            cgroups: [{cgroup}]
-          exec:
-            default: allow
-            rules:
-              - {{action: deny, paths: ["{denied}"]}}
-        """)
+    return policy_text(name, exec_section(f'{{action: deny, paths: ["{denied}"]}}'), scope=cgroup)
 
 
 # --- BPF objects, asked of the kernel -----------------------------------------------------

@@ -28,7 +28,6 @@ import errno
 import io
 import json
 import shutil
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import pytest
 from support import need, need_root
 from support.cgroup import TestCgroup
 from support.daemon import ConnectProbe, attached_total
+from support.policies import egress, exec_section, policy_text, tcp_rule
 
 from guard import loader
 from guard.apply import Applier
@@ -212,24 +212,10 @@ def net_with_unchecked_lookup() -> str:
 
 
 def egress_policy(name: str, scope: str, port: int, exec_rule: bool = False) -> str:
-    text = textwrap.dedent(f"""\
-        apiVersion: guard/v1
-        kind: Policy
-        metadata:
-          name: {name}
-        spec:
-          mode: enforce
-          scope:
-            cgroups: [{scope}]
-          network:
-            egress:
-              default: allow
-              rules:
-                - {{action: deny, to: [127.0.0.1/32], ports: [{port}], protocol: tcp}}
-        """)
+    body = egress(tcp_rule("deny", port))
     if exec_rule:
-        text += "  exec:\n    rules:\n      - {action: deny, paths: [/usr/bin/true]}\n"
-    return text
+        body += exec_section("{action: deny, paths: [/usr/bin/true]}", default=None)
+    return policy_text(name, body, scope=scope)
 
 
 @pytest.fixture

@@ -30,7 +30,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ import pytest
 from support import need, need_root
 from support.cgroup import TestCgroup
 from support.daemon import ConnectProbe, GuardDaemon, running_daemon
+from support.policies import egress, policy_text, tcp_rule
 from support.rsyslog import Rsyslog, guard_messages
 
 from guard.daemon import format_status
@@ -82,21 +82,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 
 def deny(port: int, cgroup: str) -> str:
-    return textwrap.dedent(f"""\
-        apiVersion: guard/v1
-        kind: Policy
-        metadata:
-          name: one-port
-        spec:
-          mode: enforce
-          scope:
-            cgroups: [{cgroup}]
-          network:
-            egress:
-              default: allow
-              rules:
-                - {{action: deny, to: [127.0.0.1/32], ports: [{port}], protocol: tcp}}
-        """)
+    return policy_text("one-port", egress(tcp_rule("deny", port)), scope=cgroup)
 
 
 def proc_status_mb(pid: int) -> dict[str, float]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import secrets
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,13 +27,13 @@ import pytest
 from support import need, need_root
 from support.cgroup import TestCgroup, attached_programs
 from support.netns import NetLab
+from support.policies import compile_dir, egress_section, policy_text
 
 from guard import layout
 from guard.apply import Applier
 from guard.compile import compile_policies
 from guard.loader import Kernel, probe_family
 from guard.model import PolicySet
-from guard.parse import load_policy_paths
 from guard.plan import Plan, Verdict
 
 pytestmark = pytest.mark.host
@@ -94,27 +93,10 @@ class Env:
 
     def plan(self, egress: str, mode: str = "enforce", name: str = "net-test") -> Plan:
         """A one-policy plan scoped to ``inside``, compiled from YAML like a user's."""
-        text = textwrap.dedent("""\
-            apiVersion: guard/v1
-            kind: Policy
-            metadata:
-              name: {name}
-            spec:
-              mode: {mode}
-              scope:
-                cgroups: [{scope}]
-              network:
-                egress:
-            {egress}
-            """).format(name=name, mode=mode, scope=self.inside.path,
-                        egress=textwrap.indent(textwrap.dedent(egress), " " * 6))
-        for old in self.policy_dir.glob("*.yaml"):
-            old.unlink()
-        (self.policy_dir / f"{name}.yaml").write_text(text)
-        loaded = load_policy_paths([str(self.policy_dir)])
-        assert not loaded.errors, [str(d) for d in loaded.diagnostics]
-        assert loaded.policy_set is not None
-        return compile_policies(loaded.policy_set, host_cgroup=self.top.path, unit_cgroups={})
+        # the trailing blank line is what this test always wrote
+        text = policy_text(name, egress_section(egress) + "\n", scope=self.inside.path,
+                           mode=mode)
+        return compile_dir(self.policy_dir, name, text, self.top.path)
 
     def enforce(self, egress: str, mode: str = "enforce") -> Plan:
         plan = self.plan(egress, mode)
@@ -145,11 +127,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 def blocked(result: dict[str, Any]) -> bool:
-    return result["result"] == "error" and result["errno"] == errno.EPERM
+    return bool(result["result"] == "error" and result["errno"] == errno.EPERM)
 
 
 def echoed(result: dict[str, Any], token: str) -> bool:
-    return result["result"] == "ok" and result["echo"] == token
+    return bool(result["result"] == "ok" and result["echo"] == token)
 
 
 def test_programs_are_attached_to_the_test_cgroup_only(env: Env) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import secrets
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import pytest
 from support import need, need_root
 from support.cgroup import TestCgroup, attached_programs
 from support.netns import NetLab
+from support.policies import compile_dir, egress_section, policy_text
 
 from guard.apply import Applier, ApplyResult, qualified_ruleset
 from guard.compile import compile_policies
@@ -61,27 +61,10 @@ class Env:
 
     def plan(self, egress: str, scope: TestCgroup | None = None) -> Plan:
         """One enforce-mode policy with this egress section, compiled like a user's."""
-        text = textwrap.dedent("""\
-            apiVersion: guard/v1
-            kind: Policy
-            metadata:
-              name: cache-test
-            spec:
-              mode: enforce
-              scope:
-                cgroups: [{scope}]
-              network:
-                egress:
-            {egress}
-            """).format(scope=(scope or self.inside).path,
-                        egress=textwrap.indent(textwrap.dedent(egress), " " * 6))
-        for old in self.policy_dir.glob("*.yaml"):
-            old.unlink()
-        (self.policy_dir / "cache-test.yaml").write_text(text)
-        loaded = load_policy_paths([str(self.policy_dir)])
-        assert not loaded.errors, [str(d) for d in loaded.diagnostics]
-        assert loaded.policy_set is not None
-        return compile_policies(loaded.policy_set, host_cgroup=self.top.path, unit_cgroups={})
+        # the trailing blank line is what this test always wrote
+        text = policy_text("cache-test", egress_section(egress) + "\n",
+                           scope=(scope or self.inside).path)
+        return compile_dir(self.policy_dir, "cache-test", text, self.top.path)
 
     def apply(self, plan: Plan) -> ApplyResult:
         result = self.applier.apply(plan)

@@ -22,7 +22,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -34,6 +33,7 @@ import pytest
 from support import need, need_root
 from support.cgroup import TestCgroup
 from support.daemon import ConnectProbe, GuardDaemon, running_daemon
+from support.policies import egress, policy_text, tcp_rule
 from support.rsyslog import Rsyslog, Syslog5424, guard_messages
 
 pytestmark = pytest.mark.host
@@ -110,19 +110,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 def deny_policy(name: str, ports: list[int], header: str = "") -> str:
     """A whole-host egress policy denying TCP to each of ``ports`` on 127.0.0.1, one rule
     per port (so each is its own rule label)."""
-    rules = "".join(f"\n        - {{action: deny, to: [127.0.0.1/32], ports: [{port}], "
-                    "protocol: tcp}" for port in ports)
-    return header + textwrap.dedent(f"""\
-        apiVersion: guard/v1
-        kind: Policy
-        metadata:
-          name: {name}
-        spec:
-          mode: enforce
-          network:
-            egress:
-              default: allow
-              rules:""") + (rules or " []") + "\n"
+    return header + policy_text(name, egress(*(tcp_rule("deny", port) for port in ports)))
 
 
 def save_atomically(path: Path, text: str) -> None:

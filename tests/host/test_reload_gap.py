@@ -44,6 +44,7 @@ import pytest
 from support import need, need_root
 from support.cgroup import TestCgroup
 from support.daemon import running_daemon
+from support.policies import egress, policy_text, tcp_rule
 
 from guard import apply, layout
 from guard.plan import Plan
@@ -114,19 +115,7 @@ def egress_set(name: str, allowed: list[int]) -> str:
     """A whole-host (that is, --host-cgroup) default-deny egress policy allowing TCP to
     127.0.0.1 on ``allowed``."""
     ports = ", ".join(str(p) for p in allowed)
-    return textwrap.dedent(f"""\
-        apiVersion: guard/v1
-        kind: Policy
-        metadata:
-          name: {name}
-        spec:
-          mode: enforce
-          network:
-            egress:
-              default: deny
-              rules:
-                - {{action: allow, to: [127.0.0.1/32], ports: [{ports}], protocol: tcp}}
-        """)
+    return policy_text(name, egress(tcp_rule("allow", ports), default="deny"))
 
 
 @dataclass

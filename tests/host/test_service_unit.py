@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from support import need, need_root
 from support.cgroup import TestCgroup, attached_programs
+from support.policies import egress, policy_text, tcp_rule
 from support.rsyslog import Rsyslog, guard_messages
 from support.service import (
     ENV_TEMPLATE,
@@ -177,21 +178,7 @@ def test_install_is_idempotent_and_keeps_the_site_settings(tmp_path: Path) -> No
 
 
 def egress_policy(name: str, cgroup: str, port: int) -> str:
-    return textwrap.dedent(f"""\
-        apiVersion: guard/v1
-        kind: Policy
-        metadata:
-          name: {name}
-        spec:
-          mode: enforce
-          scope:
-            cgroups: [{cgroup}]
-          network:
-            egress:
-              default: allow
-              rules:
-                - {{action: deny, to: [127.0.0.1/32], ports: [{port}], protocol: tcp}}
-        """)
+    return policy_text(name, egress(tcp_rule("deny", port)), scope=cgroup)
 
 
 CLIENT = textwrap.dedent("""\

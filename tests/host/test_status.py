@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from support import need, need_root
 from support.cgroup import TestCgroup, attached_programs
+from support.policies import egress, policy_text, tcp_rule
 from support.rsyslog import Rsyslog, guard_messages
 from support.service import GuardService, guard_cli, start_guard
 
@@ -44,23 +45,11 @@ CLIENT = textwrap.dedent("""\
 
 
 def policy(port_a: int, port_b: int, cgroup: str, extra: str = "") -> str:
-    return textwrap.dedent(f"""\
-        apiVersion: guard/v1
-        kind: Policy
-        metadata:
-          name: lock
-          description: two ports are off limits
-        spec:
-          mode: enforce
-          scope:
-            cgroups: [{cgroup}]
-          network:
-            egress:
-              default: allow
-              rules:
-                - {{action: deny, to: [127.0.0.1/32], ports: [{port_a}], protocol: tcp}}
-                - {{action: deny, to: [127.0.0.1/32], ports: [{port_b}], protocol: tcp{extra}}}
-        """)
+    """``extra`` is written into the second rule's mapping (a bad key, for a rejected
+    edit)."""
+    second = tcp_rule("deny", port_b).removesuffix("}") + extra + "}"
+    return policy_text("lock", egress(tcp_rule("deny", port_a), second), scope=cgroup,
+                  description="two ports are off limits")
 
 
 @dataclass
@@ -228,9 +217,9 @@ def test_status_json_field_by_field(lab: Lab) -> None:
         assert status["tamper"] == {"enabled": False, "error": "", "denied": 0}
         assert status["watch"]["enabled"] is False
 
-        text = guard_cli(["status", "--state-dir", str(lab.work / "state")])
-        assert text.returncode == 0
-        assert "lock/egress.rules[0] 3" in text.stdout and "fail-closed" in text.stdout, \
-            text.stdout
+        shown = guard_cli(["status", "--state-dir", str(lab.work / "state")])
+        assert shown.returncode == 0
+        assert "lock/egress.rules[0] 3" in shown.stdout and "fail-closed" in shown.stdout, \
+            shown.stdout
     finally:
         guard.stop()

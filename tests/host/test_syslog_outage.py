@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 from support import need, need_root
 from support.cgroup import TestCgroup, attached_programs
+from support.policies import egress, policy_text, tcp_rule
 from support.rsyslog import Rsyslog, guard_messages
 from support.service import GuardService, start_guard
 
@@ -53,21 +54,7 @@ CLIENT = textwrap.dedent("""\
 
 def policy(cgroup: str) -> str:
     ports = f"{FIRST_PORT}-{FIRST_PORT + COUNT - 1}"
-    return textwrap.dedent(f"""\
-        apiVersion: guard/v1
-        kind: Policy
-        metadata:
-          name: ports
-        spec:
-          mode: enforce
-          scope:
-            cgroups: [{cgroup}]
-          network:
-            egress:
-              default: allow
-              rules:
-                - {{action: deny, to: [127.0.0.1/32], ports: ["{ports}"], protocol: tcp}}
-        """)
+    return policy_text("ports", egress(tcp_rule("deny", f'"{ports}"')), scope=cgroup)
 
 
 @dataclass

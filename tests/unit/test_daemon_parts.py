@@ -8,12 +8,12 @@ import contextlib
 import os
 import secrets
 import socket
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.policies import egress, exec_section, policy_text, tcp_rule
 from support.rsyslog import parse_rfc5424
 
 from guard import layout, notify
@@ -34,23 +34,10 @@ from guard.errors import Location
 from guard.plan import RuleRef
 from guard.sinks import Sink, Target, Transport, log_record
 
-POLICY = textwrap.dedent("""\
-    apiVersion: guard/v1
-    kind: Policy
-    metadata:
-      name: {name}
-    spec:
-      mode: enforce
-      exec:
-        default: allow
-        rules:
-          - {{action: deny, paths: [/usr/bin/wget]}}
-      network:
-        egress:
-          default: allow
-          rules:
-            - {{action: deny, to: [10.0.0.0/8], ports: [25], protocol: tcp}}
-    """)
+
+def mail_policy(name: str) -> str:
+    return policy_text(name, exec_section("{action: deny, paths: [/usr/bin/wget]}")
+                  + egress(tcp_rule("deny", 25, to="10.0.0.0/8")))
 
 
 def write(directory: Path, name: str, text: str) -> Path:
@@ -116,7 +103,7 @@ def test_notify_unset() -> None:
 
 
 def test_load_policies_valid(tmp_path: Path) -> None:
-    write(tmp_path, "mail", POLICY.format(name="mail"))
+    write(tmp_path, "mail", mail_policy("mail"))
     loaded = load_policies(str(tmp_path), "/", unit_lookup=lambda units: {})
     assert isinstance(loaded, PolicyLoad)
     assert [p.name for p in loaded.policy_set.policies] == ["mail"]
@@ -126,7 +113,7 @@ def test_load_policies_valid(tmp_path: Path) -> None:
 
 
 def test_load_policies_errors_are_positioned(tmp_path: Path) -> None:
-    path = write(tmp_path, "bad", POLICY.format(name="bad").replace("ports: [25]",
+    path = write(tmp_path, "bad", mail_policy("bad").replace("ports: [25]",
                                                                      "ports: [99999]"))
     diagnostics = load_policies(str(tmp_path), "/", unit_lookup=lambda units: {})
     assert not isinstance(diagnostics, PolicyLoad)
@@ -137,8 +124,8 @@ def test_load_policies_errors_are_positioned(tmp_path: Path) -> None:
 
 
 def test_unenforced_names_each_section(tmp_path: Path) -> None:
-    write(tmp_path, "a", POLICY.format(name="a"))
-    write(tmp_path, "b", POLICY.format(name="b"))
+    write(tmp_path, "a", mail_policy("a"))
+    write(tmp_path, "b", mail_policy("b"))
     loaded = load_policies(str(tmp_path), "/", unit_lookup=lambda units: {})
     assert isinstance(loaded, PolicyLoad)
     assert [(f, p) for f, p, _ in needed_sections(loaded.policy_set)] == [
