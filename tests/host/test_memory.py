@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import need, need_root
 from support.cgroup import TestCgroup
 from support.daemon import ConnectProbe, GuardDaemon, running_daemon
+from support.lab import syslog_and_cgroup
 from support.policies import egress, policy_text, tcp_rule
 from support.rsyslog import Rsyslog, guard_messages
 
@@ -61,24 +61,13 @@ class Lab:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    need_root()
-    need(shutil.which("rsyslogd") is not None, "rsyslogd is not installed (scripts/setup)")
-    from guard.loader import probe_family
-
-    feature = probe_family("net")
-    need(feature.available, f"cgroup network programs: {feature.reason}")
-    syslog = Rsyslog(tmp_path / "rsyslog", unix=True)
-    syslog.start()
-    try:
-        with TestCgroup.create() as top:
-            inside = top.child("in")
-            probe = ConnectProbe.start(inside, 2)
-            try:
-                yield Lab(top, inside, probe, syslog, tmp_path)
-            finally:
-                probe.close()
-    finally:
-        syslog.stop()
+    with syslog_and_cgroup(tmp_path) as (top, syslog):
+        inside = top.child("in")
+        probe = ConnectProbe.start(inside, 2)
+        try:
+            yield Lab(top, inside, probe, syslog, tmp_path)
+        finally:
+            probe.close()
 
 
 def deny(port: int, cgroup: str) -> str:

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import need, need_root
+from support import need
 from support.cgroup import TestCgroup
 from support.daemon import ConnectProbe, GuardDaemon, running_daemon
+from support.lab import syslog_and_cgroup
 from support.policies import egress, policy_text, tcp_rule
 from support.rsyslog import Rsyslog, Syslog5424, guard_messages
 
@@ -82,29 +83,18 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    need_root()
-    need(shutil.which("rsyslogd") is not None, "rsyslogd is not installed (scripts/setup)")
     need(shutil.which("git") is not None, "git is not installed")
-    from guard.loader import probe_family
-
-    feature = probe_family("net")
-    need(feature.available, f"cgroup network programs: {feature.reason}")
     work = tmp_path_factory.mktemp("reload")
-    syslog = Rsyslog(work / "rsyslog", unix=True)
-    syslog.start()
-    try:
-        with TestCgroup.create() as top:
-            probe = ConnectProbe.start(top.child("in"), 4)
-            built = Lab(top, syslog, probe, work)
-            try:
-                yield built
-            finally:
-                probe.close()
-                for what, values in sorted(built.latencies.items()):
-                    print(f"latency {what}: " + ", ".join(f"{v * 1000:.0f}" for v in values)
-                          + " ms")
-    finally:
-        syslog.stop()
+    with syslog_and_cgroup(work) as (top, syslog):
+        probe = ConnectProbe.start(top.child("in"), 4)
+        built = Lab(top, syslog, probe, work)
+        try:
+            yield built
+        finally:
+            probe.close()
+            for what, values in sorted(built.latencies.items()):
+                print(f"latency {what}: " + ", ".join(f"{v * 1000:.0f}" for v in values)
+                      + " ms")
 
 
 def deny_policy(name: str, ports: list[int], header: str = "") -> str:

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 from support import need, need_root
-from support.cgroup import TestCgroup, attached_programs
+from support.cgroup import TestCgroup
+from support.daemon import NET_ATTACH_TYPES, attached_total
+from support.lab import syslog_and_cgroup
 from support.policies import egress, policy_text, tcp_rule
 from support.rsyslog import Rsyslog, guard_messages
 from support.service import (
@@ -50,7 +52,6 @@ from guard.cli import build_parser
 from guard.sinks import parse_target
 
 INSTALL = REPO / "scripts" / "install-service"
-NET_ATTACH_TYPES = (1, 10, 11, 14, 15)
 READY_TIMEOUT = 120.0
 
 
@@ -221,7 +222,7 @@ class Site:
         return int(out)
 
     def attached(self) -> int:
-        return sum(attached_programs(self.top.directory, t) for t in NET_ATTACH_TYPES)
+        return attached_total(self.top.directory)
 
     def start(self, name: str) -> GuardService:
         command = service_command(
@@ -240,40 +241,28 @@ class Site:
 def site(tmp_path: Path) -> Iterator[Site]:
     need_root()
     need(shutil.which("setpriv") is not None, "setpriv (util-linux) is not installed")
-    need(shutil.which("rsyslogd") is not None, "rsyslogd is not installed (scripts/setup)")
     _need_analyze()
-    from guard.loader import probe_family
-
-    feature = probe_family("net")
-    need(feature.available, f"cgroup network programs: {feature.reason}")
     from guard.pin import on_bpffs
 
     need(on_bpffs(Path("/sys/fs/bpf")), "bpffs is not mounted at /sys/fs/bpf")
     pin_dir = Path("/sys/fs/bpf") / f"guard-test-{os.getpid()}-{tmp_path.name[-12:]}"
-    syslog = Rsyslog(tmp_path / "rsyslog", unix=True)
-    syslog.start()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    try:
-        with TestCgroup.create() as top:
-            inside = top.child("in")
-            state_dir = tmp_path / "state"
-            state_dir.mkdir(mode=0o700)
-            built = Site(top, inside, syslog, tmp_path / "policies", state_dir, pin_dir,
-                         tmp_path, listener)
-            built.policies.mkdir()
-            try:
-                yield built
-            finally:
-                # whatever happened: no daemon, no pin, nothing attached
-                guard_cli(["stop", "--unload", "--state-dir", str(state_dir),
-                           "--pin-dir", str(pin_dir), "--timeout", "30"])
-                assert not pin_dir.exists()
-                assert built.attached() == 0
-    finally:
-        listener.close()
-        syslog.stop()
+    with syslog_and_cgroup(tmp_path) as (top, syslog), socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        inside = top.child("in")
+        state_dir = tmp_path / "state"
+        state_dir.mkdir(mode=0o700)
+        built = Site(top, inside, syslog, tmp_path / "policies", state_dir, pin_dir,
+                     tmp_path, listener)
+        built.policies.mkdir()
+        try:
+            yield built
+        finally:
+            # whatever happened: no daemon, no pin, nothing attached
+            guard_cli(["stop", "--unload", "--state-dir", str(state_dir),
+                       "--pin-dir", str(pin_dir), "--timeout", "30"])
+            assert not pin_dir.exists()
+            assert built.attached() == 0
 
 
 def test_the_service_enforces_restarts_without_a_gap_reloads_and_unloads(site: Site) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import need, need_root
-from support.cgroup import TestCgroup, attached_programs
+from support.cgroup import TestCgroup
+from support.daemon import attached_total
+from support.lab import syslog_and_cgroup
 from support.policies import egress, policy_text, tcp_rule
 from support.rsyslog import Rsyslog, guard_messages
 from support.service import GuardService, guard_cli, start_guard
 
-NET_ATTACH_TYPES = (1, 10, 11, 14, 15)
 READY_TIMEOUT = 120.0
 
 CLIENT = textwrap.dedent("""\
@@ -85,30 +84,18 @@ class Lab:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    need_root()
-    need(shutil.which("rsyslogd") is not None, "rsyslogd is not installed (scripts/setup)")
-    from guard.loader import probe_family
-
-    feature = probe_family("net")
-    need(feature.available, f"cgroup network programs: {feature.reason}")
     pin_dir = Path("/sys/fs/bpf") / f"guard-status-{os.getpid()}"
-    syslog = Rsyslog(tmp_path / "rsyslog", unix=True)
-    syslog.start()
-    built: Lab | None = None
-    try:
-        with TestCgroup.create() as top:
-            built = Lab(top, top.child("in"), syslog, tmp_path, pin_dir, [])
-            try:
-                yield built
-            finally:
-                guard_cli(["stop", "--unload", "--state-dir", str(tmp_path / "state"),
-                           "--pin-dir", str(pin_dir), "--timeout", "30"])
-                assert not pin_dir.exists()
-                assert sum(attached_programs(top.directory, t) for t in NET_ATTACH_TYPES) == 0
-    finally:
-        for sock in built.listeners if built else []:
-            sock.close()
-        syslog.stop()
+    with syslog_and_cgroup(tmp_path) as (top, syslog):
+        built = Lab(top, top.child("in"), syslog, tmp_path, pin_dir, [])
+        try:
+            yield built
+        finally:
+            for sock in built.listeners:
+                sock.close()
+            guard_cli(["stop", "--unload", "--state-dir", str(tmp_path / "state"),
+                       "--pin-dir", str(pin_dir), "--timeout", "30"])
+            assert not pin_dir.exists()
+            assert attached_total(top.directory) == 0
 
 
 def start(lab: Lab, policies: Path) -> GuardService:

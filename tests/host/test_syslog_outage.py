@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import need, need_root
-from support.cgroup import TestCgroup, attached_programs
+from support.cgroup import TestCgroup
+from support.daemon import attached_total
+from support.lab import syslog_and_cgroup
 from support.policies import egress, policy_text, tcp_rule
 from support.rsyslog import Rsyslog, guard_messages
 from support.service import GuardService, start_guard
 
-NET_ATTACH_TYPES = (1, 10, 11, 14, 15)
 FIRST_PORT, COUNT = 21000, 150  # denied: FIRST_PORT .. FIRST_PORT + COUNT - 1
 
 CLIENT = textwrap.dedent("""\
@@ -87,20 +86,9 @@ class Outage:
 
 @pytest.fixture
 def outage(tmp_path: Path) -> Iterator[Outage]:
-    need_root()
-    need(shutil.which("rsyslogd") is not None, "rsyslogd is not installed (scripts/setup)")
-    from guard.loader import probe_family
-
-    feature = probe_family("net")
-    need(feature.available, f"cgroup network programs: {feature.reason}")
-    syslog = Rsyslog(tmp_path / "rsyslog", unix=True)
-    syslog.start()
-    try:
-        with TestCgroup.create() as top:
-            yield Outage(top, top.child("in"), syslog, tmp_path)
-            assert sum(attached_programs(top.directory, t) for t in NET_ATTACH_TYPES) == 0
-    finally:
-        syslog.stop()
+    with syslog_and_cgroup(tmp_path) as (top, syslog):
+        yield Outage(top, top.child("in"), syslog, tmp_path)
+        assert attached_total(top.directory) == 0
 
 
 def run_outage(outage: Outage, queue: int) -> tuple[GuardService, int, dict[str, object]]:
