@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import need, need_root
-from support.cgroup import TestCgroup, attached_programs
+from support.cgroup import TestCgroup
+from support.lab import net_kernel
 from support.netns import NetLab
-from support.policies import compile_dir, egress_section, policy_text
+from support.policies import compile_dir, egress_section, policy_text, tcp_rule
 
 from guard import layout
 from guard.apply import Applier
 from guard.compile import compile_policies
-from guard.loader import Kernel, probe_family
+from guard.loader import Kernel
 from guard.model import PolicySet
 from guard.plan import Plan, Verdict
 
@@ -111,19 +111,9 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    need_root()
-    feature = probe_family("net")
-    need(feature.available, f"cgroup network programs: {feature.reason}")
-    work = tmp_path_factory.mktemp("net")
-    policy_dir = work / "policies"
-    policy_dir.mkdir()
-    with TestCgroup.create() as top, NetLab.create(work) as lab:
-        inside, outside = top.child("in"), top.child("out")
-        with Kernel(families={"net"}, host_cgroup=top.path) as kernel:
-            yield Env(top, inside, outside, lab, kernel, Applier(kernel), EventTap(kernel),
-                      policy_dir)
-        # proof that nothing stays attached: egress, connect4/6, sendmsg4/6
-        assert [attached_programs(top.directory, t) for t in (1, 10, 11, 14, 15)] == [0] * 5
+    with net_kernel(tmp_path_factory.mktemp("net")) as net:
+        yield Env(net.top, net.inside, net.outside, net.lab, net.kernel, Applier(net.kernel),
+                  EventTap(net.kernel), net.policy_dir)
 
 
 def blocked(result: dict[str, Any]) -> bool:
@@ -362,52 +352,40 @@ def test_denials_are_reported_with_the_deciding_rule(env: Env) -> None:
     assert env.stat(layout.STAT_DENIED) == denied_before + 1
 
 
+def cut_by_deny(env: Env, port: int, hello: str, after: str) -> layout.Event:
+    """Hold a TCP connection from ``inside`` to 198.51.100.2:``port`` (``hello`` echoed
+    back), enforce a deny of exactly that, and prove the connection cut: ``after`` is
+    refused and never arrives, and skb egress (hook 10) reports a DENY owned by the
+    holder. Returns that event."""
+    holder = env.lab.hold(env.inside, "tcp", "198.51.100.2", port, hello)
+    try:
+        assert echoed(holder.result(), hello)
+        env.enforce(f"default: allow\nrules:\n  - {tcp_rule('deny', port, '198.51.100.2/32')}\n")
+        result = holder.send(after)
+        assert result["result"] != "ok", result
+        assert not env.lab.wait_received(after, timeout=1.0)
+        events = env.tap.wait_for(lambda e: e.hook == 10 and e.port == port)
+        assert events and events[0].verdict == int(Verdict.DENY)
+        assert events[0].pid == holder.proc.pid  # the socket's owner, from socket storage
+        return events[0]
+    finally:
+        holder.close()
+
+
 def test_established_connection_stops_once_denied(env: Env) -> None:
     env.enforce("""\
         default: allow
         rules: []
         """)
-    hello, after = env.token("hello"), env.token("after-deny")
-    holder = env.lab.hold(env.inside, "tcp", "198.51.100.2", 7000, hello)
-    try:
-        assert echoed(holder.result(), hello)
-        env.enforce("""\
-            default: allow
-            rules:
-              - {action: deny, to: [198.51.100.2/32], ports: [7000], protocol: tcp}
-            """)
-        result = holder.send(after)
-        assert result["result"] != "ok", result
-        assert not env.lab.wait_received(after, timeout=1.0)
-        events = env.tap.wait_for(lambda e: e.hook == 10 and e.port == 7000)
-        assert events and events[0].verdict == int(Verdict.DENY)
-        assert events[0].pid == holder.proc.pid  # the socket's owner, from socket storage
-        assert events[0].cgroup_id == env.inside.id
-    finally:
-        holder.close()
+    event = cut_by_deny(env, 7000, env.token("hello"), env.token("after-deny"))
+    assert event.cgroup_id == env.inside.id
 
 
 def test_connection_made_while_no_policy_covered_it_is_cut_by_a_later_one(env: Env) -> None:
     """A service whose first policy arrives while it is connected: the connection was
     made with no scope at all (nothing judged it), yet the new deny stops it."""
     env.applier.apply(compile_policies(PolicySet(())))
-    hello, after = env.token("unscoped-hello"), env.token("unscoped-after")
-    holder = env.lab.hold(env.inside, "tcp", "198.51.100.2", 7001, hello)
-    try:
-        assert echoed(holder.result(), hello)
-        env.enforce("""\
-            default: allow
-            rules:
-              - {action: deny, to: [198.51.100.2/32], ports: [7001], protocol: tcp}
-            """)
-        result = holder.send(after)
-        assert result["result"] != "ok", result
-        assert not env.lab.wait_received(after, timeout=1.0)
-        events = env.tap.wait_for(lambda e: e.hook == 10 and e.port == 7001)
-        assert events and events[0].verdict == int(Verdict.DENY)
-        assert events[0].pid == holder.proc.pid
-    finally:
-        holder.close()
+    cut_by_deny(env, 7001, env.token("unscoped-hello"), env.token("unscoped-after"))
 
 
 def test_packet_denials_are_folded_in_the_kernel(env: Env) -> None:

@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import need, need_root
-from support.cgroup import TestCgroup, attached_programs
+from support.cgroup import TestCgroup
+from support.lab import net_kernel
 from support.netns import NetLab
 from support.policies import compile_dir, egress_section, policy_text
 
 from guard.apply import Applier, ApplyResult, qualified_ruleset
 from guard.compile import compile_policies
-from guard.loader import Kernel, probe_family
+from guard.loader import Kernel
 from guard.parse import load_policy_paths
 from guard.plan import Plan
 
@@ -128,17 +128,9 @@ DENY_TOO = """\
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    need_root()
-    feature = probe_family("net")
-    need(feature.available, f"cgroup network programs: {feature.reason}")
-    work = tmp_path_factory.mktemp("scope-cache")
-    policy_dir = work / "policies"
-    policy_dir.mkdir()
-    with TestCgroup.create() as top, NetLab.create(work) as lab:
-        inside, outside = top.child("in"), top.child("out")
-        with Kernel(families={"net"}, host_cgroup=top.path) as kernel:
-            yield Env(top, inside, outside, lab, kernel, Applier(kernel), policy_dir)
-        assert [attached_programs(top.directory, t) for t in (1, 10, 11, 14, 15)] == [0] * 5
+    with net_kernel(tmp_path_factory.mktemp("scope-cache")) as net:
+        yield Env(net.top, net.inside, net.outside, net.lab, net.kernel, Applier(net.kernel),
+                  net.policy_dir)
 
 
 def test_the_kernel_decides_by_the_cached_entry(env: Env) -> None:
