@@ -129,20 +129,24 @@ def event_message(event: AuditEvent) -> str:
             "sink": "the syslog target was unreachable and the queue was full",
         }.get(event.source, event.source)
         return f"{event.count} event(s) lost: {where}"
-    if event.kind == "connect":
-        what = f"connect to {event.destination}"
-    elif event.kind == "file":
-        what = f"{event.access or 'access'} of {event.path}"
-    else:
-        what = f"{event.kind} of {event.path}"
     rule = f"rule {event.rule}" if event.rule else "no rule"
-    text = (f"{event.action} {what} by pid {event.pid} ({event.comm}) uid {event.uid} "
-            f"in {event.cgroup}: {rule}")
-    if event.undecided:
-        text += " (undecided: a bounded walk did not finish)"
-    if event.count > 1:
-        text += f" (x{event.count})"
-    return text
+    return (f"{event.action} {_object(event)} by pid {event.pid} ({event.comm}) "
+            f"uid {event.uid} in {event.cgroup}: {rule}{_remarks(event)}")
+
+
+def _object(event: AuditEvent) -> str:
+    """What a decision event was about, as its message says it."""
+    if event.kind == "connect":
+        return f"connect to {event.destination}"
+    if event.kind == "file":
+        return f"{event.access or 'access'} of {event.path}"
+    return f"{event.kind} of {event.path}"
+
+
+def _remarks(event: AuditEvent) -> str:
+    """The end of a decision event's message: an undecided walk, the fold count."""
+    text = " (undecided: a bounded walk did not finish)" if event.undecided else ""
+    return text + (f" (x{event.count})" if event.count > 1 else "")
 
 
 def event_record(event: AuditEvent) -> Record:
@@ -285,19 +289,9 @@ class EventFormatter:
                           f'proto="{_sd_text(event.proto)}"')
         if event.undecided:
             params.append(' undecided="1"')
-        if event.kind == "connect":
-            what = f"connect to {event.destination}"
-        elif event.kind == "file":
-            what = f"{event.access or 'access'} of {event.path}"
-        else:
-            what = f"{event.kind} of {event.path}"
-        end = tail
-        if event.undecided:
-            end += " (undecided: a bounded walk did not finish)"
-        if event.count > 1:
-            end += f" (x{event.count})"
         return (f"{head}{timestamp(event.time_ns)}{middle}{''.join(params)}] "
-                f"{_one_line(event.action)} {_one_line(what)}{end}")
+                f"{_one_line(event.action)} {_one_line(_object(event))}{tail}"
+                f"{_remarks(event)}")
 
 
 # --- targets ---------------------------------------------------------------------
