@@ -20,13 +20,10 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
-from support.cgroup import TestCgroup
-from support.lab import net_kernel
-from support.netns import NetLab
+from support.lab import NetKernel, net_kernel
 from support.policies import compile_dir, egress_section, policy_text, tcp_rule
 
 from guard import layout
@@ -75,16 +72,10 @@ class EventTap:
         self.events.clear()
 
 
-@dataclass
-class Env:
-    top: TestCgroup
-    inside: TestCgroup
-    outside: TestCgroup
-    lab: NetLab
-    kernel: Kernel
+@dataclass(frozen=True)
+class Env(NetKernel):
     applier: Applier
     tap: EventTap
-    policy_dir: Path
     counter: list[int] = field(default_factory=lambda: [0])
 
     def token(self, what: str) -> str:
@@ -112,8 +103,8 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     with net_kernel(tmp_path_factory.mktemp("net")) as net:
-        yield Env(net.top, net.inside, net.outside, net.lab, net.kernel, Applier(net.kernel),
-                  EventTap(net.kernel), net.policy_dir)
+        yield Env(net.top, net.inside, net.outside, net.lab, net.kernel, net.policy_dir,
+                  Applier(net.kernel), EventTap(net.kernel))
 
 
 def blocked(result: dict[str, Any]) -> bool:

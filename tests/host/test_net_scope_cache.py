@@ -31,13 +31,11 @@ from typing import Any
 
 import pytest
 from support.cgroup import TestCgroup
-from support.lab import net_kernel
-from support.netns import NetLab
+from support.lab import NetKernel, net_kernel
 from support.policies import compile_dir, egress_section, policy_text
 
 from guard.apply import Applier, ApplyResult, qualified_ruleset
 from guard.compile import compile_policies
-from guard.loader import Kernel
 from guard.parse import load_policy_paths
 from guard.plan import Plan
 
@@ -49,15 +47,9 @@ PEER, OTHER_PEER, PORT = "198.51.100.2", "198.51.100.3", 7000
 REPO = Path(__file__).resolve().parents[2]
 
 
-@dataclass
-class Env:
-    top: TestCgroup
-    inside: TestCgroup
-    outside: TestCgroup
-    lab: NetLab
-    kernel: Kernel
+@dataclass(frozen=True)
+class Env(NetKernel):
     applier: Applier
-    policy_dir: Path
 
     def plan(self, egress: str, scope: TestCgroup | None = None) -> Plan:
         """One enforce-mode policy with this egress section, compiled like a user's."""
@@ -129,8 +121,8 @@ DENY_TOO = """\
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     with net_kernel(tmp_path_factory.mktemp("scope-cache")) as net:
-        yield Env(net.top, net.inside, net.outside, net.lab, net.kernel, Applier(net.kernel),
-                  net.policy_dir)
+        yield Env(net.top, net.inside, net.outside, net.lab, net.kernel, net.policy_dir,
+                  Applier(net.kernel))
 
 
 def test_the_kernel_decides_by_the_cached_entry(env: Env) -> None:

@@ -58,6 +58,8 @@ def syslog_and_cgroup(work: Path) -> Iterator[tuple[TestCgroup, Rsyslog]]:
 
 @dataclass(frozen=True)
 class NetKernel:
+    """What ``net_kernel`` made; a test module's Env extends it with its own tools."""
+
     top: TestCgroup  # the programs are attached here
     inside: TestCgroup  # top/in
     outside: TestCgroup  # top/out
