@@ -24,14 +24,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 class SkipIsFailureInCI:
-    """In CI a skipped test is a failed one: a feature whose test did not run is not
+    """In CI a skipped (or xfailed) test is a failed one: a feature whose test did not run is not
     shown to work (support.need already fails there; this catches every other skip,
     including those relayed from the guest). Registered at session start, after the
     session itself, so that it turns the report round before the session counts it."""
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if not report.skipped or hasattr(report, "wasxfail"):
+        if not report.skipped:  # an xfail is a skipped report too: unproved as well
             return
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"

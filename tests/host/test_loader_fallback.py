@@ -276,9 +276,8 @@ def test_every_family_with_a_clang_error_goes_in_one_attempt_and_a_shared_error_
 
 def test_a_family_the_kernel_refuses_at_load_is_left_out_and_nothing_of_it_stays(
         top: TestCgroup, tmp_path: Path) -> None:
-    lsm = probe_family("exec")
-    if lsm.available:
-        pytest.skip("this kernel loads LSM programs: the refusal this test uses does not happen")
+    need(not probe_family("exec").available,
+         "this kernel loads LSM programs: the refusal this test uses does not happen")
     with Kernel(families={"net", "exec"}, host_cgroup=top.path) as kernel:
         assert kernel.families == {"net"} and kernel.attempts == 2
         why = kernel.dropped["exec"]

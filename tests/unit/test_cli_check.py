@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import need
 
 import guard.parse
 from guard.cli import main
@@ -44,8 +45,8 @@ CODES_TESTED_ELSEWHERE = {"path-not-found", "read-error", "file-too-large", "too
 @pytest.fixture(params=["libyaml", "python"])
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with each YAML parser guard can use: positions must not differ."""
-    if request.param == "libyaml" and not yaml.__with_libyaml__:
-        pytest.skip("PyYAML without libyaml")
+    if request.param == "libyaml":
+        need(yaml.__with_libyaml__, "PyYAML without libyaml (Debian's python3-yaml has it)")
     monkeypatch.setattr(guard.parse, "USE_LIBYAML", request.param == "libyaml")
     return str(request.param)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import need
 
 import guard.parse
 from guard.errors import Diagnostic, Location
@@ -49,8 +50,8 @@ SPEC_LINE = 6  # the first line of the spec body written by policy()
 @pytest.fixture(autouse=True, params=["libyaml", "python"])
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test runs with each YAML parser guard can use."""
-    if request.param == "libyaml" and not yaml.__with_libyaml__:
-        pytest.skip("PyYAML without libyaml")
+    if request.param == "libyaml":
+        need(yaml.__with_libyaml__, "PyYAML without libyaml (Debian's python3-yaml has it)")
     monkeypatch.setattr(guard.parse, "USE_LIBYAML", request.param == "libyaml")
     return str(request.param)
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import need
 
 import guard.parse
 from guard.errors import Diagnostic
@@ -327,8 +328,7 @@ def test_both_yaml_parsers_agree_on_well_formed_yaml(text: str) -> None:
     # is one: "{access:[read]}" in a flow mapping is a syntax error to libyaml and a
     # key "access:[read" to the pure-Python scanner. On text both accept, everything
     # guard reports (and builds) must be the same.
-    if not yaml.__with_libyaml__:
-        return
+    need(yaml.__with_libyaml__, "PyYAML without libyaml: nothing to compare")
     python = parse_with(text, libyaml=False)
     c = parse_with(text, libyaml=True)
     syntax = any(d.code == "yaml-syntax" for d in (*python[1], *c[1]))
