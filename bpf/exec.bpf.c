@@ -50,9 +50,6 @@
 #include <linux/version.h>
 
 #define GUARD_PROT_EXEC  0x4        /* uapi asm-generic/mman-common.h */
-#define GUARD_NAME_BUF   256        /* NAME_MAX + 1 */
-#define GUARD_FNV_OFFSET 2166136261u
-#define GUARD_FNV_PRIME  16777619u
 
 /* Where a decision came from; ordered by specificity. */
 #define GUARD_FROM_NONE    0
@@ -81,37 +78,17 @@ struct guard_exec_name {
 };
 BPF_PERCPU_ARRAY(guard_exec_names, struct guard_exec_name, 1);
 
-/*
- * FNV-1a 32 of a dentry's name, byte for byte what guard.resolve.fnv1a32()
- * computes for the basename. A name that cannot be read hashes to 0, which
- * user space never registers (resolve.py warns about the one name in four
- * billion whose real hash is 0).
- */
+/* The NAME key's hash of a dentry's name (guard_maps.h); 0 when unreadable. */
 static __always_inline __u32 guard_name_hash(struct dentry *dentry)
 {
 	__u32 zero = 0;
 	struct guard_exec_name *buf = guard_exec_names.lookup(&zero);
 	const unsigned char *name = 0;
-	__u32 hash = GUARD_FNV_OFFSET;
-	int len;
 
 	if (!buf)
 		return 0;
 	GUARD_READ(name, dentry->d_name.name);
-	if (!name)
-		return 0;
-	len = bpf_probe_read_kernel_str(buf->bytes, sizeof(buf->bytes), name);
-	if (len <= 1)
-		return 0;
-	/* Not unrolled: an unrolled copy hides the index bound from the verifier. */
-#pragma clang loop unroll(disable)
-	for (int i = 0; i < GUARD_NAME_BUF; i++) {
-		if (i >= len - 1)
-			break;
-		hash ^= buf->bytes[i];
-		hash *= GUARD_FNV_PRIME;
-	}
-	return hash;
+	return guard_name_hash_of(name, buf->bytes);
 }
 
 /* The kernel's identity of a dentry's inode: i_ino and i_sb->s_dev. 0 if unreadable. */

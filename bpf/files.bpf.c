@@ -96,9 +96,6 @@
 #include <linux/sched.h>
 #include <linux/version.h>
 
-#define GUARD_FILES_NAME_BUF   256      /* NAME_MAX + 1 */
-#define GUARD_FILES_FNV_OFFSET 2166136261u
-#define GUARD_FILES_FNV_PRIME  16777619u
 #define GUARD_FILES_O_TRUNC    01000    /* uapi asm-generic/fcntl.h */
 #define GUARD_FILES_FMODE_EXEC 0x20     /* FMODE_EXEC == __FMODE_EXEC, in f_mode and f_flags */
 #define GUARD_FILES_RENAME_EXCHANGE 2   /* uapi linux/fs.h */
@@ -141,7 +138,7 @@ struct guard_files_scope {
 
 /* Per-CPU scratch: a dentry name and a path being built; too big for the stack. */
 struct guard_files_scratch {
-	unsigned char name[GUARD_FILES_NAME_BUF];
+	unsigned char name[GUARD_NAME_BUF];
 	char path[GUARD_FILES_PATH_BUF];
 	/* the path walk's state (guard_files_path) */
 	__u64 dentry;
@@ -247,31 +244,15 @@ static __always_inline int guard_files_scope_of_task(__u32 *ruleset, __u8 *subtr
  * every open() that difference is most of the program's cost.
  */
 
-/*
- * FNV-1a 32 of a dentry's name, byte for byte guard.resolve.fnv1a32() of the
- * basename. An unreadable name hashes to 0, which user space never registers.
- */
+/* The NAME key's hash of a dentry's name (guard_maps.h); 0 when unreadable. */
 static __always_inline __u32 guard_files_name_hash(struct dentry *dentry)
 {
 	__u32 zero = 0;
 	struct guard_files_scratch *s = guard_files_scratches.lookup(&zero);
-	const unsigned char *name = dentry->d_name.name;
-	__u32 hash = GUARD_FILES_FNV_OFFSET;
-	int len;
 
-	if (!s || !name)
+	if (!s)
 		return 0;
-	len = bpf_probe_read_kernel_str(s->name, sizeof(s->name), name);
-	if (len <= 1)
-		return 0;
-#pragma clang loop unroll(disable)
-	for (int i = 0; i < GUARD_FILES_NAME_BUF; i++) {
-		if (i >= len - 1)
-			break;
-		hash ^= s->name[i];
-		hash *= GUARD_FILES_FNV_PRIME;
-	}
-	return hash;
+	return guard_name_hash_of(dentry->d_name.name, s->name);
 }
 
 /*
@@ -548,7 +529,7 @@ static __always_inline void guard_files_path(char *dst, struct vfsmount *vfsmnt,
 		len = 0;
 		GUARD_FILES_READ(name, cur->d_name.name);
 		GUARD_FILES_READ(len, cur->d_name.len);
-		len &= GUARD_FILES_NAME_BUF - 1;        /* NAME_MAX is 255 */
+		len &= GUARD_NAME_BUF - 1;        /* NAME_MAX is 255 */
 		pos = s->pos & GUARD_FILES_PATH_MASK;
 		/* keep room for "...": the string must start at or after GUARD_PATH_LEN */
 		if (!name || len + 1 + 3 + GUARD_PATH_LEN > pos)
@@ -556,7 +537,7 @@ static __always_inline void guard_files_path(char *dst, struct vfsmount *vfsmnt,
 		pos -= len;
 		/* a fresh mask the compiler cannot drop: the verifier wants the size bounded here */
 		asm volatile("" : "+r"(len));
-		len &= GUARD_FILES_NAME_BUF - 1;
+		len &= GUARD_NAME_BUF - 1;
 		bpf_probe_read_kernel(&s->path[pos & GUARD_FILES_PATH_MASK], len, name);
 		pos = (pos - 1) & GUARD_FILES_PATH_MASK;
 		s->path[pos] = '/';

@@ -220,6 +220,39 @@ static __always_inline void guard_current_scope(struct guard_scope *s)
 	guard_scope_cache_put(cgroup, s, guard_current_ruleset(s->slot));
 }
 
+#define GUARD_NAME_BUF   256        /* NAME_MAX + 1 */
+#define GUARD_FNV_OFFSET 2166136261u
+#define GUARD_FNV_PRIME  16777619u
+
+/*
+ * FNV-1a 32 of a dentry name (kernel pointer ``name``), byte for byte what
+ * guard.resolve.fnv1a32() computes for the basename: the NAME keys of exec and
+ * file rules. ``buf`` is GUARD_NAME_BUF bytes of a per-CPU map value (a name
+ * is too big for the stack). A name that cannot be read hashes to 0, which
+ * user space never registers (resolve.py warns about the one name in four
+ * billion whose real hash is 0).
+ */
+static __always_inline __u32 guard_name_hash_of(const unsigned char *name, unsigned char *buf)
+{
+	__u32 hash = GUARD_FNV_OFFSET;
+	int len;
+
+	if (!name)
+		return 0;
+	len = bpf_probe_read_kernel_str(buf, GUARD_NAME_BUF, name);
+	if (len <= 1)
+		return 0;
+	/* Not unrolled: an unrolled copy hides the index bound from the verifier. */
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < GUARD_NAME_BUF; i++) {
+		if (i >= len - 1)
+			break;
+		hash ^= buf[i];
+		hash *= GUARD_FNV_PRIME;
+	}
+	return hash;
+}
+
 /*
  * Fill the process fields of an event for the current task. Only helpers every
  * program type has: cgroup programs may not read task_struct, so LSM programs
