@@ -9,6 +9,7 @@ a test cgroup: the forked child moves itself there before it execs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -137,8 +138,8 @@ class EventLog:
 
 
 @dataclass
-class ExecGuard:
-    """The session's loaded exec programs and the way tests drive them."""
+class GuestGuard:
+    """A session's loaded programs and the way tests drive them."""
 
     kernel: Any = field(repr=False)
     applier: Any = field(repr=False)
@@ -164,25 +165,34 @@ class ExecGuard:
     last_warnings: tuple[str, ...] = ()
 
 
-@pytest.fixture(scope="session")
-def exec_session() -> Iterator[ExecGuard]:
-    """The exec programs, compiled, loaded and attached once per session."""
+@contextlib.contextmanager
+def loaded(family: str) -> Iterator[GuestGuard]:
+    """One program family compiled, loaded and attached (once per session: bcc
+    compiles for tens of seconds under emulation), its ring buffer read into an
+    EventLog; every program detached at the end."""
     from guard.apply import Applier
     from guard.loader import Kernel
 
-    kernel = Kernel(families={"exec"})
+    kernel = Kernel(families={family})
     try:
         log = EventLog(kernel.bpf)
         kernel.map("guard_events").open_ring_buffer(log.callback)
-        guard = ExecGuard(kernel, Applier(kernel, settle_s=0.0), log)
+        guard = GuestGuard(kernel, Applier(kernel, settle_s=0.0), log)
         yield guard
         guard.clear()
     finally:
         kernel.close()  # detaches every program
 
 
+@pytest.fixture(scope="session")
+def exec_session() -> Iterator[GuestGuard]:
+    """The exec programs, compiled, loaded and attached once per session."""
+    with loaded("exec") as guard:
+        yield guard
+
+
 @pytest.fixture
-def guard(exec_session: ExecGuard) -> Iterator[ExecGuard]:
+def guard(exec_session: GuestGuard) -> Iterator[GuestGuard]:
     """The session's programs, with no policy applied when the test ends."""
     try:
         yield exec_session

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import exec_fixtures
 import pytest
-from exec_fixtures import LOADER, Cgroup, ExecGuard, copy_binary, plan_from_yaml, policy_yaml
+from exec_fixtures import LOADER, Cgroup, GuestGuard, copy_binary, plan_from_yaml, policy_yaml
 
 from guard import layout
 from guard.compile import compile_policies
@@ -80,7 +80,7 @@ def tool(tmp_path: Path) -> Path:
 
 
 def test_denied_binary_fails_with_eperm_inside_and_runs_outside(
-    guard: ExecGuard, cgroup: Cgroup, tool: Path, tmp_path: Path
+    guard: GuestGuard, cgroup: Cgroup, tool: Path, tmp_path: Path
 ) -> None:
     assert_runs(cgroup, [tool])
     plan = guard.apply_yaml(deny_policy(cgroup, tool))
@@ -110,7 +110,7 @@ def test_denied_binary_fails_with_eperm_inside_and_runs_outside(
 
 
 def test_symlink_and_hard_link_lead_to_the_denied_file(
-    guard: ExecGuard, cgroup: Cgroup, tool: Path, tmp_path: Path
+    guard: GuestGuard, cgroup: Cgroup, tool: Path, tmp_path: Path
 ) -> None:
     other = tmp_path / "other"
     other.mkdir()
@@ -127,7 +127,7 @@ def test_symlink_and_hard_link_lead_to_the_denied_file(
 
 
 def test_bind_mount_of_the_denied_file_is_denied(
-    guard: ExecGuard, cgroup: Cgroup, tool: Path, tmp_path: Path
+    guard: GuestGuard, cgroup: Cgroup, tool: Path, tmp_path: Path
 ) -> None:
     target = copy_binary(ECHO, tmp_path / "mnt" / "innocent")
     guard.apply_yaml(deny_policy(cgroup, tool))
@@ -138,7 +138,7 @@ def test_bind_mount_of_the_denied_file_is_denied(
 
 
 def test_script_whose_interpreter_is_denied(
-    guard: ExecGuard, cgroup: Cgroup, tmp_path: Path
+    guard: GuestGuard, cgroup: Cgroup, tmp_path: Path
 ) -> None:
     shell = copy_binary(DASH, tmp_path / "bin" / "denied-sh")
     script = tmp_path / "script"
@@ -156,7 +156,7 @@ def test_script_whose_interpreter_is_denied(
 
 
 def test_dynamic_loader_cannot_map_a_denied_binary(
-    guard: ExecGuard, cgroup: Cgroup, tool: Path
+    guard: GuestGuard, cgroup: Cgroup, tool: Path
 ) -> None:
     assert_runs(cgroup, [LOADER, tool])
     plan = guard.apply_yaml(deny_policy(cgroup, tool))
@@ -193,7 +193,7 @@ print("mprotect-exec", 0 if rc == 0 else ctypes.get_errno())
 
 @pytest.mark.parametrize("filesystem", ["overlay", "tmpfs"])
 def test_mapping_a_denied_file_executable_is_refused(
-    guard: ExecGuard, cgroup: Cgroup, tmp_path: Path, filesystem: str
+    guard: GuestGuard, cgroup: Cgroup, tmp_path: Path, filesystem: str
 ) -> None:
     """mmap(PROT_EXEC) and mprotect(PROT_EXEC) of a denied file fail with EPERM.
 
@@ -221,7 +221,7 @@ def test_mapping_a_denied_file_executable_is_refused(
 
 
 def test_file_copied_into_a_denied_subtree_after_load(
-    guard: ExecGuard, cgroup: Cgroup, tmp_path: Path
+    guard: GuestGuard, cgroup: Cgroup, tmp_path: Path
 ) -> None:
     jail = tmp_path / "jail"
     jail.mkdir()
@@ -232,7 +232,7 @@ def test_file_copied_into_a_denied_subtree_after_load(
 
 
 def test_rename_over_a_denied_path_and_file_created_later(
-    guard: ExecGuard, cgroup: Cgroup, tmp_path: Path
+    guard: GuestGuard, cgroup: Cgroup, tmp_path: Path
 ) -> None:
     tool = copy_binary(TRUE, tmp_path / "d" / "tool")
     later = tmp_path / "d" / "later"
@@ -251,7 +251,7 @@ def test_rename_over_a_denied_path_and_file_created_later(
 
 
 def test_subtree_rule_covers_mounts_below_its_directory(
-    guard: ExecGuard, cgroup: Cgroup, tmp_path: Path
+    guard: GuestGuard, cgroup: Cgroup, tmp_path: Path
 ) -> None:
     """The dentry walk stops at a file system's root; resolve registers mount roots."""
     top = tmp_path / "top"
@@ -265,7 +265,7 @@ def test_subtree_rule_covers_mounts_below_its_directory(
 
 
 def test_scope_covers_child_cgroups_made_and_processes_moved_after_load(
-    guard: ExecGuard, cgroup: Cgroup, tool: Path
+    guard: GuestGuard, cgroup: Cgroup, tool: Path
 ) -> None:
     guard.apply_yaml(deny_policy(cgroup, tool))
     assert_denied(cgroup.child("made-later"), [tool])
@@ -288,7 +288,7 @@ def test_scope_covers_child_cgroups_made_and_processes_moved_after_load(
 
 
 def test_allowlist_runs_only_allowed_binaries(
-    guard: ExecGuard, cgroup: Cgroup, tmp_path: Path
+    guard: GuestGuard, cgroup: Cgroup, tmp_path: Path
 ) -> None:
     """For a dynamic binary to start, the allowlist needs only the binary itself.
 
@@ -322,7 +322,7 @@ def test_allowlist_runs_only_allowed_binaries(
 
 
 def test_audit_mode_blocks_nothing_and_reports_would_deny(
-    guard: ExecGuard, cgroup: Cgroup, tool: Path
+    guard: GuestGuard, cgroup: Cgroup, tool: Path
 ) -> None:
     plan = guard.apply_yaml(deny_policy(cgroup, tool, name="audit-only", mode="audit"))
     assert_runs(cgroup, [tool])
@@ -342,7 +342,7 @@ def test_audit_mode_blocks_nothing_and_reports_would_deny(
 
 
 def test_too_deep_to_walk_is_denied_and_counted(
-    guard: ExecGuard, cgroup: Cgroup, tmp_path: Path
+    guard: GuestGuard, cgroup: Cgroup, tmp_path: Path
 ) -> None:
     """A file deeper than GUARD_MAX_PATH_DEPTH directories cannot be walked to its root.
 
@@ -376,7 +376,7 @@ def test_too_deep_to_walk_is_denied_and_counted(
 
 
 def test_kernel_agrees_with_the_evaluator(
-    guard: ExecGuard, cgroup: Cgroup, tmp_path: Path
+    guard: GuestGuard, cgroup: Cgroup, tmp_path: Path
 ) -> None:
     """A table of cases over nested scopes, exact and subtree rules, ties, modes, defaults."""
     base = tmp_path / "t"
@@ -439,7 +439,7 @@ def test_kernel_agrees_with_the_evaluator(
 
 @pytest.mark.parametrize("name", ["a", "with space", "ünïcödé", "x" * 255, ".hidden", "tab\tname"])
 def test_name_hash_agrees_with_the_kernel(
-    guard: ExecGuard, cgroup: Cgroup, tmp_path: Path, name: str
+    guard: GuestGuard, cgroup: Cgroup, tmp_path: Path, name: str
 ) -> None:
     """Only the NAME key can match after a rename-over: the kernel's FNV-1a of the
     dentry name must equal guard.resolve.fnv1a32 of the basename, byte for byte."""
@@ -467,7 +467,7 @@ def example_plan(name: str, cg: Cgroup) -> Plan:
 
 
 def test_example_exec_policies_enforce(
-    guard: ExecGuard, cgroup: Cgroup, tmp_path: Path
+    guard: GuestGuard, cgroup: Cgroup, tmp_path: Path
 ) -> None:
     # web-no-downloaders: downloaders, shells and /tmp are out; the rest runs.
     guard.apply(example_plan("web-no-downloaders", cgroup))
@@ -519,7 +519,7 @@ except PermissionError:
 
 
 def test_memfd_and_interpreted_files_need_an_allowlist(
-    guard: ExecGuard, cgroup: Cgroup, tool: Path, tmp_path: Path
+    guard: GuestGuard, cgroup: Cgroup, tool: Path, tmp_path: Path
 ) -> None:
     """What a deny list does not cover, shown; and the allowlist that does.
 

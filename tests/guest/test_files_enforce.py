@@ -23,22 +23,19 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import pytest
+from exec_fixtures import GuestGuard, loaded, plan_from_yaml
 from support.cgroup import TestCgroup
 
 from guard import layout
-from guard.audit import Aggregator, Enricher, RawEvent, decode
-from guard.compile import compile_policies
+from guard.audit import Aggregator, Enricher, RawEvent
 from guard.evaluate import decide_open
-from guard.model import PolicySet
-from guard.parse import parse_text
-from guard.plan import Plan, Verdict
+from guard.plan import Verdict
 
 pytestmark = pytest.mark.guest
 
@@ -49,16 +46,6 @@ EPERM = errno.EPERM
 
 
 # --- policies ----------------------------------------------------------------------
-
-
-def plan_from_yaml(*documents: str) -> Plan:
-    """Parse and compile policy documents; any diagnostic fails the test."""
-    policies = []
-    for i, text in enumerate(documents):
-        found, diagnostics = parse_text(text, f"files-{i}.yaml")
-        assert not diagnostics, "\n".join(str(d) for d in diagnostics)
-        policies += found
-    return compile_policies(PolicySet(tuple(sorted(policies, key=lambda p: p.name))))
 
 
 Rule = tuple[str, Sequence[str], Sequence[str | Path]]  # (action, access, paths)
@@ -194,64 +181,15 @@ class FileProbe:
 # --- the loaded programs -----------------------------------------------------------
 
 
-@dataclass
-class EventLog:
-    """Every event the ring buffer delivered this session, decoded."""
-
-    bpf: Any
-    events: list[RawEvent] = field(default_factory=list)
-
-    def callback(self, _ctx: Any, data: Any, size: int) -> None:
-        self.events.append(decode(ctypes.string_at(data, size)))
-
-    def for_cgroup(self, cgroup_id: int, settle_s: float = 0.2) -> list[RawEvent]:
-        """Events from one cgroup; submitted before the syscall returned, so one poll finds them."""
-        time.sleep(settle_s)
-        self.bpf.ring_buffer_consume()
-        return [e for e in self.events if e.cgroup_id == cgroup_id]
-
-
-@dataclass
-class FilesGuard:
-    kernel: Any
-    applier: Any
-    log: EventLog
-    last_warnings: tuple[str, ...] = ()
-
-    def apply(self, plan: Plan) -> Plan:
-        self.last_warnings = self.applier.apply(plan).warnings
-        return plan
-
-    def apply_yaml(self, *documents: str) -> Plan:
-        return self.apply(plan_from_yaml(*documents))
-
-    def clear(self) -> None:
-        self.apply(plan_from_yaml())
-
-    def stat(self, index: int) -> int:
-        table = self.kernel.map("guard_stats")
-        return int(sum(table[ctypes.c_uint32(index)]))
-
-
 @pytest.fixture(scope="session")
-def files_session() -> Iterator[FilesGuard]:
+def files_session() -> Iterator[GuestGuard]:
     """The files programs alone, compiled, loaded and attached once per session."""
-    from guard.apply import Applier
-    from guard.loader import Kernel
-
-    kernel = Kernel(families={"files"})
-    try:
-        log = EventLog(kernel.bpf)
-        kernel.map("guard_events").open_ring_buffer(log.callback)
-        guard = FilesGuard(kernel, Applier(kernel, settle_s=0.0), log)
+    with loaded("files") as guard:
         yield guard
-        guard.clear()
-    finally:
-        kernel.close()  # detaches every program
 
 
 @pytest.fixture
-def guard(files_session: FilesGuard) -> Iterator[FilesGuard]:
+def guard(files_session: GuestGuard) -> Iterator[GuestGuard]:
     try:
         yield files_session
     finally:
@@ -298,7 +236,7 @@ def summary(events: Sequence[RawEvent]) -> list[tuple[int, int, int, str]]:
 
 
 def test_audited_read_succeeds_and_is_reported_once(
-    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
 ) -> None:
     secret = make(tmp_path / "etc" / "shadow")
     other = make(tmp_path / "etc" / "passwd")
@@ -325,7 +263,7 @@ def test_audited_read_succeeds_and_is_reported_once(
 
 
 def test_exec_of_an_audited_file_is_not_a_read(
-    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
 ) -> None:
     """Running a program is the exec section's business: the kernel's own opens
     of the program (and of its interpreter) are not file reads."""
@@ -352,7 +290,7 @@ def _enter(cg: TestCgroup) -> Callable[[], None]:
 
 
 def test_file_created_after_load_in_an_audited_subtree_is_audited(
-    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
 ) -> None:
     watched = tmp_path / "ssh"
     watched.mkdir()
@@ -379,7 +317,7 @@ def test_file_created_after_load_in_an_audited_subtree_is_audited(
 
 @pytest.mark.parametrize("filesystem", ["overlay", "tmpfs"])
 def test_write_denied_subtree_refuses_every_kind_of_write(
-    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path, filesystem: str
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path, filesystem: str
 ) -> None:
     """Opening for write, truncating, creating (file, directory, fifo, symlink),
     unlinking, removing a directory, renaming in, out and within, exchanging,
@@ -456,7 +394,7 @@ def test_write_denied_subtree_refuses_every_kind_of_write(
 
 
 def test_every_route_to_a_protected_file_leads_to_it(
-    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
 ) -> None:
     """Symlink, hard links made before load, /proc/self/fd, relative paths with
     "..", and a bind mount all end at the same dentry (or inode): refused."""
@@ -501,7 +439,7 @@ def test_every_route_to_a_protected_file_leads_to_it(
 
 
 def test_subtree_rule_covers_a_mount_below_it(
-    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
 ) -> None:
     """The dentry walk stops at a file system's root; resolve registers the
     root of every mount below a subtree rule's directory with its decision."""
@@ -518,7 +456,7 @@ def test_subtree_rule_covers_a_mount_below_it(
 
 
 def test_a_process_outside_the_scope_is_not_affected(
-    guard: FilesGuard, cgroup: TestCgroup, tmp_path: Path
+    guard: GuestGuard, cgroup: TestCgroup, tmp_path: Path
 ) -> None:
     etc = tmp_path / "etc"
     a = make(etc / "a")
@@ -548,7 +486,7 @@ def test_a_process_outside_the_scope_is_not_affected(
 
 
 def test_a_path_named_exactly_is_matched_after_rename_over_and_creation(
-    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
 ) -> None:
     """EXACT follows the inode; NAME (directory inode + name) follows the name:
     a file renamed over the path, or created at it after load, is matched."""
@@ -570,7 +508,7 @@ def test_a_path_named_exactly_is_matched_after_rename_over_and_creation(
 
 
 def test_audit_mode_blocks_nothing_and_reports_would_deny(
-    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
 ) -> None:
     etc = tmp_path / "etc"
     a = make(etc / "a")
@@ -587,7 +525,7 @@ def test_audit_mode_blocks_nothing_and_reports_would_deny(
 
 
 def test_long_path_keeps_its_final_components(
-    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
 ) -> None:
     """A path longer than the event's buffer: "..." and the final components."""
     deep = tmp_path.joinpath(*[f"component-{i:02d}" for i in range(20)])
@@ -602,7 +540,7 @@ def test_long_path_keeps_its_final_components(
 
 
 def test_a_burst_is_delivered_whole_and_aggregates_to_its_count(
-    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
 ) -> None:
     """Every open of a hammered file is an event, none lost; they differ only in
     the fields the aggregator ignores (time, tid), so they fold into one line
@@ -635,7 +573,7 @@ def test_a_burst_is_delivered_whole_and_aggregates_to_its_count(
 
 
 def test_many_exact_rules_match_their_files_only_in_every_slot_and_the_filter_is_used(
-    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
 ) -> None:
     """200 exact rules in one directory: each named file is reported and its
     neighbours (same directory: the NAME lookup is made, and misses) are not,
@@ -689,7 +627,7 @@ def test_many_exact_rules_match_their_files_only_in_every_slot_and_the_filter_is
 
 
 def test_too_deep_to_walk_fails_closed_for_that_access_only(
-    guard: FilesGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
 ) -> None:
     """Past GUARD_MAX_PATH_DEPTH directories the walk cannot reach the root: the
     access gets the strongest decision any subtree rule of the ruleset has for
@@ -714,7 +652,7 @@ def test_too_deep_to_walk_fails_closed_for_that_access_only(
 
 
 def test_kernel_agrees_with_the_evaluator(
-    guard: FilesGuard, cgroup: TestCgroup, tmp_path: Path
+    guard: GuestGuard, cgroup: TestCgroup, tmp_path: Path
 ) -> None:
     """A table of opens over nested scopes, exact and subtree rules, rules for one
     access only (the walk passes them over for the other), ties, audit mode."""
@@ -738,7 +676,8 @@ def test_kernel_agrees_with_the_evaluator(
     p2 = files_policy("p2", [child.path], [("deny", ["write", "read"], [tree(b / "trial")])],
                       mode="audit")
     p3 = files_policy("p3", [child.path], [("deny", ["read"], [b / "tie/t"])])
-    plan = guard.apply(plan_from_yaml(p1, p2, p3))
+    plan = plan_from_yaml(p1, p2, p3)
+    guard.apply(plan)
     assert guard.last_warnings == ()
 
     probes = {cg.path: (cg, FileProbe.start(cg)) for cg in (child, other, outside)}
