@@ -30,7 +30,7 @@ def _print_diagnostics(diagnostics: Sequence[object]) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from guard.parse import load_policy_paths
+    from guard.policy.parse import load_policy_paths
 
     result = load_policy_paths(args.paths)
     _print_diagnostics(result.diagnostics)
@@ -53,9 +53,9 @@ def _compile_args(parser: argparse.ArgumentParser) -> None:
 
 def _load_plan(args: argparse.Namespace) -> object | int:
     """Parse and compile, or print the diagnostics and return an exit code."""
-    from guard.compile import compile_policies
     from guard.errors import PolicyError
-    from guard.parse import load_policy_paths
+    from guard.policy.compile import compile_policies
+    from guard.policy.parse import load_policy_paths
 
     result = load_policy_paths(args.paths)
     _print_diagnostics(result.diagnostics)
@@ -71,7 +71,7 @@ def _load_plan(args: argparse.Namespace) -> object | int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from guard.compile import summarize
+    from guard.policy.compile import summarize
 
     plan = _load_plan(args)
     if isinstance(plan, int):
@@ -81,7 +81,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from guard.evaluate import explain_from_args
+    from guard.policy.evaluate import explain_from_args
 
     plan = _load_plan(args)
     if isinstance(plan, int):
@@ -90,19 +90,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from guard.daemon import run
+    from guard.service.daemon import run
 
     return run(args)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from guard.daemon import status
+    from guard.service.daemon import status
 
     return status(args)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from guard.pin import stop
+    from guard.kernel.pin import stop
 
     return stop(args)
 

@@ -54,11 +54,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script: guard from this checkout
 
-from guard.cgroups import cgroup2_mount  # noqa: E402
-from guard.compile import compile_policies  # noqa: E402
-from guard.model import PolicySet  # noqa: E402
-from guard.parse import parse_text  # noqa: E402
-from guard.plan import Plan  # noqa: E402
+from guard.kernel.cgroups import cgroup2_mount  # noqa: E402
+from guard.policy.compile import compile_policies  # noqa: E402
+from guard.policy.model import PolicySet  # noqa: E402
+from guard.policy.parse import parse_text  # noqa: E402
+from guard.policy.plan import Plan  # noqa: E402
 
 TRUE = "/usr/bin/true"
 RULE_COUNTS = (0, 100, 10_000)
@@ -107,7 +107,7 @@ class HookCost:
 
 def program_counters(bpf: Any) -> dict[str, tuple[int, int]]:
     """Per loaded program: (run_cnt, run_time_ns) from its fd's fdinfo."""
-    from guard.resolve import parse_fdinfo
+    from guard.kernel.resolve import parse_fdinfo
 
     found: dict[str, tuple[int, int]] = {}
     for name, fn in bpf.funcs.items():
@@ -186,8 +186,8 @@ def own_cgroup() -> Iterator[str]:
 def inside(n: int, max_s: float, log: Callable[[str], None],
            costs: list[HookCost] | None = None) -> list[Sample]:
     """The samples; with ``costs``, also each hook's own run time per rule count."""
-    from guard.apply import Applier
-    from guard.loader import Kernel
+    from guard.kernel.apply import Applier
+    from guard.kernel.loader import Kernel
 
     samples: list[Sample] = []
     base = Path(tempfile.mkdtemp(prefix="guard-bench-exec-"))

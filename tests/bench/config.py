@@ -24,7 +24,7 @@ class Config:
     connect_count: int = 1_500  # connects per engine per round ...
     connect_max_s: float = 0.6  # ... or this long, whichever ends first
     stream_s: float = 0.5  # TCP throughput: seconds per engine per round
-    # guard.apply
+    # guard.kernel.apply
     apply_rules: tuple[int, ...] = (10, 1_000, 10_000, 100_000)
     apply_repeats: int = 10
     # the daemon: start to READY and memory

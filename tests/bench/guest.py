@@ -238,8 +238,8 @@ def measure(cfg: Config, binary: Path, results: Results, log: Log,
     deadline = time.monotonic() + 0.75 * cfg.guest_timeout_s - 240
     from support.cgroup import TestCgroup
 
-    from guard.apply import Applier
-    from guard.loader import lsm_has_bpf
+    from guard.kernel.apply import Applier
+    from guard.kernel.loader import lsm_has_bpf
 
     ok, why = lsm_has_bpf()  # no trial compile: under emulation each one costs minutes
     if not ok:
@@ -324,7 +324,7 @@ def steps(cfg: Config, name: str, deadline: float, results: Results, log: Log,
 
 def load(family: str, results: Results, log: Log) -> tuple[Any, str]:
     """One program family loaded, or None and why not (never hidden: noted)."""
-    from guard.loader import Kernel, LoadError, family_source
+    from guard.kernel.loader import Kernel, LoadError, family_source
 
     if not family_source(family).exists():
         return None, NOT_YET if family == "files" else f"no {family_source(family).name}"

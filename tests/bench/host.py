@@ -52,7 +52,7 @@ from bench.results import (
     Results,
 )
 from bench.stats import median, percentile, round_ratios
-from guard.cgroups import cgroup2_mount
+from guard.kernel.cgroups import cgroup2_mount
 
 NET_ENGINES = ("guard", "iptables", "nft-chain", "nft-set", "landlock")
 Log = Callable[[str], None]
@@ -283,9 +283,9 @@ def probe_unavailable(env: NetEnv) -> None:
 
 
 def apply_times(env: NetEnv, results: Results) -> None:
-    """guard.apply on the loaded programs: a first load, then reloads alternating between
+    """guard.kernel.apply on the loaded programs: a first load, then reloads alternating between
     two rule sets of the same size that share no entry (each reload rewrites a slot)."""
-    from guard.apply import MapWriter
+    from guard.kernel.apply import MapWriter
 
     flips: list[float] = []
 
@@ -389,12 +389,12 @@ class Daemon:
 
     def memory_mb(self) -> dict[str, float | None]:
         """VmRSS, VmHWM, RssAnon (/proc/PID/status), Pss and Private (smaps_rollup), in
-        MB: guard.memory.Usage.as_mb() keys; {} when the process cannot be read.
+        MB: guard.service.memory.Usage.as_mb() keys; {} when the process cannot be read.
 
         VmRSS counts shared library pages and the ring buffer's mapped pages too; PSS
         (shared pages divided among their users) and Private are the daemon's own.
         """
-        from guard.memory import read_usage
+        from guard.service.memory import read_usage
 
         try:
             return read_usage(self.proc.pid).as_mb()
@@ -402,7 +402,7 @@ class Daemon:
             return {}
 
     def wait_released(self, timeout: float = 10.0) -> None:
-        """Until ``guard status`` shows the release after load done (guard/memory.py; it
+        """Until ``guard status`` shows the release after load done (guard/service/memory.py; it
         runs right after READY), or ``timeout``: what is measured is the steady state."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -412,7 +412,7 @@ class Daemon:
             time.sleep(0.05)
 
     def status(self) -> dict[str, Any]:
-        from guard.daemon import query
+        from guard.service.daemon import query
 
         reply = query(str(self.state_dir))
         body: dict[str, Any] = reply.get("status", {})
@@ -718,7 +718,7 @@ def audit_throughput(cfg: Config, root: TestCgroup, binary: Path, rsyslog: Rsysl
 
 
 def run_host(cfg: Config, binary: Path, out: Path, log: Log, results: Results) -> None:
-    from guard.loader import Kernel, probe_family
+    from guard.kernel.loader import Kernel, probe_family
 
     results.meta["landlock_abi_host"] = landlock.abi_version()
     results.meta.update(peers.tool_versions())
@@ -749,7 +749,7 @@ def run_host(cfg: Config, binary: Path, out: Path, log: Log, results: Results) -
             with quiet_stderr(work / "bcc.log"):
                 kernel = stack.enter_context(Kernel(families={"net"},
                                                     host_cgroup=guard_cg.path))
-            from guard.apply import Applier
+            from guard.kernel.apply import Applier
 
             env = NetEnv(cfg, binary, lab, cgroups, log, landlock.abi_version(), kernel,
                          Applier(kernel))

@@ -6,7 +6,7 @@ benchmarking range 198.18.0.0/15, which no bench traffic goes to, so every
 connection is judged against all of them and matches none.
 
 Plans for the per-syscall measurements are built directly, in exactly the
-shape ``guard.compile.compile_policies`` gives for that policy: ``check_shape``
+shape ``guard.policy.compile.compile_policies`` gives for that policy: ``check_shape``
 compiles the policy text at small sizes and compares (run at the start of
 every bench run and by the unit tests). The compiler is not used for the large
 sizes because today it takes minutes there (it is quadratic in the number of
@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import fields
 
 from guard.errors import Location
-from guard.plan import (
+from guard.policy.plan import (
     Decision,
     ExecEntry,
     FileEntry,
@@ -170,9 +170,9 @@ def files_plan(scope: str, exact: Sequence[str], subtrees: Sequence[str]) -> Pla
 
 
 def compiled(text: str, scope: str) -> Plan:
-    from guard.compile import compile_policies
-    from guard.model import PolicySet
-    from guard.parse import parse_text
+    from guard.policy.compile import compile_policies
+    from guard.policy.model import PolicySet
+    from guard.policy.parse import parse_text
 
     policies, diagnostics = parse_text(text, "bench.yaml")
     errors = [str(d) for d in diagnostics if d.severity == "error"]

@@ -227,7 +227,7 @@ def other_tables(results: Results) -> list[tuple[str, Table]]:
         body = [[rules_text(a.rules), rules_text(a.entries), _num(a.initial_ms),
                  _num(a.to_enforced_ms), _num(a.to_enforced_p99_ms), _num(a.total_ms),
                  a.status] for a in results.apply]
-        out.append(("guard.apply: time to apply a rule set", (header, body)))
+        out.append(("guard.kernel.apply: time to apply a rule set", (header, body)))
     if results.reload:
         header = ["policy rules", "trigger", "edits", "median (ms)", "p99 (ms)", "max (ms)",
                   "not seen", "status"]

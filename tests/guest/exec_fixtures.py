@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
-from guard.audit import RawEvent, decode
-from guard.cgroups import cgroup2_mount
-from guard.compile import compile_policies
-from guard.model import PolicySet
-from guard.parse import parse_text
-from guard.plan import Plan
+from guard.events.records import RawEvent, decode
+from guard.kernel.cgroups import cgroup2_mount
+from guard.policy.compile import compile_policies
+from guard.policy.model import PolicySet
+from guard.policy.parse import parse_text
+from guard.policy.plan import Plan
 
 RUN_TIMEOUT_S = 60
 LOADER = "/lib64/ld-linux-x86-64.so.2"
@@ -170,8 +170,8 @@ def loaded(family: str) -> Iterator[GuestGuard]:
     """One program family compiled, loaded and attached (once per session: bcc
     compiles for tens of seconds under emulation), its ring buffer read into an
     EventLog; every program detached at the end."""
-    from guard.apply import Applier
-    from guard.loader import Kernel
+    from guard.kernel.apply import Applier
+    from guard.kernel.loader import Kernel
 
     kernel = Kernel(families={family})
     try:

@@ -23,11 +23,11 @@ import pytest
 from exec_fixtures import LOADER, Cgroup, GuestGuard, copy_binary, plan_from_yaml, policy_yaml
 
 from guard import layout
-from guard.compile import compile_policies
-from guard.evaluate import decide_exec
-from guard.model import PolicySet, Scope
-from guard.parse import load_policy_paths
-from guard.plan import Plan, Verdict
+from guard.policy.compile import compile_policies
+from guard.policy.evaluate import decide_exec
+from guard.policy.model import PolicySet, Scope
+from guard.policy.parse import load_policy_paths
+from guard.policy.plan import Plan, Verdict
 
 pytestmark = pytest.mark.guest
 
@@ -406,7 +406,7 @@ def test_kernel_agrees_with_the_evaluator(
         ("allow", [f"{b}/bin/tool-b", f"{b}/jail/ok/**"]),
     ])
     plan = plan_from_yaml(p1, p2, p3, p4)
-    guard.apply(plan)
+    guard.kernel.apply(plan)
     assert guard.last_warnings == ()
     assert {s.cgroup for s in plan.scopes} == set(scoped)
 
@@ -442,7 +442,7 @@ def test_name_hash_agrees_with_the_kernel(
     guard: GuestGuard, cgroup: Cgroup, tmp_path: Path, name: str
 ) -> None:
     """Only the NAME key can match after a rename-over: the kernel's FNV-1a of the
-    dentry name must equal guard.resolve.fnv1a32 of the basename, byte for byte."""
+    dentry name must equal guard.kernel.resolve.fnv1a32 of the basename, byte for byte."""
     path = copy_binary(TRUE, tmp_path / "names" / name)
     guard.apply_yaml(deny_policy(cgroup, path))
     replacement = copy_binary(TRUE, tmp_path / "names" / "replacement")
@@ -470,7 +470,7 @@ def test_example_exec_policies_enforce(
     guard: GuestGuard, cgroup: Cgroup, tmp_path: Path
 ) -> None:
     # web-no-downloaders: downloaders, shells and /tmp are out; the rest runs.
-    guard.apply(example_plan("web-no-downloaders", cgroup))
+    guard.kernel.apply(example_plan("web-no-downloaders", cgroup))
     for binary in ("/usr/bin/curl", "/usr/bin/wget", "/usr/bin/bash", "/bin/sh"):
         assert_denied(cgroup, [binary])
     script = tmp_path / "script"  # under /tmp, and its interpreter is a shell
@@ -490,7 +490,7 @@ def test_example_exec_policies_enforce(
         job = job_dir / "guard-test-job"
         job.write_text("#!/usr/bin/env python3\nprint('done')\n")
         job.chmod(0o755)
-        guard.apply(example_plan("batch-allowlist", cgroup))
+        guard.kernel.apply(example_plan("batch-allowlist", cgroup))
         assert guard.last_warnings == ()
         assert assert_runs(cgroup, [job]).stdout == "done\n"
         assert_runs(cgroup, ["/usr/bin/python3", "-c", "pass"])

@@ -33,9 +33,11 @@ from exec_fixtures import GuestGuard, loaded, plan_from_yaml
 from support.cgroup import TestCgroup
 
 from guard import layout
-from guard.audit import Aggregator, Enricher, RawEvent
-from guard.evaluate import decide_open
-from guard.plan import Verdict
+from guard.events.enrich import Enricher
+from guard.events.fold import Aggregator
+from guard.events.records import RawEvent
+from guard.policy.evaluate import decide_open
+from guard.policy.plan import Verdict
 
 pytestmark = pytest.mark.guest
 
@@ -582,8 +584,8 @@ def test_many_exact_rules_match_their_files_only_in_every_slot_and_the_filter_is
     kernel is shown to consult the filter: with the bits of one rule's file and
     directory cleared by hand in the active half, its open goes unreported; put
     back, it is reported again."""
-    from guard import apply
-    from guard.resolve import Resolver
+    from guard.kernel import apply
+    from guard.kernel.resolve import Resolver
 
     d = tmp_path / "many"
     files = [make(d / f"f{i:03d}") for i in range(400)]
@@ -677,7 +679,7 @@ def test_kernel_agrees_with_the_evaluator(
                       mode="audit")
     p3 = files_policy("p3", [child.path], [("deny", ["read"], [b / "tie/t"])])
     plan = plan_from_yaml(p1, p2, p3)
-    guard.apply(plan)
+    guard.kernel.apply(plan)
     assert guard.last_warnings == ()
 
     probes = {cg.path: (cg, FileProbe.start(cg)) for cg in (child, other, outside)}

@@ -45,9 +45,9 @@ from bench import plans, probe
 from bench.lab import ACCEPT_PORT, PEER_ADDR, NetLab, enter
 from support.cgroup import TestCgroup
 
-from guard.apply import Applier
+from guard.kernel.apply import Applier
+from guard.kernel.loader import NET_PROGRAMS, Kernel
 from guard.layout import BPF_DIR
-from guard.loader import NET_PROGRAMS, Kernel
 
 BPF_SYSCALL_X86_64 = 321
 BPF_ENABLE_STATS = 32

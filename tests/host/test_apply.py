@@ -20,10 +20,11 @@ import pytest
 from support import need, need_root
 from support.cgroup import TestCgroup
 
-from guard import apply, layout
+from guard import layout
 from guard.errors import Location
-from guard.loader import Kernel, probe_family
-from guard.plan import (
+from guard.kernel import apply
+from guard.kernel.loader import Kernel, probe_family
+from guard.policy.plan import (
     Decision,
     NetEntry,
     Plan,
@@ -221,7 +222,7 @@ def test_close_detaches_everything_and_a_failed_attach_leaves_nothing(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from support.cgroup import attached_programs
 
-    from guard import loader
+    from guard.kernel import loader
 
     need_root()
     with TestCgroup.create() as cg:

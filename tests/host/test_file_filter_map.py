@@ -19,10 +19,11 @@ import pytest
 from support import need, need_root
 from support.cgroup import TestCgroup
 
-from guard import apply, layout
+from guard import layout
 from guard.errors import Location
-from guard.loader import Kernel, probe_family
-from guard.plan import Decision, FileEntry, Plan, RuleRef, Ruleset, ScopeEntry, Verdict
+from guard.kernel import apply
+from guard.kernel.loader import Kernel, probe_family
+from guard.policy.plan import Decision, FileEntry, Plan, RuleRef, Ruleset, ScopeEntry, Verdict
 
 pytestmark = pytest.mark.host
 
@@ -57,7 +58,7 @@ def words_in_kernel(k: Kernel, indices: set[int]) -> dict[int, int]:
 
 
 def expected(plan: Plan, slot: int) -> dict[int, int]:
-    import guard.resolve as resolve
+    import guard.kernel.resolve as resolve
 
     items, _warnings = resolve.resolve_files(plan)
     return {int.from_bytes(key, "little"): int.from_bytes(value, "little")

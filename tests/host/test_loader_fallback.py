@@ -1,6 +1,6 @@
 """A program family that fails to compile or load does not stop the others.
 
-``guard.loader.Kernel`` compiles the requested families as one bcc unit; when
+``guard.kernel.loader.Kernel`` compiles the requested families as one bcc unit; when
 that fails it names the family at fault (``attribute``), compiles again
 without it and records why (``Kernel.dropped``), and the daemon reports it
 like a family the feature probe rejected.
@@ -10,7 +10,7 @@ on a copy of bpf/ with one file broken on purpose:
 
 - exec.bpf.c with a C syntax error next to the real net.bpf.c: net loads and a
   real connect() from the test's cgroup is refused by a plan applied through
-  guard.apply; exec is reported with clang's error line (Kernel and daemon);
+  guard.kernel.apply; exec is reported with clang's error line (Kernel and daemon);
 - the real exec.bpf.c, which this host refuses at load time (EPERM for LSM
   programs, raised inside bcc's constructor without a program name): exec is
   left out, net loads, no program of the failed attempt stays attached;
@@ -37,12 +37,19 @@ from support.cgroup import TestCgroup
 from support.daemon import ConnectProbe, attached_total
 from support.policies import egress, exec_section, policy_text, tcp_rule
 
-from guard import loader
-from guard.apply import Applier
-from guard.daemon import EXIT_OK, EXIT_RUNTIME, Daemon, PolicyLoad, format_status, load_policies
+from guard.events.transports import Sink, parse_target
+from guard.kernel import loader
+from guard.kernel.apply import Applier
+from guard.kernel.loader import Kernel, LoadError, attribute, family_owners, probe_family
 from guard.layout import BPF_DIR
-from guard.loader import Kernel, LoadError, attribute, family_owners, probe_family
-from guard.sinks import Sink, parse_target
+from guard.service.daemon import (
+    EXIT_OK,
+    EXIT_RUNTIME,
+    Daemon,
+    PolicyLoad,
+    format_status,
+    load_policies,
+)
 
 pytestmark = pytest.mark.host
 
@@ -340,7 +347,7 @@ def make_daemon(cls: type[Daemon], tmp_path: Path, top: TestCgroup, bpf_dir: Pat
 
 def test_the_daemon_reports_a_family_that_failed_to_load_and_enforces_the_rest(
         top: TestCgroup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from guard.daemon import query
+    from guard.service.daemon import query
 
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     inside = top.child("in")

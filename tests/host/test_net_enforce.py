@@ -27,11 +27,11 @@ from support.lab import NetKernel, net_kernel
 from support.policies import compile_dir, egress_section, policy_text, tcp_rule
 
 from guard import layout
-from guard.apply import Applier
-from guard.compile import compile_policies
-from guard.loader import Kernel
-from guard.model import PolicySet
-from guard.plan import Plan, Verdict
+from guard.kernel.apply import Applier
+from guard.kernel.loader import Kernel
+from guard.policy.compile import compile_policies
+from guard.policy.model import PolicySet
+from guard.policy.plan import Plan, Verdict
 
 pytestmark = pytest.mark.host
 
@@ -412,7 +412,7 @@ def test_packet_denials_are_folded_in_the_kernel(env: Env) -> None:
 
 
 def test_kernel_agrees_with_the_evaluator(env: Env) -> None:
-    from guard.evaluate import decide_connect
+    from guard.policy.evaluate import decide_connect
 
     plan = env.enforce("""\
         default: allow

@@ -34,10 +34,10 @@ from support.cgroup import TestCgroup
 from support.lab import NetKernel, net_kernel
 from support.policies import compile_dir, egress_section, policy_text
 
-from guard.apply import Applier, ApplyResult, qualified_ruleset
-from guard.compile import compile_policies
-from guard.parse import load_policy_paths
-from guard.plan import Plan
+from guard.kernel.apply import Applier, ApplyResult, qualified_ruleset
+from guard.policy.compile import compile_policies
+from guard.policy.parse import load_policy_paths
+from guard.policy.plan import Plan
 
 pytestmark = pytest.mark.host
 

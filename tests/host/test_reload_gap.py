@@ -46,8 +46,9 @@ from support.cgroup import TestCgroup
 from support.daemon import running_daemon
 from support.policies import egress, policy_text, tcp_rule
 
-from guard import apply, layout
-from guard.plan import Plan
+from guard import layout
+from guard.kernel import apply
+from guard.policy.plan import Plan
 
 pytestmark = pytest.mark.host
 
@@ -182,7 +183,7 @@ def check(result: dict[str, Any], flips: int) -> None:
 @pytest.fixture
 def cgroups() -> Iterator[tuple[TestCgroup, TestCgroup]]:
     need_root()
-    from guard.loader import probe_family
+    from guard.kernel.loader import probe_family
 
     feature = probe_family("net")
     need(feature.available, f"cgroup network programs: {feature.reason}")
@@ -263,7 +264,7 @@ def test_no_gap_while_file_edits_flip_the_daemon(cgroups: tuple[TestCgroup, Test
 
 
 def compile_sets(top: TestCgroup, texts: tuple[str, str], work: Path) -> tuple[Plan, Plan]:
-    from guard.daemon import PolicyLoad, load_policies
+    from guard.service.daemon import PolicyLoad, load_policies
 
     plans = []
     for name, text in zip(("a", "b"), texts, strict=True):
@@ -282,7 +283,7 @@ Flipper = Callable[[Plan], None]
 def run_flips(cgroups: tuple[TestCgroup, TestCgroup], tmp_path: Path, flips: int,
               make: Callable[[Any], Flipper]) -> tuple[dict[str, Any], float]:
     """The client runs while ``make(kernel)`` flips between the two plans ``flips`` times."""
-    from guard.loader import Kernel
+    from guard.kernel.loader import Kernel
 
     top, inside = cgroups
     client = Client.start(inside)
@@ -304,7 +305,7 @@ def run_flips(cgroups: tuple[TestCgroup, TestCgroup], tmp_path: Path, flips: int
 
 def test_no_gap_in_thousands_of_direct_applies(cgroups: tuple[TestCgroup, TestCgroup],
                                                tmp_path: Path) -> None:
-    """guard.apply.Applier as the daemon uses it, with a shorter settle time than the
+    """guard.kernel.apply.Applier as the daemon uses it, with a shorter settle time than the
     daemon's 50 ms so that thousands of flips fit in a test (still thousands of
     times longer than one decision)."""
     flips = int(os.environ.get("GUARD_GAP_FLIPS_DIRECT", "3000"))
@@ -331,7 +332,7 @@ def naive_flipper(kernel: Any, strategy: str) -> Flipper:
     takes."""
     writer = apply.MapWriter(kernel)
     live: list[apply.SlotEntries] = [{name: {} for name in apply.MAP_NAMES} for _ in range(2)]
-    from guard.cgroups import cgroup_id
+    from guard.kernel.cgroups import cgroup_id
 
     def fill(slot: int, new: apply.SlotEntries) -> None:
         for name in apply.MAP_NAMES:

@@ -49,7 +49,7 @@ from support.service import (
 )
 
 from guard.cli import build_parser
-from guard.sinks import parse_target
+from guard.events.transports import parse_target
 
 INSTALL = REPO / "scripts" / "install-service"
 READY_TIMEOUT = 120.0
@@ -242,7 +242,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
     need_root()
     need(shutil.which("setpriv") is not None, "setpriv (util-linux) is not installed")
     _need_analyze()
-    from guard.pin import on_bpffs
+    from guard.kernel.pin import on_bpffs
 
     need(on_bpffs(Path("/sys/fs/bpf")), "bpffs is not mounted at /sys/fs/bpf")
     pin_dir = Path("/sys/fs/bpf") / f"guard-test-{os.getpid()}-{tmp_path.name[-12:]}"
@@ -402,9 +402,9 @@ def test_a_daemon_killed_during_a_reload_leaves_one_whole_policy_pinned(site: Si
         guard = site.start("measure")
         policy.write_text(big_policy(site.inside.path, port_b, 1_000))
         began = time.monotonic()
-        mark = len(guard.notify.messages)
+        mark = len(guard.service.notify.messages)
         os.kill(guard.pid, signal.SIGHUP)
-        guard.notify.wait_for("READY=1", 120, after=mark)
+        guard.service.notify.wait_for("READY=1", 120, after=mark)
         reload_s = time.monotonic() - began
         assert (site.connect(port_a), site.connect(port_b)) == new
         outcomes = []

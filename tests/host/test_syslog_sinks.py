@@ -17,8 +17,9 @@ import pytest
 from support import need
 from support.rsyslog import Rsyslog, guard_messages
 
-from guard.audit import AuditEvent
-from guard.sinks import Sink, event_record, parse_target
+from guard.events.formats import event_record
+from guard.events.records import AuditEvent
+from guard.events.transports import Sink, parse_target
 
 T0 = 1_764_063_660_123_456_000
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from guard.cgroups import cgroup2_mount
+from guard.kernel.cgroups import cgroup2_mount
 
 CLONE_NEWNET = 0x40000000
 

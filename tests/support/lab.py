@@ -28,13 +28,13 @@ from support.netns import NetLab
 from support.rsyslog import Rsyslog
 
 if TYPE_CHECKING:
-    from guard.loader import Kernel
+    from guard.kernel.loader import Kernel
 
 
 def need_net_programs() -> None:
     """Skip unless the kernel loads and attaches guard's cgroup network programs."""
-    # imported here: loading guard.loader imports bcc, which a skipped test need not pay
-    from guard.loader import probe_family
+    # imported here: loading guard.kernel.loader imports bcc, which a skipped test need not pay
+    from guard.kernel.loader import probe_family
 
     feature = probe_family("net")
     need(feature.available, f"cgroup network programs: {feature.reason}")
@@ -75,7 +75,7 @@ def net_kernel(work: Path) -> Iterator[NetKernel]:
     proof that no program stays attached."""
     need_root()
     need_net_programs()
-    from guard.loader import Kernel
+    from guard.kernel.loader import Kernel
 
     policy_dir = work / "policies"
     policy_dir.mkdir()

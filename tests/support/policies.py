@@ -10,7 +10,7 @@ of ``body`` on line 7, or on line 9 with a scope; a description moves both down
 one).
 
 ``compile_dir`` writes one policy into a directory and compiles it the way
-``guard run`` does, for the tests that drive guard.apply directly.
+``guard run`` does, for the tests that drive guard.kernel.apply directly.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from guard.compile import compile_policies
-from guard.parse import load_policy_paths
-from guard.plan import Plan
+from guard.policy.compile import compile_policies
+from guard.policy.parse import load_policy_paths
+from guard.policy.plan import Plan
 
 
 def policy_text(name: str, body: str, *, scope: str | None = None, mode: str = "enforce",

@@ -10,7 +10,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 
 from guard.errors import Location
-from guard.model import (
+from guard.policy.model import (
     Access,
     Action,
     Default,

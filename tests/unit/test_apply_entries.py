@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from guard import apply, layout
-from guard.cgroups import CgroupIndex, cgroup_depth, parse_mountinfo, walk_cgroups
+from guard import layout
 from guard.errors import Location
-from guard.loader import FAMILIES, program_text
-from guard.plan import (
+from guard.kernel import apply
+from guard.kernel.cgroups import CgroupIndex, cgroup_depth, parse_mountinfo, walk_cgroups
+from guard.kernel.loader import FAMILIES, program_text
+from guard.policy.plan import (
     Decision,
     NetEntry,
     Plan,

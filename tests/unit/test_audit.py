@@ -12,27 +12,22 @@ from pathlib import Path
 import pytest
 
 from guard import layout
-from guard.audit import (
+from guard.errors import Location
+from guard.events.enrich import PROC_TTL_S, WALL_OFFSET_TTL_S, Enricher, read_proc
+from guard.events.fold import Aggregator, Folder, LossTracker
+from guard.events.records import (
     EVENT_SIZE,
     LOST_KERNEL,
     LOST_QUEUE,
-    PROC_TTL_S,
-    WALL_OFFSET_TTL_S,
-    Aggregator,
     AuditEvent,
     DecodeError,
-    Enricher,
-    Folder,
-    LossTracker,
     RawEvent,
     decode,
     printable,
-    read_proc,
     record_count,
     record_identity,
 )
-from guard.errors import Location
-from guard.plan import RuleRef, Verdict
+from guard.policy.plan import RuleRef, Verdict
 
 BOOT_TO_WALL = 1_700_000_000_000_000_000
 

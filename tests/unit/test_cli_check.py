@@ -22,10 +22,10 @@ import pytest
 import yaml
 from support import need
 
-import guard.parse
+import guard.policy.parse
 from guard.cli import main
 from guard.errors import Diagnostic
-from guard.parse import CODES, load_policy_paths
+from guard.policy.parse import CODES, load_policy_paths
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -47,7 +47,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Run a test with each YAML parser guard can use: positions must not differ."""
     if request.param == "libyaml":
         need(yaml.__with_libyaml__, "PyYAML without libyaml (Debian's python3-yaml has it)")
-    monkeypatch.setattr(guard.parse, "USE_LIBYAML", request.param == "libyaml")
+    monkeypatch.setattr(guard.policy.parse, "USE_LIBYAML", request.param == "libyaml")
     return str(request.param)
 
 

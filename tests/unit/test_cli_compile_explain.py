@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from guard.cli import main
-from guard.compile import compile_policies
-from guard.parse import load_policy_paths
-from guard.plan import Plan
+from guard.policy.compile import compile_policies
+from guard.policy.parse import load_policy_paths
+from guard.policy.plan import Plan
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "golden"

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from policy_builders import NetSpec, Port, policy, policy_set
 
-from guard.compile import compile_policies, summarize
 from guard.errors import PolicyError
-from guard.evaluate import decide_connect, decide_exec
 from guard.layout import MAX_PORT_LINES
-from guard.model import Policy
-from guard.plan import Decision, Plan, PortMatch, Proto, Verdict
-from guard.units import cgroup_contains, check_unit_name, unit_cgroup
+from guard.policy.compile import compile_policies, summarize
+from guard.policy.evaluate import decide_connect, decide_exec
+from guard.policy.model import Policy
+from guard.policy.plan import Decision, Plan, PortMatch, Proto, Verdict
+from guard.policy.units import cgroup_contains, check_unit_name, unit_cgroup
 
 REPO = Path(__file__).resolve().parents[2]
 A, W, D, WD = Verdict.ALLOW, Verdict.AUDIT, Verdict.DENY, Verdict.WOULD_DENY
@@ -450,7 +450,7 @@ def test_json_identical_under_different_hash_seeds() -> None:
         "import sys; sys.path.insert(0, 'tests/unit')\n"
         "from test_compile import sample_policies\n"
         "from policy_builders import policy_set\n"
-        "from guard.compile import compile_policies\n"
+        "from guard.policy.compile import compile_policies\n"
         "sys.stdout.write(compile_policies(policy_set(*sample_policies())).to_json())\n"
     )
     outputs = set()

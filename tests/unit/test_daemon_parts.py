@@ -16,9 +16,15 @@ import pytest
 from support.policies import egress, exec_section, policy_text, tcp_rule
 from support.rsyslog import parse_rfc5424
 
-from guard import layout, notify
-from guard.audit import Enricher, Folder
-from guard.daemon import (
+from guard import layout
+from guard.errors import Location
+from guard.events.enrich import Enricher
+from guard.events.fold import Folder
+from guard.events.formats import log_record
+from guard.events.transports import Sink, Target, Transport
+from guard.policy.plan import RuleRef
+from guard.service import notify
+from guard.service.daemon import (
     CONGESTED_READ_S,
     GATHER_S,
     RECORD_BATCH,
@@ -30,9 +36,6 @@ from guard.daemon import (
     needed_sections,
     unenforced,
 )
-from guard.errors import Location
-from guard.plan import RuleRef
-from guard.sinks import Sink, Target, Transport, log_record
 
 
 def mail_policy(name: str) -> str:
@@ -200,7 +203,7 @@ def run_args(policies: str, syslog: str, state_dir: str) -> argparse.Namespace:
 @pytest.mark.parametrize("target", ["syslog.example:514", "tcp://host", "unix:relative"])
 def test_run_refuses_a_bad_syslog_target(tmp_path: Path, target: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from guard.daemon import run
+    from guard.service.daemon import run
 
     assert run(run_args(str(tmp_path), target, str(tmp_path / "state"))) == 2
     err = capsys.readouterr().err
@@ -210,7 +213,7 @@ def test_run_refuses_a_bad_syslog_target(tmp_path: Path, target: str,
 
 def test_run_refuses_a_missing_policy_directory(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    from guard.daemon import run
+    from guard.service.daemon import run
 
     missing = str(tmp_path / "nope")
     assert run(run_args(missing, "/dev/log", str(tmp_path / "state"))) == 2

@@ -1,7 +1,7 @@
 """The evaluator: a table of decisions, rendered explanations, and the spec check.
 
 The spec check compares the compiled plan + evaluator against a brute-force
-oracle written straight from the combination rule (guard/plan.py): take every
+oracle written straight from the combination rule (guard/policy/plan.py): take every
 rule of every policy covering the cgroup, keep those that match, pick the most
 specific, break ties by verdict strength then rule id. Any disagreement is a
 compiler or evaluator bug.
@@ -17,18 +17,27 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from policy_builders import Port, policy, policy_set
 
-from guard.compile import compile_policies
 from guard.errors import PolicyError
-from guard.evaluate import (
+from guard.policy.compile import compile_policies
+from guard.policy.evaluate import (
     decide_connect,
     decide_exec,
     decide_open,
     normalize_path,
     ruleset_for,
 )
-from guard.model import Access, Action, Default, Mode, PathPattern, Policy, PolicySet, Protocol
-from guard.plan import Plan, Verdict
-from guard.units import unit_cgroup
+from guard.policy.model import (
+    Access,
+    Action,
+    Default,
+    Mode,
+    PathPattern,
+    Policy,
+    PolicySet,
+    Protocol,
+)
+from guard.policy.plan import Plan, Verdict
+from guard.policy.units import unit_cgroup
 
 A, W, D, WD = Verdict.ALLOW, Verdict.AUDIT, Verdict.DENY, Verdict.WOULD_DENY
 NGINX = "/system.slice/nginx.service"

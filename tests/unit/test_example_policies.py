@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from guard.compile import compile_policies
-from guard.evaluate import decide_connect, decide_exec, decide_open
-from guard.parse import load_policy_paths
-from guard.plan import Plan, Verdict
+from guard.policy.compile import compile_policies
+from guard.policy.evaluate import decide_connect, decide_exec, decide_open
+from guard.policy.parse import load_policy_paths
+from guard.policy.plan import Plan, Verdict
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 WEB = "/system.slice/nginx.service"

@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 from support import need
 
-from guard import apply, layout
+from guard import layout
 from guard.errors import Location
-from guard.plan import Decision, FileEntry, Plan, RuleRef, Ruleset, ScopeEntry, Verdict
-from guard.resolve import FileInodeEntry, InodeKey, Match, summary_key
+from guard.kernel import apply
+from guard.kernel.resolve import FileInodeEntry, InodeKey, Match, summary_key
+from guard.policy.plan import Decision, FileEntry, Plan, RuleRef, Ruleset, ScopeEntry, Verdict
 
 AUDIT = Decision(Verdict.AUDIT, 1)
 DENY = Decision(Verdict.DENY, 2)

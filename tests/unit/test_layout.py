@@ -120,7 +120,7 @@ def test_constants_equal_the_header() -> None:
 
 
 def test_hook_and_verdict_numbers_equal_the_header() -> None:
-    from guard.plan import Verdict
+    from guard.policy.plan import Verdict
 
     found = layout.header_constants()
     hooks = {

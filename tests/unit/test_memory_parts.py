@@ -1,4 +1,4 @@
-"""guard.memory without a daemon: reading /proc, choosing the compiler's mappings, each
+"""guard.service.memory without a daemon: reading /proc, choosing the compiler's mappings, each
 step's failure as a reported no-op, and MADV_PAGEOUT really emptying a file mapping.
 
 The daemon's own release, measured from outside while it enforces, is in
@@ -17,8 +17,8 @@ from bench import report
 from bench.results import DaemonStart, Results
 from support import need
 
-from guard import memory
-from guard.memory import MADV_PAGEOUT, Region, Usage
+from guard.service import memory
+from guard.service.memory import MADV_PAGEOUT, Region, Usage
 
 STATUS = """\
 Name:\tpython3

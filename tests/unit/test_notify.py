@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from guard import notify
+from guard.service import notify
 
 GUARD_S = 10.0  # a call still running after this long counts as hung
 FILL_LIMIT = 100_000  # datagrams at most to fill one queue

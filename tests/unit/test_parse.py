@@ -14,9 +14,9 @@ import pytest
 import yaml
 from support import need
 
-import guard.parse
+import guard.policy.parse
 from guard.errors import Diagnostic, Location
-from guard.model import (
+from guard.policy.model import (
     Access,
     Action,
     Default,
@@ -33,7 +33,7 @@ from guard.model import (
     Protocol,
     Scope,
 )
-from guard.parse import (
+from guard.policy.parse import (
     CODES,
     MAX_ERRORS_PER_FILE,
     MAX_FILE_BYTES,
@@ -52,7 +52,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Every test runs with each YAML parser guard can use."""
     if request.param == "libyaml":
         need(yaml.__with_libyaml__, "PyYAML without libyaml (Debian's python3-yaml has it)")
-    monkeypatch.setattr(guard.parse, "USE_LIBYAML", request.param == "libyaml")
+    monkeypatch.setattr(guard.policy.parse, "USE_LIBYAML", request.param == "libyaml")
     return str(request.param)
 
 

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import need
 
-import guard.parse
+import guard.policy.parse
 from guard.errors import Diagnostic
-from guard.model import Access, Action, Default, Protocol
-from guard.parse import CODES, load_policy_paths, parse_text
+from guard.policy.model import Access, Action, Default, Protocol
+from guard.policy.parse import CODES, load_policy_paths, parse_text
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 VALID_TEXTS = sorted(p.read_text() for p in (FIXTURES / "valid").rglob("*.y*ml")
@@ -85,12 +85,12 @@ def assert_well_formed(text: str, filename: str, policies: list[Any],
 
 def check(text: str, libyaml: bool) -> None:
     """Parse with the chosen YAML parser (both, across examples) and check the invariants."""
-    saved = guard.parse.USE_LIBYAML
-    guard.parse.USE_LIBYAML = libyaml and yaml.__with_libyaml__
+    saved = guard.policy.parse.USE_LIBYAML
+    guard.policy.parse.USE_LIBYAML = libyaml and yaml.__with_libyaml__
     try:
         policies, diagnostics = parse_text(text, "fuzz.yaml")
     finally:
-        guard.parse.USE_LIBYAML = saved
+        guard.policy.parse.USE_LIBYAML = saved
     assert_well_formed(text, "fuzz.yaml", policies, diagnostics)
 
 
@@ -313,12 +313,12 @@ def test_generated_valid_policies_come_back_exactly(data: st.DataObject) -> None
 
 
 def parse_with(text: str, libyaml: bool) -> tuple[list[Any], list[Diagnostic]]:
-    saved = guard.parse.USE_LIBYAML
-    guard.parse.USE_LIBYAML = libyaml
+    saved = guard.policy.parse.USE_LIBYAML
+    guard.policy.parse.USE_LIBYAML = libyaml
     try:
         return parse_text(text, "diff.yaml")
     finally:
-        guard.parse.USE_LIBYAML = saved
+        guard.policy.parse.USE_LIBYAML = saved
 
 
 @SETTINGS

@@ -5,8 +5,11 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from guard import layout, pin, tamper
-from guard.audit import Enricher, RawEvent
+from guard import layout
+from guard.events import enrich
+from guard.events.enrich import Enricher
+from guard.events.records import RawEvent
+from guard.kernel import pin
 
 
 def test_instance_names_are_unique_and_carry_the_pid() -> None:
@@ -96,7 +99,7 @@ def test_tamper_events_say_what_was_attempted() -> None:
 
 
 def test_every_bpf_command_has_its_name() -> None:
-    assert tamper.bpf_command(0) == "BPF_MAP_CREATE"
-    assert tamper.bpf_command(28) == "BPF_LINK_CREATE"
-    assert tamper.bpf_command(34) == "BPF_LINK_DETACH"
-    assert tamper.signal_name(19) == "SIGSTOP" and tamper.signal_name(200) == "signal 200"
+    assert enrich.bpf_command(0) == "BPF_MAP_CREATE"
+    assert enrich.bpf_command(28) == "BPF_LINK_CREATE"
+    assert enrich.bpf_command(34) == "BPF_LINK_DETACH"
+    assert enrich.signal_name(19) == "SIGSTOP" and enrich.signal_name(200) == "signal 200"

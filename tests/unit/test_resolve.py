@@ -1,4 +1,4 @@
-"""guard.resolve: plan paths to the inode keys the kernel looks up.
+"""guard.kernel.resolve: plan paths to the inode keys the kernel looks up.
 
 These run on the host against its real file systems (identity must come from
 the kernel's own view, /proc/self/fdinfo and mountinfo); that the kernel
@@ -16,18 +16,7 @@ import pytest
 
 from guard import layout
 from guard.errors import Location
-from guard.plan import (
-    Decision,
-    ExecEntry,
-    FileEntry,
-    Plan,
-    RuleRef,
-    Ruleset,
-    RulesetDefaults,
-    ScopeEntry,
-    Verdict,
-)
-from guard.resolve import (
+from guard.kernel.resolve import (
     FileInodeEntry,
     Identity,
     InodeEntry,
@@ -41,6 +30,17 @@ from guard.resolve import (
     resolve_files,
     summary_key,
     unescape,
+)
+from guard.policy.plan import (
+    Decision,
+    ExecEntry,
+    FileEntry,
+    Plan,
+    RuleRef,
+    Ruleset,
+    RulesetDefaults,
+    ScopeEntry,
+    Verdict,
 )
 
 ALLOW = Decision(Verdict.ALLOW, 1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from guard.model import PolicySet
-from guard.parse import parse_text
-from guard.revision import content_hash, revision_of, rule_changes
+from guard.policy.model import PolicySet
+from guard.policy.parse import parse_text
+from guard.policy.revision import content_hash, revision_of, rule_changes
 
 
 def git(cwd: Path, *args: str) -> str:

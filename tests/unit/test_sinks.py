@@ -21,25 +21,21 @@ from pathlib import Path
 import pytest
 from support.rsyslog import ParseError, parse_rfc5424
 
-from guard.audit import AuditEvent, lost_event
-from guard.sinks import (
+from guard.events.formats import (
     FACILITY_AUTH,
     FACILITY_AUTHPRIV,
     SEV_ERR,
     EventFormatter,
     Record,
-    Sink,
-    Target,
-    TargetError,
-    Transport,
     escape_param_value,
     event_record,
     format_json,
     format_rfc5424,
     log_record,
-    parse_target,
     timestamp,
 )
+from guard.events.records import AuditEvent, lost_event
+from guard.events.transports import Sink, Target, TargetError, Transport, parse_target
 
 T0 = 1_764_063_660_123_456_789  # 2025-11-25T09:41:00.123456789Z
 

@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from guard.watch import Debouncer, PolicyWatcher, is_relevant
+from guard.service.watch import Debouncer, PolicyWatcher, is_relevant
 
 
 class FakeClock:

@@ -5,7 +5,7 @@ entries of that slot (bpf/guard.h). So a reload is:
 
 1. resolve what the plan names on this machine: cgroup paths -> cgroup ids
    (missing ones are skipped with a warning), and, only when the plan has exec
-   or file entries, paths -> inodes (``guard.resolve``);
+   or file entries, paths -> inodes (``guard.kernel.resolve``);
 2. turn plan + ids into map entries (pure: ``slot_entries``), and compare them
    with what the active slot holds: equal means nothing is written at all;
 3. fill the idle slot;
@@ -44,10 +44,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from guard import layout
-from guard.plan import Decision, Plan, RuleRef
+from guard.policy.plan import Decision, Plan, RuleRef
 
-if TYPE_CHECKING:  # guard.resolve is imported at run time only for plans with paths
-    from guard.resolve import FileInodeEntry, InodeEntry
+if TYPE_CHECKING:  # guard.kernel.resolve is imported at run time only for plans with paths
+    from guard.kernel.resolve import FileInodeEntry, InodeEntry
 
 log = logging.getLogger(__name__)
 
@@ -466,14 +466,14 @@ class Applier:
                                            list[str]]:
         lookup = self.cgroup_lookup
         if lookup is None:
-            from guard.cgroups import cgroup_id
+            from guard.kernel.cgroups import cgroup_id
 
             lookup = cgroup_id
         ids, warnings = scope_ids(plan, lookup)
         exec_items: list[InodeEntry] = []
         file_items: list[FileInodeEntry] = []
         if plan.exec or plan.files:
-            import guard.resolve as resolve  # lazily: only plans with paths need it
+            import guard.kernel.resolve as resolve  # lazily: only plans with paths need it
 
             if plan.exec:
                 found, more = resolve.resolve_exec(plan)

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 STATE_WAIT = 1.0  # seconds a state change may wait for room in the manager's queue
 _STATE_KEYS = ("READY=1", "RELOADING=1")
 
-log = logging.getLogger("guard.notify")
+log = logging.getLogger("guard.service.notify")
 _dropped = 0
 
 

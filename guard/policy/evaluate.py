@@ -24,9 +24,9 @@ import ipaddress
 import sys
 from dataclasses import dataclass
 
-from guard.compile import parent_dirs, pattern_text, port_text, rule_text, verdict_word
 from guard.layout import MAX_CGROUP_DEPTH, MAX_PATH_DEPTH
-from guard.plan import (
+from guard.policy.compile import parent_dirs, pattern_text, port_text, rule_text, verdict_word
+from guard.policy.plan import (
     Decision,
     ExecEntry,
     FileEntry,
@@ -40,7 +40,7 @@ from guard.plan import (
     ScopeEntry,
     Verdict,
 )
-from guard.units import cgroup_contains, cgroup_parts, normalize_cgroup, resolve_unit
+from guard.policy.units import cgroup_contains, cgroup_parts, normalize_cgroup, resolve_unit
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 PROTOCOLS = {"any": Proto.ANY, "tcp": Proto.TCP, "udp": Proto.UDP}

@@ -44,7 +44,7 @@ from enum import IntEnum
 from pathlib import Path
 
 from guard import layout
-from guard.plan import Decision, ExecEntry, FileEntry, Plan
+from guard.policy.plan import Decision, ExecEntry, FileEntry, Plan
 
 FNV_OFFSET = 0x811C9DC5
 FNV_PRIME = 0x01000193

@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guard.units import normalize_cgroup
+from guard.policy.units import normalize_cgroup
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 
@@ -158,7 +158,7 @@ def systemd_running() -> bool:
 def systemd_unit_cgroup(unit: str) -> str | None:
     """systemd's answer for where ``unit`` runs, or None (no systemd, unit not loaded).
 
-    When this is None the compiler's convention (guard.units) decides instead.
+    When this is None the compiler's convention (guard.policy.units) decides instead.
     """
     if not systemd_running() or shutil.which("systemctl") is None:
         return None

@@ -1,6 +1,6 @@
 """Pinning: enforcement that outlives the daemon, and a new daemon taking over.
 
-Every attachment guard makes is a bpf_link (guard.loader): the LSM programs
+Every attachment guard makes is a bpf_link (guard.kernel.loader): the LSM programs
 (bcc's ``lsm_fds``) and the cgroup programs (BPF_LINK_CREATE). A link ends
 when its last reference goes. A daemon's file descriptors are references
 that end with the process, whatever ends it; a pin in bpffs is a reference
@@ -489,7 +489,7 @@ def stop(args: Any) -> int:
     done, 3 when the daemon did not exit in time or a pin could not be removed."""
     import sys
 
-    from guard.daemon import EXIT_OK, EXIT_RUNTIME, query
+    from guard.service.daemon import EXIT_OK, EXIT_RUNTIME, query
 
     pin_dir, state_dir = Path(args.pin_dir), Path(args.state_dir)
     try:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-from guard.parse import EDITOR_DROPPINGS, POLICY_SUFFIXES
+from guard.policy.parse import EDITOR_DROPPINGS, POLICY_SUFFIXES
 
 log = logging.getLogger(__name__)
 

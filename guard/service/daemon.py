@@ -29,7 +29,7 @@ is answered from a second thread, from counters only.
 
 Signals: SIGTERM/SIGINT stop cleanly (every program detached, exit 0).
 
-Reloads (docs/reload.md): SIGHUP and the directory watcher (guard.watch, on
+Reloads (docs/reload.md): SIGHUP and the directory watcher (guard.service.watch, on
 unless ``--no-watch``; it is started before the first read, so no change
 after that read is missed) only *ask* for a reload (``request_reload``: a
 note in a queue and a byte in the wake-up pipe). The main loop runs it
@@ -40,7 +40,7 @@ anywhere rejects all of it: the set in force stays, each positioned error
 (FILE:LINE:COL) goes to syslog and ``guard status`` shows it until the next
 good reload. A set that compiles to the entries already in force writes
 nothing to the kernel and is logged as "unchanged". Every applied set is
-logged with its revision (guard.revision) and the rules added and removed.
+logged with its revision (guard.policy.revision) and the rules added and removed.
 
 Why every supported family is loaded, not only those the current policies
 use: a reload never recompiles (policies are map data), so the programs must
@@ -76,33 +76,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guard import layout, memory, notify
-from guard.audit import (
+from guard import layout
+from guard.errors import Diagnostic, Location, PolicyError
+from guard.events.enrich import Enricher
+from guard.events.fold import Aggregator, Folder, LossTracker
+from guard.events.formats import SEV_ERR, SEV_INFO, SEV_WARNING, ParamValue, log_record
+from guard.events.records import (
     EVENT_SIZE,
-    Aggregator,
     AuditEvent,
     DecodeError,
-    Enricher,
-    Folder,
-    LossTracker,
     decode,
     record_count,
     record_identity,
 )
-from guard.errors import Diagnostic, Location, PolicyError
-from guard.model import PolicySet
-from guard.plan import Plan
-from guard.revision import Revision, revision_of, rule_changes
-from guard.sinks import (
-    SEV_ERR,
-    SEV_INFO,
-    SEV_WARNING,
-    ParamValue,
-    Sink,
-    TargetError,
-    log_record,
-    parse_target,
-)
+from guard.events.transports import Sink, TargetError, parse_target
+from guard.policy.model import PolicySet
+from guard.policy.plan import Plan
+from guard.policy.revision import Revision, revision_of, rule_changes
+from guard.service import memory, notify
 
 log = logging.getLogger("guard")
 
@@ -117,7 +108,7 @@ MAX_ERROR_LINES = 100  # errors of one rejected reload sent to syslog and kept f
 LOST_CHECK_S = 1.0
 MAX_WAIT_S = 1.0
 
-# policy section -> the program family that enforces it (guard.loader.FAMILIES)
+# policy section -> the program family that enforces it (guard.kernel.loader.FAMILIES)
 SECTION_FAMILY = {"exec": "exec", "files": "files", "egress": "net"}
 
 
@@ -139,15 +130,15 @@ def load_policies(directory: str, host_cgroup: str,
                   unit_lookup: Callable[[list[str]], Mapping[str, str]] | None = None,
                   ) -> PolicyLoad | tuple[Diagnostic, ...]:
     """Parse and compile ``directory``; the diagnostics when it cannot be used."""
-    from guard.compile import compile_policies
-    from guard.parse import load_policy_paths
+    from guard.policy.compile import compile_policies
+    from guard.policy.parse import load_policy_paths
 
     result = load_policy_paths([directory])
     if result.errors or result.policy_set is None:
         return result.diagnostics or ()
     units = sorted({u for p in result.policy_set.policies for u in p.scope.units})
     if unit_lookup is None:
-        from guard.cgroups import systemd_unit_cgroups
+        from guard.kernel.cgroups import systemd_unit_cgroups
 
         unit_lookup = systemd_unit_cgroups
     try:
@@ -276,8 +267,8 @@ class Daemon:
         self._ring: Any = None
         self._stats: Any = None
         self._ringbuf_fd = -1
-        # Service: pins (guard.pin), tamper protection (guard.tamper), rule hits.
-        from guard.pin import Persistence
+        # Service: pins (guard.kernel.pin), tamper protection (guard.kernel.tamper), rule hits.
+        from guard.kernel.pin import Persistence
 
         self.persistence = Persistence(Path(pin_dir) if pin_dir else None, self.state_dir,
                                        fail_open=fail_open)
@@ -331,7 +322,7 @@ class Daemon:
                      + "; ".join(f"{f}: {why}" for f, why in sorted(self.unavailable.items())))
             return EXIT_RUNTIME
 
-        from guard.loader import LoadError
+        from guard.kernel.loader import LoadError
 
         try:
             self.kernel = self._make_kernel(load)
@@ -342,7 +333,7 @@ class Daemon:
         self.enforced = sorted(self.kernel.families)
         self._protect()
 
-        from guard.apply import Applier, ApplyError
+        from guard.kernel.apply import Applier, ApplyError
 
         self.applier = Applier(self.kernel)
         try:
@@ -363,7 +354,7 @@ class Daemon:
         self.say(SEV_INFO, "start", summary,
                  (("revision", str(loaded.revision)), ("policies", len(loaded.policy_set.policies)),
                   ("generation", self.generation), ("families", ",".join(self.enforced))))
-        # Enforcing: the compiler's memory is dead weight now (guard/memory.py; never raises)
+        # Enforcing: the compiler's memory is dead weight now (guard/service/memory.py; never raises)
         self.memory_release = memory.release()
         self.say(SEV_INFO, "memory", self.memory_release.summary())
         if self.watch_error:
@@ -374,7 +365,7 @@ class Daemon:
     def _start_watcher(self) -> None:
         if not self.watch:
             return
-        from guard.watch import PolicyWatcher
+        from guard.service.watch import PolicyWatcher
 
         try:
             watcher = PolicyWatcher(Path(self.policies), lambda: self.request_reload("watch"))
@@ -401,7 +392,7 @@ class Daemon:
     bpf_dir: Path = layout.BPF_DIR
 
     def _probe(self) -> dict[str, tuple[bool, str]]:
-        from guard.loader import FAMILIES, family_source, probe_features
+        from guard.kernel.loader import FAMILIES, family_source, probe_features
 
         present = [f for f in FAMILIES if family_source(f, self.bpf_dir).exists()]
         absent = {f: (False, f"this guard has no {family_source(f).name}")
@@ -414,7 +405,7 @@ class Daemon:
     def _make_kernel(self, families: set[str]) -> Any:
         """The programs of ``families``; one that fails to compile or load is left
         out (``Kernel.dropped``), LoadError only when none loads."""
-        from guard.loader import Kernel
+        from guard.kernel.loader import Kernel
 
         return Kernel(families=families, host_cgroup=self.host_cgroup, bpf_dir=self.bpf_dir)
 
@@ -432,7 +423,7 @@ class Daemon:
                 self.say(SEV_ERR, "unenforced", message)
 
     def _open_events(self) -> None:
-        from guard.cgroups import CgroupIndex
+        from guard.kernel.cgroups import CgroupIndex
 
         index = CgroupIndex()
         self._enricher = Enricher(rules=self.applier.rule_for, cgroups=index.path)
@@ -453,14 +444,14 @@ class Daemon:
         self._records.append(ctypes.string_at(data, size))
         return 0
 
-    # -- service: tamper protection and pins (guard/tamper.py, guard/pin.py) ---------
+    # -- service: tamper protection and pins (guard/kernel/tamper.py, guard/kernel/pin.py) ---------
 
     def _protect(self) -> None:
         """Tell tamper.bpf.c who the daemon is, before any scope exists."""
         if "tamper" not in self.kernel.families:
             return
-        from guard.cgroups import CgroupError, cgroup_id
-        from guard.tamper import configure
+        from guard.kernel.cgroups import CgroupError, cgroup_id
+        from guard.kernel.tamper import configure
 
         try:
             configure(self.kernel, os.getpid(), cgroup_id(self.host_cgroup) or 0)
@@ -470,7 +461,7 @@ class Daemon:
 
     def _persist(self, loaded: PolicyLoad) -> None:
         """Pin what is now enforced (fail-closed), then retire earlier daemons' pins."""
-        from guard.pin import Manifest, PinError
+        from guard.kernel.pin import Manifest, PinError
 
         keep = self.persistence
         try:
@@ -496,7 +487,7 @@ class Daemon:
 
     def _report_retired(self, retired: Any, loaded: PolicyLoad) -> None:
         """The events an earlier daemon's pins produced and nobody delivered."""
-        from guard.audit import LOST_KERNEL, lost_event
+        from guard.events.records import LOST_KERNEL, lost_event
 
         manifest = retired.manifest
         # Rule ids are the compiler's, slot-independent: the same revision names them.
@@ -774,7 +765,7 @@ class Daemon:
             self._reload_failed(outcome, f"{len(errors)} error(s) in the policies")
             return False
         outcome.revision = str(loaded.revision)
-        from guard.apply import ApplyError
+        from guard.kernel.apply import ApplyError
 
         try:
             result = self.applier.apply(loaded.plan)
@@ -1131,7 +1122,7 @@ def status(args: argparse.Namespace) -> int:
         reason = "no daemon is running" if isinstance(error, FileNotFoundError | \
             ConnectionRefusedError) else str(error)
         print(f"guard status: {reason} (state dir {args.state_dir})", file=sys.stderr)
-        from guard.pin import describe_pinned
+        from guard.kernel.pin import describe_pinned
 
         for line in describe_pinned(Path(getattr(args, "pin_dir", "/sys/fs/bpf/guard")),
                                     Path(args.state_dir)):

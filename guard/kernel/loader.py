@@ -16,7 +16,7 @@ be requested where BPF-LSM works (the QEMU guest, not the development host;
 
 Every attachment is a bpf_link held by a file descriptor of this process
 (``links()``), so it ends with the process, however the process ends (even
-SIGKILL), unless guard/pin.py pinned it in bpffs. ``close()`` (the context
+SIGKILL), unless guard/kernel/pin.py pinned it in bpffs. ``close()`` (the context
 manager calls it, also on exceptions) closes them all, and a failed load or
 attach leaves nothing attached.
 
@@ -51,7 +51,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from guard.cgroups import CgroupError, cgroup_dir
+from guard.kernel.cgroups import CgroupError, cgroup_dir
 from guard.layout import BPF_DIR
 
 FAMILIES = ("net", "exec", "files", "tamper")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guard.model import PolicySet
+from guard.policy.model import PolicySet
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 bcc compiles guard's BPF C inside the daemon's process with clang/LLVM. Once the
 programs are loaded, that compiler is never used again: a reload writes map
-data, it never recompiles (guard/daemon.py). What the compile left behind:
+data, it never recompiles (guard/service/daemon.py). What the compile left behind:
 
 * heap the compiler (and the compile of the policies) freed, but that glibc's
   malloc keeps for later: ``malloc_trim(0)`` returns the free pages of every

@@ -1,6 +1,6 @@
 """The policy model: what a validated policy file says, as frozen values.
 
-The parser (guard.parse) is the only producer; the compiler (guard.compile) the
+The parser (guard.policy.parse) is the only producer; the compiler (guard.policy.compile) the
 only consumer. Every element keeps the Location of the YAML it came from so a
 problem found later (at compile or apply time) still points at the file.
 

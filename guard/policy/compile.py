@@ -1,4 +1,4 @@
-"""The compiler: a validated policy set becomes a Plan (see guard/plan.py).
+"""The compiler: a validated policy set becomes a Plan (see guard/policy/plan.py).
 
 Pure and deterministic: the same policy set gives a byte-identical
 ``plan.to_json()``. Nothing here iterates a dict or set without sorting first,
@@ -14,7 +14,7 @@ The stages, each a small function taking values and returning values:
     egress_entries  per ruleset and prefix, a complete port table
     ruleset_defaults per ruleset, the exec / egress defaults
 
-The combination rule itself is written once, in guard/plan.py's docstring. Each
+The combination rule itself is written once, in guard/policy/plan.py's docstring. Each
 of the last four stages works it out twice per ruleset (rule 5): layer E, the
 enforce-mode policies, and layer T, all policies as if enforced; ``combine``
 joins the two answers, resolved at each entry, so the kernel needs one lookup.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from guard.errors import Diagnostic, Location, PolicyError
 from guard.layout import MAX_PORT_LINES
-from guard.model import (
+from guard.policy.model import (
     Access,
     Action,
     Default,
@@ -39,7 +39,7 @@ from guard.model import (
     PolicySet,
     Protocol,
 )
-from guard.plan import (
+from guard.policy.plan import (
     Decision,
     ExecEntry,
     FileEntry,
@@ -54,7 +54,7 @@ from guard.plan import (
     ScopeEntry,
     Verdict,
 )
-from guard.units import cgroup_contains, check_unit_name, normalize_cgroup, resolve_unit
+from guard.policy.units import cgroup_contains, check_unit_name, normalize_cgroup, resolve_unit
 
 PROTO_OF = {Protocol.ANY: Proto.ANY, Protocol.TCP: Proto.TCP, Protocol.UDP: Proto.UDP}
 PORT_MAX = 65535

@@ -56,7 +56,7 @@ from yaml.resolver import Resolver
 from yaml.scanner import Scanner
 
 from guard.errors import Diagnostic, Location
-from guard.model import (
+from guard.policy.model import (
     API_VERSION,
     KIND,
     Access,

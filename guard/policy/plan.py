@@ -2,8 +2,8 @@
 
 A plan is the complete, merged decision data the kernel programs read, in the
 shape of their maps (bpf/guard.h), but still keyed by paths and cgroup paths:
-guard.resolve turns those into inode and cgroup ids on the machine at hand, and
-guard.apply writes them. guard.evaluate answers questions from a plan alone, so
+guard.kernel.resolve turns those into inode and cgroup ids on the machine at hand, and
+guard.kernel.apply writes them. guard.policy.evaluate answers questions from a plan alone, so
 what ``guard explain`` says is what the kernel does.
 
 How policies combine (the rule is written once, here; docs/semantics.md says it
@@ -52,7 +52,7 @@ from enum import IntEnum
 from typing import Any
 
 from guard.errors import Location
-from guard.model import IPNetwork
+from guard.policy.model import IPNetwork
 
 
 class Verdict(IntEnum):
