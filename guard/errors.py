@@ -1,12 +1,23 @@
-"""Positions and diagnostics shared by every stage that can reject input.
+"""Positions, diagnostics and exit codes: what every stage and command reports with.
 
 Every error guard reports about a policy points at the offending value as
-``FILE:LINE:COL`` (1-based), so an operator can jump straight to it.
+``FILE:LINE:COL`` (1-based), so an operator can jump straight to it. Every
+command exits with one of ``ExitCode``'s values, defined here once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What every ``guard`` command exits with."""
+
+    OK = 0
+    INVALID = 1  # invalid policy input (or a failed ``guard test`` case)
+    USAGE = 2  # the command line itself is wrong
+    RUNTIME = 3  # the machine or the daemon failed the request
 
 
 @dataclass(frozen=True, order=True)
