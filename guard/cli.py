@@ -96,13 +96,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from guard.service.daemon import status
+    from guard.service.control import status
 
     return status(args)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from guard.kernel.pin import stop
+    from guard.service.control import stop
 
     return stop(args)
 

@@ -53,6 +53,7 @@ from typing import Any
 
 from guard.kernel.cgroups import CgroupError, cgroup_dir
 from guard.layout import BPF_DIR
+from guard.policy.model import PolicySet
 
 FAMILIES = ("net", "exec", "files", "tamper")
 LSM_FAMILIES = ("exec", "files", "tamper")
@@ -601,3 +602,41 @@ def probe_family(family: str) -> Feature:
 
 def probe_features(families: Iterable[str] = FAMILIES) -> dict[str, Feature]:
     return {family: probe_family(family) for family in families}
+
+
+# --- families and the policy sections they enforce ---------------------------------------
+
+# policy section -> the program family that enforces it (guard.kernel.loader.FAMILIES)
+SECTION_FAMILY = {"exec": "exec", "files": "files", "egress": "net"}
+
+
+def needed_sections(policy_set: PolicySet) -> list[tuple[str, str, str]]:
+    """(family, policy, "SECTION at FILE:LINE:COL") for every section of every policy."""
+    found: list[tuple[str, str, str]] = []
+    for policy in policy_set.policies:
+        for section in ("exec", "files", "egress"):
+            value = getattr(policy, section)
+            if value is not None:
+                found.append((SECTION_FAMILY[section], policy.name,
+                              f"{section} at {value.location}"))
+    return found
+
+
+def unenforced(policy_set: PolicySet, unavailable: Mapping[str, str]) -> list[str]:
+    """One message per family a policy needs and the kernel cannot run."""
+    by_family: dict[str, list[str]] = {}
+    for family, policy, where in needed_sections(policy_set):
+        if family in unavailable:
+            by_family.setdefault(family, []).append(f"policy {policy} section {where}")
+    return [
+        f"the kernel cannot run the {family} programs ({unavailable[family]}); "
+        f"NOT ENFORCED: {'; '.join(items)}"
+        for family, items in sorted(by_family.items())
+    ]
+
+
+def families_to_load(features: Mapping[str, tuple[bool, str]]) -> tuple[set[str], dict[str, str]]:
+    """(families to load, unavailable family -> reason) from probe results."""
+    load = {f for f, (ok, _why) in features.items() if ok}
+    unavailable = {f: why for f, (ok, why) in features.items() if not ok}
+    return load, unavailable

@@ -450,7 +450,7 @@ def describe_pinned(pin_dir: Path, state_dir: Path) -> list[str]:
                 if manifest else "no manifest")
         state = "still enforcing" if item.complete else "partly pinned (an interrupted start)"
         pid = instance_pid(item.name)
-        alive = "is gone" if pid is None or _gone(pid) else "still runs"
+        alive = "is gone" if pid is None or process_gone(pid) else "still runs"
         lines.append(f"{state}: {item.path} (pid {pid} {alive}; {what}); "
                      "`guard stop --unload` removes it, a new daemon takes it over")
     return lines
@@ -462,68 +462,10 @@ def pinned_summary(pin_dir: Path) -> list[dict[str, Any]]:
              "pins": list(i.pins)} for i in instances(pin_dir)]
 
 
-# --- guard stop [--unload] ----------------------------------------------------------------
-
-
-def _gone(pid: int) -> bool:
+def process_gone(pid: int) -> bool:
     """The process has exited (a zombie its parent has not reaped yet counts)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return True
     return stat[stat.rfind(")") + 2:].startswith(("Z", "X"))
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _gone(pid):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def stop(args: Any) -> int:
-    """``guard stop [--unload]``: ask the daemon to stop (and unpin), then, with
-    --unload, remove whatever else is pinned (daemons that died). Exit 0 when
-    done, 3 when the daemon did not exit in time or a pin could not be removed."""
-    import sys
-
-    from guard.service.daemon import EXIT_OK, EXIT_RUNTIME, query
-
-    pin_dir, state_dir = Path(args.pin_dir), Path(args.state_dir)
-    try:
-        reply = query(str(state_dir), "stop", extra={"unload": bool(args.unload)})
-    except (OSError, ValueError):
-        print(f"guard stop: no daemon is running (state dir {state_dir})")
-    else:
-        if not reply.get("ok"):
-            print(f"guard stop: the daemon refused: {reply.get('error')}", file=sys.stderr)
-            return EXIT_RUNTIME
-        pid = int(reply["pid"])
-        if not _wait_gone(pid, args.timeout):
-            print(f"guard stop: daemon pid {pid} did not exit within {args.timeout:g} s",
-                  file=sys.stderr)
-            return EXIT_RUNTIME
-        kept = reply.get("pins", {}).get("instance")
-        print(f"guard stop: daemon pid {pid} stopped" + (
-            "" if args.unload or not kept else
-            f"; enforcement stays pinned in {pin_dir / str(kept)} (fail-closed)"))
-    if not args.unload:
-        left = pinned_summary(pin_dir)
-        if left:
-            print(f"guard stop: pinned (still enforcing): "
-                  f"{', '.join(i['instance'] for i in left)}; `guard stop --unload` removes them")
-        return EXIT_OK
-    try:
-        removed = remove_all(pin_dir, state_dir)
-    except OSError as error:
-        print(f"guard stop: removing the pins in {pin_dir} failed: {error}", file=sys.stderr)
-        return EXIT_RUNTIME
-    for item in removed:
-        print(f"guard stop: removed {item.instance} ({len(item.pins)} pins)")
-    if pin_dir.exists():
-        print(f"guard stop: {pin_dir} is not empty", file=sys.stderr)
-        return EXIT_RUNTIME
-    print(f"guard stop: unloaded; nothing is pinned under {pin_dir}")
-    return EXIT_OK

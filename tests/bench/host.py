@@ -412,7 +412,7 @@ class Daemon:
             time.sleep(0.05)
 
     def status(self) -> dict[str, Any]:
-        from guard.service.daemon import query
+        from guard.service.control import query
 
         reply = query(str(self.state_dir))
         body: dict[str, Any] = reply.get("status", {})

@@ -37,19 +37,15 @@ from support.cgroup import TestCgroup
 from support.daemon import ConnectProbe, attached_total
 from support.policies import egress, exec_section, policy_text, tcp_rule
 
+from guard.errors import ExitCode
 from guard.events.transports import Sink, parse_target
 from guard.kernel import loader
 from guard.kernel.apply import Applier
 from guard.kernel.loader import Kernel, LoadError, attribute, family_owners, probe_family
 from guard.layout import BPF_DIR
-from guard.service.daemon import (
-    EXIT_OK,
-    EXIT_RUNTIME,
-    Daemon,
-    PolicyLoad,
-    format_status,
-    load_policies,
-)
+from guard.policy.load import PolicyLoad, load_policies
+from guard.service.control import format_status
+from guard.service.daemon import Daemon
 
 pytestmark = pytest.mark.host
 
@@ -248,7 +244,7 @@ def test_a_family_that_does_not_compile_is_left_out_and_net_still_enforces(
         policies = tmp_path / "policies"
         policies.mkdir()
         (policies / "p.yaml").write_text(egress_policy("p", inside.path, denied))
-        loaded = load_policies(str(policies), top.path)
+        loaded = load_policies(str(policies), top.path, unit_lookup=lambda units: {})
         assert isinstance(loaded, PolicyLoad), loaded
         with Kernel(families={"net", "exec"}, host_cgroup=top.path, bpf_dir=bpf_dir) as kernel:
             assert kernel.families == {"net"} and kernel.attempts == 2
@@ -347,7 +343,7 @@ def make_daemon(cls: type[Daemon], tmp_path: Path, top: TestCgroup, bpf_dir: Pat
 
 def test_the_daemon_reports_a_family_that_failed_to_load_and_enforces_the_rest(
         top: TestCgroup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from guard.service.daemon import query
+    from guard.service.control import query
 
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     inside = top.child("in")
@@ -358,7 +354,7 @@ def test_the_daemon_reports_a_family_that_failed_to_load_and_enforces_the_rest(
     denied, allowed = probe.ports
     policy.write_text(egress_policy("web", inside.path, denied, exec_rule=True))
     try:
-        assert daemon.start() == EXIT_OK, stderr.getvalue()
+        assert daemon.start() == ExitCode.OK, stderr.getvalue()
         assert probe.verdicts() == {denied: errno.EPERM, allowed: 0}
         why = "compiling failed: exec.bpf.c:3:20: error: expected expression"
         assert daemon.enforced == ["net"] and daemon.unavailable["exec"] == why
@@ -392,7 +388,7 @@ def test_the_daemon_exits_when_no_family_loads(top: TestCgroup, tmp_path: Path,
                                          bpf_copy(tmp_path, net=net_with_unchecked_lookup()))
     (Path(daemon.policies) / "p.yaml").write_text(egress_policy("p", top.path, 9))
     try:
-        assert daemon.start() == EXIT_RUNTIME
+        assert daemon.start() == ExitCode.RUNTIME
     finally:
         daemon.abort()
     said = stderr.getvalue()

@@ -42,7 +42,7 @@ from support.lab import syslog_and_cgroup
 from support.policies import egress, policy_text, tcp_rule
 from support.rsyslog import Rsyslog, guard_messages
 
-from guard.service.daemon import format_status
+from guard.service.control import format_status
 
 GIVEN_BACK_MB = 20.0  # at least: glibc's free heap alone was 34 MB of the 10-rule start
 HEAP_BACK_MB = 10.0  # at least, of the anonymous memory

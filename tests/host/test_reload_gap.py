@@ -264,7 +264,7 @@ def test_no_gap_while_file_edits_flip_the_daemon(cgroups: tuple[TestCgroup, Test
 
 
 def compile_sets(top: TestCgroup, texts: tuple[str, str], work: Path) -> tuple[Plan, Plan]:
-    from guard.service.daemon import PolicyLoad, load_policies
+    from guard.policy.load import PolicyLoad, load_policies
 
     plans = []
     for name, text in zip(("a", "b"), texts, strict=True):

@@ -84,7 +84,7 @@ class GuardDaemon:
 
     def status(self) -> dict[str, Any]:
         """``guard status`` through the status socket, from this process (fast)."""
-        from guard.service.daemon import query
+        from guard.service.control import query
 
         reply = query(str(self.state_dir))
         assert reply.get("ok"), reply

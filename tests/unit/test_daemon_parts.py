@@ -21,21 +21,14 @@ from guard.errors import Location
 from guard.events.enrich import Enricher
 from guard.events.fold import Folder
 from guard.events.formats import log_record
+from guard.events.reader import CONGESTED_READ_S, GATHER_S, RECORD_BATCH
 from guard.events.transports import Sink, Target, Transport
+from guard.kernel.loader import families_to_load, needed_sections, unenforced
+from guard.policy.load import PolicyLoad, load_policies
 from guard.policy.plan import RuleRef
 from guard.service import notify
-from guard.service.daemon import (
-    CONGESTED_READ_S,
-    GATHER_S,
-    RECORD_BATCH,
-    Daemon,
-    PolicyLoad,
-    families_to_load,
-    format_status,
-    load_policies,
-    needed_sections,
-    unenforced,
-)
+from guard.service.control import format_status
+from guard.service.daemon import Daemon
 
 
 def mail_policy(name: str) -> str:
@@ -275,8 +268,8 @@ def loop(tmp_path: Path) -> Iterator[tuple[Daemon, Peer, Clock]]:
     sink = Sink(Target("unix", path="/nonexistent"), transport=peer, hostname="h", procid=1,
                 queue_size=40)
     daemon = Daemon(str(tmp_path / "policies"), "/", str(tmp_path / "state"), sink)
-    daemon.aggregator = Folder(window=1.0, clock=clock)
-    daemon._enricher = Enricher(rules=lambda _rs, rule: RULE if rule == 3 else None,
+    daemon.events.folder = Folder(window=1.0, clock=clock)
+    daemon.events.enricher = Enricher(rules=lambda _rs, rule: RULE if rule == 3 else None,
                                 cgroups=lambda _id: "/flood", proc=tmp_path / "proc",
                                 wall_offset=lambda: 0)
     sink.submit(log_record(6, "start", "connected"))  # as the daemon's start does
@@ -291,7 +284,7 @@ def loop(tmp_path: Path) -> Iterator[tuple[Daemon, Peer, Clock]]:
 
 def drain(daemon: Daemon) -> None:
     for _ in range(1000):
-        if not daemon._records:
+        if not daemon.events.records:
             return
         daemon.step()
     raise AssertionError("records left after 1000 rounds")
@@ -300,12 +293,12 @@ def drain(daemon: Daemon) -> None:
 def test_first_event_out_at_once_repeats_folded_counts_exact(
         loop: tuple[Daemon, Peer, Clock]) -> None:
     daemon, peer, clock = loop
-    daemon._records.extend(connect_record(20000, time_ns=t) for t in range(1, 6))
-    daemon._records.append(connect_record(20000, time_ns=6, count=10))  # kernel-folded
-    daemon._records.append(connect_record(20001))
+    daemon.events.records.extend(connect_record(20000, time_ns=t) for t in range(1, 6))
+    daemon.events.records.append(connect_record(20000, time_ns=6, count=10))  # kernel-folded
+    daemon.events.records.append(connect_record(20001))
     daemon.step()
     assert [(f["port"], f["count"]) for f in peer.fields()] == [("20000", "1"), ("20001", "1")]
-    assert daemon.aggregator.pending == 14
+    assert daemon.events.folder.pending == 14
     clock.now += 1.0
     daemon.step()  # the window closed: one line with the repeats
     assert [(f["port"], f["count"]) for f in peer.fields()][2:] == [("20000", "14")]
@@ -314,12 +307,12 @@ def test_first_event_out_at_once_repeats_folded_counts_exact(
     status = daemon.status()["events"]
     assert (status["received"], status["lines"], status["aggregated"], status["pending"]) == (
         7, 3, 13, 0)
-    assert daemon.rule_hits == {"audit/egress.rules[0]": 16}
+    assert daemon.events.rule_hits == {"audit/egress.rules[0]": 16}
 
 
 def test_shutdown_sends_what_is_still_folded(loop: tuple[Daemon, Peer, Clock]) -> None:
     daemon, peer, _ = loop
-    daemon._records.extend(connect_record(20000) for _ in range(4))
+    daemon.events.records.extend(connect_record(20000) for _ in range(4))
     daemon.step()
     daemon.shutdown()
     assert [(f.get("port"), f.get("count")) for f in peer.fields()
@@ -328,10 +321,10 @@ def test_shutdown_sends_what_is_still_folded(loop: tuple[Daemon, Peer, Clock]) -
 
 def test_a_short_record_is_counted_and_reported_lost(loop: tuple[Daemon, Peer, Clock]) -> None:
     daemon, peer, _ = loop
-    daemon._records.append(connect_record(20000)[:-1])
-    daemon._records.append(connect_record(20001))
+    daemon.events.records.append(connect_record(20000)[:-1])
+    daemon.events.records.append(connect_record(20001))
     daemon.step()
-    assert daemon.records_malformed == 1
+    assert daemon.events.malformed == 1
     kinds = [(f["kind"], f.get("source"), f["count"]) for f in peer.fields()]
     assert kinds == [("connect", None, "1"), ("lost", "reader", "1")]
 
@@ -339,24 +332,24 @@ def test_a_short_record_is_counted_and_reported_lost(loop: tuple[Daemon, Peer, C
 def test_a_round_takes_a_bounded_batch(loop: tuple[Daemon, Peer, Clock]) -> None:
     daemon, peer, _ = loop
     daemon.sink.queue_size = 10 * RECORD_BATCH
-    daemon._records.extend(connect_record(20000 + i) for i in range(RECORD_BATCH + 5))
+    daemon.events.records.extend(connect_record(20000 + i) for i in range(RECORD_BATCH + 5))
     daemon.step()
-    assert len(daemon._records) == 5 and len(peer.frames) == RECORD_BATCH
-    assert daemon._wait_ms() == 0  # a backlog: the loop does not wait
+    assert len(daemon.events.records) == 5 and len(peer.frames) == RECORD_BATCH
+    assert daemon.events.wait_ms() == 0  # a backlog: the loop does not wait
     daemon.step()
-    assert not daemon._records and len(peer.frames) == RECORD_BATCH + 5
+    assert not daemon.events.records and len(peer.frames) == RECORD_BATCH + 5
 
 
 def test_a_full_target_pauses_the_records_without_losing_any(
         loop: tuple[Daemon, Peer, Clock]) -> None:
     daemon, peer, _ = loop
     peer.room = 0  # the receiver stops reading
-    daemon._records.extend(connect_record(20000 + i) for i in range(100))
+    daemon.events.records.extend(connect_record(20000 + i) for i in range(100))
     daemon.step()  # takes what the syslog queue has room for: 40
-    assert daemon.sink.queued == 40 and len(daemon._records) == 60
-    assert daemon._congested() and daemon._batch_limit() == 0
+    assert daemon.sink.queued == 40 and len(daemon.events.records) == 60
+    assert daemon.events.congested() and daemon.events.batch_limit() == 0
     daemon.step()  # full and congested: no more records are made into lines
-    assert daemon.sink.queued == 40 and len(daemon._records) == 60
+    assert daemon.sink.queued == 40 and len(daemon.events.records) == 60
     assert daemon.sink.stats().overflow == 0
     peer.room = None  # it reads again
     drain(daemon)
@@ -367,15 +360,15 @@ def test_a_full_target_pauses_the_records_without_losing_any(
 
 def test_a_round_after_a_busy_one_gathers_first(loop: tuple[Daemon, Peer, Clock]) -> None:
     daemon, _, _ = loop
-    assert daemon._gather(500) == 500  # quiet: the first event wakes the loop at once
-    daemon._records.append(connect_record(20000))
+    assert daemon.events.gather(500) == 500  # quiet: the first event wakes the loop at once
+    daemon.events.records.append(connect_record(20000))
     daemon.step()
     began = time.monotonic()
-    assert daemon._gather(500) == 0  # busy: slept out GATHER_S, then poll without waiting
+    assert daemon.events.gather(500) == 0  # busy: slept out GATHER_S, then poll without waiting
     assert time.monotonic() - began >= GATHER_S * 0.9
-    assert daemon._gather(0) == 0  # a backlog is never waited for
+    assert daemon.events.gather(0) == 0  # a backlog is never waited for
     began = time.monotonic()
-    assert daemon._gather(500) == 500  # the gathering is over
+    assert daemon.events.gather(500) == 500  # the gathering is over
     assert time.monotonic() - began < GATHER_S
 
 
@@ -384,8 +377,8 @@ def test_congested_the_ring_buffer_is_still_read_often(
     daemon, peer, clock = loop
     clock.now = time.monotonic() + 10  # the windows close long after (_wait_ms reads this clock)
     peer.room = 0
-    daemon._records.extend(connect_record(20000 + i) for i in range(100))
+    daemon.events.records.extend(connect_record(20000 + i) for i in range(100))
     daemon.step()
-    assert daemon._congested()
-    assert 0 < daemon._wait_ms() <= CONGESTED_READ_S * 1000 + 1
-    assert daemon._gather(3) == 3  # a congested target gets every free slot at once
+    assert daemon.events.congested()
+    assert 0 < daemon.events.wait_ms() <= CONGESTED_READ_S * 1000 + 1
+    assert daemon.events.gather(3) == 3  # a congested target gets every free slot at once
