@@ -52,12 +52,16 @@ class Caller:
     """Who is on the other end of a control connection, as the kernel says."""
 
     pid: int
+    ppid: int
     uid: int
     gid: int
     cgroup: str | None  # None: could not be read (the process is gone)
     comm: str
     exe: str
-    pinned: bool  # a pidfd proved the pid still named the connecting process
+    # how the pid was tied to the connecting process: "pidfd" (SO_PEERPIDFD, and it
+    # was still alive after the reads), "pid" (a kernel without SO_PEERPIDFD), or
+    # "gone" (the pidfd's process exited: what was read may be a recycled pid's)
+    identity: str
 
 
 def _pidfd_of(conn: socket.socket) -> int | None:
@@ -85,17 +89,20 @@ def peer_of(conn: socket.socket, proc: Path = Path("/proc")) -> Caller:
     try:
         cgroup = cgroup_of_pid(pid)
         comm = _read(proc / str(pid) / "comm").strip()
+        stat = _read(proc / str(pid) / "stat")
+        fields = stat[stat.rfind(")") + 2:].split()
+        ppid = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
         try:
             exe = os.readlink(proc / str(pid) / "exe")
         except OSError:
             exe = ""
         # Read after the cgroup: if the pidfd's process is still alive now, the
         # pid was its own while we read, not a recycled one.
-        pinned = pidfd is not None and _alive(pidfd)
+        identity = "pid" if pidfd is None else "pidfd" if _alive(pidfd) else "gone"
     finally:
         if pidfd is not None and pidfd >= 0:
             os.close(pidfd)
-    return Caller(pid, uid, gid, cgroup, comm, exe, pinned)
+    return Caller(pid, ppid, uid, gid, cgroup, comm, exe, identity)
 
 
 def _read(path: Path) -> str:
@@ -188,8 +195,8 @@ class ControlServer:
         """Why a caller may not change anything, or None when it may."""
         if caller.uid != 0:
             return f"uid {caller.uid} is not root"
-        if caller.cgroup is None:
-            return f"the cgroup of pid {caller.pid} cannot be read"
+        if caller.cgroup is None or caller.identity == "gone":
+            return f"pid {caller.pid} exited before its cgroup could be read"
         return self.authorize(caller)
 
     def close(self) -> None:

@@ -759,10 +759,11 @@ class Daemon:
 
     def _refused(self, caller: Caller, command: str, reason: str) -> None:
         """A refused control request, reported like the kernel's tamper events."""
-        event = AuditEvent(time.time_ns(), "deny", "tamper", "control", "", "", "",
-                           caller.pid, caller.pid, 0, caller.uid, caller.comm, caller.exe,
-                           caller.cgroup or "", 0, f"guard {command} via the control socket",
-                           "", "", 0, "", 1, False, "")
+        event = AuditEvent(time_ns=time.time_ns(), action="deny", kind="tamper",
+                           hook="control", pid=caller.pid, tid=caller.pid, ppid=caller.ppid,
+                           uid=caller.uid, comm=caller.comm, exe=caller.exe,
+                           cgroup=caller.cgroup or "",
+                           path=f"guard {command} via the control socket")
         with self._lock:
             self.events.send(event)
         self.say(SEV_WARNING, "tamper", f"refused {command!r} from pid {caller.pid} "
