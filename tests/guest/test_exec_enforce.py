@@ -406,7 +406,7 @@ def test_kernel_agrees_with_the_evaluator(
         ("allow", [f"{b}/bin/tool-b", f"{b}/jail/ok/**"]),
     ])
     plan = plan_from_yaml(p1, p2, p3, p4)
-    guard.kernel.apply(plan)
+    guard.apply(plan)
     assert guard.last_warnings == ()
     assert {s.cgroup for s in plan.scopes} == set(scoped)
 
@@ -470,7 +470,7 @@ def test_example_exec_policies_enforce(
     guard: GuestGuard, cgroup: Cgroup, tmp_path: Path
 ) -> None:
     # web-no-downloaders: downloaders, shells and /tmp are out; the rest runs.
-    guard.kernel.apply(example_plan("web-no-downloaders", cgroup))
+    guard.apply(example_plan("web-no-downloaders", cgroup))
     for binary in ("/usr/bin/curl", "/usr/bin/wget", "/usr/bin/bash", "/bin/sh"):
         assert_denied(cgroup, [binary])
     script = tmp_path / "script"  # under /tmp, and its interpreter is a shell
@@ -490,7 +490,7 @@ def test_example_exec_policies_enforce(
         job = job_dir / "guard-test-job"
         job.write_text("#!/usr/bin/env python3\nprint('done')\n")
         job.chmod(0o755)
-        guard.kernel.apply(example_plan("batch-allowlist", cgroup))
+        guard.apply(example_plan("batch-allowlist", cgroup))
         assert guard.last_warnings == ()
         assert assert_runs(cgroup, [job]).stdout == "done\n"
         assert_runs(cgroup, ["/usr/bin/python3", "-c", "pass"])

@@ -679,7 +679,7 @@ def test_kernel_agrees_with_the_evaluator(
                       mode="audit")
     p3 = files_policy("p3", [child.path], [("deny", ["read"], [b / "tie/t"])])
     plan = plan_from_yaml(p1, p2, p3)
-    guard.kernel.apply(plan)
+    guard.apply(plan)
     assert guard.last_warnings == ()
 
     probes = {cg.path: (cg, FileProbe.start(cg)) for cg in (child, other, outside)}

@@ -208,7 +208,7 @@ def test_broken_policy_refuses_to_start_and_attaches_nothing(lab: Lab) -> None:
     assert "nothing was loaded" in stderr
     assert sum(attached(lab.top.directory).values()) == 0
     assert lab.connect(port)[1] == [0]  # the port the broken file meant to deny: open
-    assert not guard.service.notify.messages  # never READY
+    assert not guard.notify.messages  # never READY
     assert not (guard.state_dir / "status.sock").exists()
 
 
@@ -284,8 +284,8 @@ def test_sighup_applies_a_changed_policy_and_keeps_it_on_a_broken_one(lab: Lab) 
 
         policy.write_text(egress_policy("lock", second))
         guard.proc.send_signal(signal.SIGHUP)
-        guard.service.notify.wait_for(lambda m: "RELOADING=1" in m, 30, guard.proc)
-        guard.service.notify.wait_for(lambda m: "READY=1" in m, 30, guard.proc)
+        guard.notify.wait_for(lambda m: "RELOADING=1" in m, 30, guard.proc)
+        guard.notify.wait_for(lambda m: "READY=1" in m, 30, guard.proc)
         assert lab.connect(first)[1] == [0]
         assert lab.connect(second)[1] == [errno.EPERM]
         status = guard.status_cli()
@@ -295,7 +295,7 @@ def test_sighup_applies_a_changed_policy_and_keeps_it_on_a_broken_one(lab: Lab) 
         # A broken edit: rejected with its position, the previous policy stays.
         policy.write_text(egress_policy("lock", first).replace("ports: [", "ports: [70000, "))
         guard.proc.send_signal(signal.SIGHUP)
-        guard.service.notify.wait_for(lambda m: "READY=1" in m, 30, guard.proc)
+        guard.notify.wait_for(lambda m: "READY=1" in m, 30, guard.proc)
         assert lab.connect(second)[1] == [errno.EPERM]
         assert lab.connect(first)[1] == [0]
         errors = lines_of(lab, lambda m: m.msgid == "reload" and f"{policy}:" in m.msg)
@@ -354,7 +354,7 @@ def test_sigterm_exits_zero_and_detaches_everything(lab: Lab) -> None:
         assert lab.connect(denied)[1] == [errno.EPERM]
         assert sum(attached(lab.top.directory).values()) >= 5
         guard.proc.send_signal(signal.SIGTERM)
-        guard.service.notify.wait_for(lambda m: "STOPPING=1" in m, 30)
+        guard.notify.wait_for(lambda m: "STOPPING=1" in m, 30)
         code = guard.proc.wait(timeout=30)
     finally:
         guard.stop()

@@ -402,9 +402,9 @@ def test_a_daemon_killed_during_a_reload_leaves_one_whole_policy_pinned(site: Si
         guard = site.start("measure")
         policy.write_text(big_policy(site.inside.path, port_b, 1_000))
         began = time.monotonic()
-        mark = len(guard.service.notify.messages)
+        mark = len(guard.notify.messages)
         os.kill(guard.pid, signal.SIGHUP)
-        guard.service.notify.wait_for("READY=1", 120, after=mark)
+        guard.notify.wait_for("READY=1", 120, after=mark)
         reload_s = time.monotonic() - began
         assert (site.connect(port_a), site.connect(port_b)) == new
         outcomes = []

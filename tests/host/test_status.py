@@ -142,9 +142,9 @@ def test_status_json_field_by_field(lab: Lab) -> None:
                      policy(port_a, port_b, lab.inside.path)):
             if text is not None:
                 policy_file.write_text(text)
-            mark = len(guard.service.notify.messages)
+            mark = len(guard.notify.messages)
             os.kill(guard.pid, signal.SIGHUP)
-            guard.service.notify.wait_for("READY=1", 60, after=mark)
+            guard.notify.wait_for("READY=1", 60, after=mark)
             seen.append(guard.status())
         assert [s["last_reload"]["ok"] for s in seen] == [True, False, True]
         assert [s["reloads"] for s in seen] == [1, 2, 3]
