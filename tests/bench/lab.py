@@ -14,6 +14,9 @@ The clients run in the client namespace, each in a cgroup of the bench's own
 - all traffic stays between two namespaces the bench made (documentation
   addresses that exist nowhere else).
 
+The namespaces, the veth pair, addresses and routes are made through netlink
+(pyroute2), with the test lab's ``Namespaces`` and ``Netlink`` (support.netns).
+
 Teardown (``close``, also on failure): stop the servers, delete both
 namespaces (which removes the veth pair and every netfilter rule in them) and
 the cgroups. Everything is named ``guard-bench-*`` so a leftover is recognisable.
@@ -21,7 +24,6 @@ the cgroups. Everything is named ``guard-bench-*`` so a leftover is recognisable
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import subprocess
@@ -31,18 +33,13 @@ from pathlib import Path
 from types import TracebackType
 
 from support.cgroup import TestCgroup, setns_net, terminate
+from support.netns import Namespaces, Netlink
 
 CLIENT_ADDR = "198.51.100.1"
 PEER_ADDR = "198.51.100.2"
 ACCEPT_PORT = 5001
 SINK_PORT = 5002
 SERVER_LIFETIME_S = 3600  # the servers end by themselves even if teardown never runs
-
-
-def ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
 
 def in_netns(ns: str, argv: list[str], stdin: str | None = None,
@@ -77,7 +74,7 @@ def enter(cgroup: TestCgroup | None, netns: str | None,
 class NetLab:
     probe: Path
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
-    made: list[str] = field(default_factory=list)
+    namespaces: Namespaces = field(default_factory=Namespaces)
     servers: list[subprocess.Popen[str]] = field(default_factory=list)
 
     @property
@@ -91,15 +88,16 @@ class NetLab:
     def build(self) -> NetLab:
         try:
             c, p = self.client_ns, self.peer_ns
-            for ns in (c, p):
-                ip("netns", "add", ns)
-                self.made.append(ns)
-                ip("-n", ns, "link", "set", "lo", "up")
-            ip("-n", c, "link", "add", "c0", "type", "veth", "peer", "name", "p0", "netns", p)
-            ip("-n", c, "addr", "add", f"{CLIENT_ADDR}/24", "dev", "c0")
-            ip("-n", p, "addr", "add", f"{PEER_ADDR}/24", "dev", "p0")
-            ip("-n", c, "link", "set", "c0", "up")
-            ip("-n", p, "link", "set", "p0", "up")
+            self.namespaces.add(c)
+            self.namespaces.add(p)
+            with Netlink(c) as client, Netlink(p) as peer:
+                client.add_veth("c0", "p0", p)
+                for side in (client, peer):
+                    side.up("lo")
+                client.add_address("c0", f"{CLIENT_ADDR}/24")
+                peer.add_address("p0", f"{PEER_ADDR}/24")
+                client.up("c0")
+                peer.up("p0")
             from bench import probe
 
             for mode, port in (("serve-accept", ACCEPT_PORT), ("serve-sink", SINK_PORT)):
@@ -113,20 +111,21 @@ class NetLab:
 
     def add_peer_address(self, address: str) -> None:
         """Give the peer one more address, routed to from the client namespace."""
-        ip("-n", self.peer_ns, "addr", "add", f"{address}/32", "dev", "p0")
-        ip("-n", self.client_ns, "route", "add", f"{address}/32", "via", PEER_ADDR)
+        with Netlink(self.peer_ns) as peer:
+            peer.add_address("p0", f"{address}/32")
+        with Netlink(self.client_ns) as client:
+            client.add_route(f"{address}/32", PEER_ADDR)
 
     def close(self) -> None:
-        for server in self.servers:
-            terminate(server)
-            for stream in (server.stdout, server.stderr):
-                if stream is not None:
-                    stream.close()
-        self.servers.clear()
-        for ns in reversed(self.made):
-            with contextlib.suppress(RuntimeError):
-                ip("netns", "del", ns)
-        self.made.clear()
+        try:
+            for server in self.servers:
+                terminate(server)
+                for stream in (server.stdout, server.stderr):
+                    if stream is not None:
+                        stream.close()
+        finally:
+            self.servers.clear()
+            self.namespaces.close()  # after the servers: a process keeps its namespace
 
     def __enter__(self) -> NetLab:
         return self

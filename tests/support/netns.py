@@ -9,7 +9,14 @@ Addresses come from the documentation ranges and exist only inside the two
 namespaces (the veth pair is made inside them and never appears in the host's
 namespace), so test traffic cannot leave the machine and cannot collide with
 the host's own addresses or with another test run. IPv6 addresses are added
-with ``nodad`` so they are usable at once.
+with IFA_F_NODAD so they are usable at once.
+
+The lab is built through netlink with pyroute2, no ``ip`` command: the
+namespaces with ``pyroute2.netns`` (``Namespaces``), and every link, address
+and route with an ``IPRoute`` socket opened inside the namespace it changes
+(``Netlink``). The benchmark's lab (tests/bench/lab.py) uses the same two.
+Programs run inside a namespace by joining it between fork and exec
+(``support.cgroup.setns_net``).
 
 A TCP + UDP echo server runs in each namespace on ``PORTS`` (IPv4 and IPv6; in
 the client namespace it answers on loopback). Every payload a server receives
@@ -17,23 +24,31 @@ is appended to its log, so a test can prove that a datagram was *not*
 delivered. Clients run ``CLIENT`` (``python -c CLIENT OP ...``) and print one
 JSON result.
 
-Teardown kills only the servers this object started and deletes only the
-namespaces it made (which removes the veth pair).
+Teardown (``close``, also when building failed halfway) kills only the servers
+this object started and removes only the namespaces it made. Removing a
+namespace's name lets the kernel free it, with the veth pair, its addresses
+and routes, as soon as no process or socket is left in it: the lab's netlink
+sockets are closed as soon as the lab is built, the servers are stopped first,
+and clients are the test's own processes (its cgroup's teardown kills them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from pyroute2 import IPRoute, NetlinkError, netns
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from support.cgroup import TestCgroup, setns_net, terminate
 
@@ -197,11 +212,117 @@ else:
 """
 
 
-def ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30,
-                          check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+# -- netlink (pyroute2) -----------------------------------------------------------
+
+
+@dataclass
+class Namespaces:
+    """Named network namespaces (/run/netns/NAME) made through ``pyroute2.netns``;
+    ``close`` removes every one of them.
+
+    A name is recorded before its namespace is made, so that one made halfway (a
+    mount point without its bind mount) is removed too; a name that was taken
+    already is not recorded, so another run's namespace is never removed.
+    """
+
+    made: list[str] = field(default_factory=list)
+
+    def add(self, name: str) -> str:
+        self.made.append(name)
+        try:
+            netns.create(name)
+        except FileExistsError:
+            self.made.remove(name)
+            raise RuntimeError(f"network namespace {name} exists already") from None
+        return name
+
+    def close(self) -> None:
+        """Remove them all, the last made first, each even when another fails."""
+        failed = []
+        for name in reversed(self.made):
+            try:
+                netns.remove(name)  # unmount and unlink /run/netns/NAME
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                failed.append(f"{name}: {e}")
+        self.made.clear()
+        if failed:
+            raise RuntimeError(f"network namespaces not removed: {'; '.join(failed)}")
+
+
+class Netlink:
+    """Netlink requests inside one network namespace, through a pyroute2 ``IPRoute``
+    opened in it. A failed request raises RuntimeError naming the namespace and
+    the request. Close it (``with``) once done: an open socket keeps its
+    namespace alive.
+    """
+
+    def __init__(self, ns: str) -> None:
+        self.ns = ns
+        # flags=0: join the namespace; pyroute2's default (O_CREAT) would make a missing one
+        self._ipr: Any = IPRoute(netns=ns, flags=0)
+
+    def _request(self, what: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except NetlinkError as e:
+            raise RuntimeError(f"netlink in {self.ns}: {what}: {e}") from e
+
+    def index(self, ifname: str) -> int:
+        found = self._request(f"look up link {ifname}", self._ipr.link_lookup, ifname=ifname)
+        if not found:
+            raise RuntimeError(f"netlink in {self.ns}: no link named {ifname}")
+        return int(found[0])
+
+    def add_veth(self, ifname: str, peer: str, peer_ns: str) -> None:
+        """A veth pair made here whose ``peer`` end is created inside ``peer_ns``
+        (IFLA_NET_NS_FD in the peer's request): neither end is ever in the host's
+        namespace."""
+        self._request(f"add veth {ifname} with peer {peer} in {peer_ns}", self._ipr.link,
+                      "add", ifname=ifname, kind="veth",
+                      peer={"ifname": peer, "net_ns_fd": peer_ns})
+
+    def up(self, ifname: str) -> None:
+        self._request(f"set {ifname} up", self._ipr.link, "set", index=self.index(ifname),
+                      state="up")
+
+    def add_address(self, ifname: str, cidr: str) -> None:
+        """``cidr`` (ADDRESS/PREFIXLEN) on ``ifname``; IPv6 ones with IFA_F_NODAD."""
+        iface = ipaddress.ip_interface(cidr)
+        flags = IFA_F_NODAD if iface.version == 6 else 0
+        self._request(f"add address {cidr} to {ifname}", self._ipr.addr, "add",
+                      index=self.index(ifname), address=str(iface.ip),
+                      prefixlen=iface.network.prefixlen, flags=flags)
+
+    def add_route(self, dst: str, gateway: str) -> None:
+        self._request(f"add route {dst} via {gateway}", self._ipr.route, "add", dst=dst,
+                      gateway=gateway)
+
+    def links(self) -> set[str]:
+        return {str(m.get("ifname")) for m in self._request("list links", self._ipr.link, "dump")}
+
+    def addresses(self, ifname: str) -> set[str]:
+        """The addresses on ``ifname`` as ADDRESS/PREFIXLEN."""
+        dump = self._request(f"list addresses of {ifname}", self._ipr.addr, "dump",
+                             index=self.index(ifname))
+        return {f"{m.get('address')}/{m['prefixlen']}" for m in dump}
+
+    def routes(self, family: int) -> set[tuple[str, str]]:
+        """(destination/prefixlen, gateway) of the main table's routes via a gateway."""
+        dump = self._request("list routes", self._ipr.route, "dump", family=family)
+        return {(f"{m.get('dst')}/{m['dst_len']}", str(m.get("gateway")))
+                for m in dump if m.get("gateway") is not None}
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    def __enter__(self) -> Netlink:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 @dataclass
@@ -224,6 +345,7 @@ class NetLab:
     peer_ns: str
     workdir: Path
     servers: dict[str, Server] = field(default_factory=dict)
+    namespaces: Namespaces = field(default_factory=Namespaces)
 
     @classmethod
     def create(cls, workdir: Path) -> NetLab:
@@ -239,22 +361,23 @@ class NetLab:
 
     def _build(self) -> None:
         c, p = self.client_ns, self.peer_ns
-        ip("netns", "add", c)
-        ip("netns", "add", p)
-        # made inside the client namespace, its peer end goes straight to the other
-        ip("-n", c, "link", "add", "c0", "type", "veth", "peer", "name", "p0", "netns", p)
-        for ns in (c, p):
-            ip("-n", ns, "link", "set", "lo", "up")
-        ip("-n", c, "addr", "add", f"{CLIENT_V4}/24", "dev", "c0")
-        ip("-n", c, "-6", "addr", "add", f"{CLIENT_V6}/64", "dev", "c0", "nodad")
-        for addr in PEER_V4:
-            ip("-n", p, "addr", "add", f"{addr}/24", "dev", "p0")
-        for addr in PEER_V6:
-            ip("-n", p, "-6", "addr", "add", f"{addr}/64", "dev", "p0", "nodad")
-        ip("-n", c, "link", "set", "c0", "up")
-        ip("-n", p, "link", "set", "p0", "up")
-        ip("-n", c, "route", "add", "203.0.113.0/24", "via", PEER_V4[0])
-        ip("-n", c, "-6", "route", "add", "2001:db8:2::/64", "via", PEER_V6[0])
+        self.namespaces.add(c)
+        self.namespaces.add(p)
+        with Netlink(c) as client, Netlink(p) as peer:
+            # made inside the client namespace, its peer end goes straight to the other
+            client.add_veth("c0", "p0", p)
+            for side in (client, peer):
+                side.up("lo")
+            client.add_address("c0", f"{CLIENT_V4}/24")
+            client.add_address("c0", f"{CLIENT_V6}/64")
+            for addr in PEER_V4:
+                peer.add_address("p0", f"{addr}/24")
+            for addr in PEER_V6:
+                peer.add_address("p0", f"{addr}/64")
+            client.up("c0")
+            peer.up("p0")
+            client.add_route("203.0.113.0/24", PEER_V4[0])
+            client.add_route("2001:db8:2::/64", PEER_V6[0])
         self.servers["peer"] = self._server(p, "peer")
         self.servers["client"] = self._server(c, "client")  # loopback peer
         self.warm_up()
@@ -357,18 +480,18 @@ class NetLab:
         return Holder(proc)
 
     def close(self) -> None:
-        for server in self.servers.values():
-            if server.proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    server.proc.stdin.close()
-            terminate(server.proc)
-            for stream in (server.proc.stdout, server.proc.stderr):
-                if stream is not None:
-                    stream.close()
-        self.servers.clear()
-        for ns in (self.client_ns, self.peer_ns):
-            with contextlib.suppress(RuntimeError):
-                ip("netns", "del", ns)
+        try:
+            for server in self.servers.values():
+                if server.proc.stdin is not None:
+                    with contextlib.suppress(OSError):
+                        server.proc.stdin.close()
+                terminate(server.proc)
+                for stream in (server.proc.stdout, server.proc.stderr):
+                    if stream is not None:
+                        stream.close()
+        finally:
+            self.servers.clear()
+            self.namespaces.close()  # after the servers: a process keeps its namespace
 
     def __enter__(self) -> NetLab:
         return self
