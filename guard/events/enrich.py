@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guard import layout
-from guard.events.records import ACTION_BY_VALUE, PROTO_NAMES, AuditEvent, RawEvent, printable
+from guard.events.records import (
+    ACTION_BY_VALUE,
+    PROTO_NAMES,
+    AuditEvent,
+    RawEvent,
+    printable,
+    printable_text,
+)
 from guard.policy.plan import RuleRef
 
 # --- enrichment ---------------------------------------------------------------
@@ -231,7 +238,7 @@ class Enricher:
                 # Not cached: the cgroup may be created later under this id, or
                 # removed; the id is still worth printing.
                 return f"cgroup-id:{cgroup_id}"
-            path = found
+            path = printable_text(found)  # a delegated subtree's names are the user's
             # cgroup ids are never reused within a boot, so a hit stays true
             self._cgroup_paths[cgroup_id] = path
             while len(self._cgroup_paths) > 4096:

@@ -29,7 +29,7 @@ import operator
 import re
 from dataclasses import dataclass
 
-from guard.events.records import ACTION_LOST, AuditEvent
+from guard.events.records import ACTION_LOST, UNSAFE_CHARS, AuditEvent, escape_char
 
 # --- records and formatting -------------------------------------------------------
 
@@ -151,8 +151,20 @@ def _header_token(text: str, limit: int) -> str:
     return clean or "-"
 
 
+_UNSAFE = re.compile(f"[{UNSAFE_CHARS}]")
+
+
 def _one_line(text: str) -> str:
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    """Text with no character of UNSAFE_CHARS left raw (guard.events.records):
+    whatever reached the formatter unescaped (a daemon message quoting a policy
+    path, a name read from /proc) cannot break or disguise the line."""
+    if _UNSAFE.search(text) is None:
+        return text
+    return _UNSAFE.sub(_escape_match, text)
+
+
+def _escape_match(match: re.Match[str]) -> str:
+    return escape_char(match.group(0))
 
 
 @functools.lru_cache(maxsize=16)
@@ -192,12 +204,13 @@ def format_json(record: Record, hostname: str, procid: int,
         "severity": SEVERITY_NAMES.get(record.severity, record.severity),
         "msgid": record.msgid,
     }
-    body.update(record.params)
-    body["message"] = record.message
+    body.update((name, _one_line(value) if isinstance(value, str) else value)
+                for name, value in record.params)
+    body["message"] = _one_line(record.message)
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
-_SD_SPECIAL = re.compile(r'["\\\]\r\n]')  # what escape_param_value or _one_line change
+_SD_SPECIAL = re.compile(f'["\\\\\\]{UNSAFE_CHARS}]')  # what escape_param_value or _one_line change
 
 
 def _sd_text(value: str) -> str:

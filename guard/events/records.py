@@ -151,13 +151,35 @@ def record_count(data: bytes) -> int:
 
 _PLAIN_ASCII = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the backslash
 
+# What must never reach a log line raw, whoever chose the text (a file name, a
+# comm, a delegated cgroup's name): C0 controls and DEL (a newline starts a
+# forged line, ESC drives terminals), C1 controls (U+0080-U+009F: CSI and NEL
+# in some viewers), the line and paragraph separators U+2028/U+2029 (line
+# breaks to JSON and JavaScript consumers), and the bidirectional controls
+# (U+061C, U+200E/F, U+202A-U+202E, U+2066-U+2069) that reorder what a reader
+# sees. The formatter (guard.events.formats) applies the same set to every
+# line as a last line of defence.
+UNSAFE_CHARS = r"\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_UNSAFE_OR_BACKSLASH = re.compile(f"[{UNSAFE_CHARS}\\\\]")
+
+
+def escape_char(ch: str) -> str:
+    """One character as text that names it: ``\\xNN`` below U+0100, else ``\\uNNNN``."""
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _escape(match: re.Match[str]) -> str:
+    return escape_char(match.group(0))
+
 
 def printable(raw: bytes) -> str:
     """Kernel strings are bytes; make them one safe line of text.
 
-    Valid UTF-8 stays as is. Invalid bytes, control characters (a newline in a
-    file name must not start a forged log line) and the backslash itself become
-    ``\\xNN``, so the text maps back to exactly one byte string.
+    Valid UTF-8 stays as is but for UNSAFE_CHARS. Invalid bytes, those
+    characters and the backslash itself become ``\\xNN`` (``\\uNNNN`` above
+    U+00FF), so the text maps back to exactly one byte string and shows the
+    reader every character it stands for.
     """
     if not raw:
         return ""
@@ -169,11 +191,20 @@ def printable(raw: bytes) -> str:
         code = ord(ch)
         if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, kept by surrogateescape
             out.append(f"\\x{code - 0xDC00:02x}")
-        elif code < 0x20 or code == 0x7F or ch == "\\":
-            out.append(f"\\x{code:02x}")
+        elif _UNSAFE_OR_BACKSLASH.match(ch):
+            out.append(escape_char(ch))
         else:
             out.append(ch)
     return "".join(out)
+
+
+def printable_text(text: str) -> str:
+    """``printable`` for text that did not come from the kernel as bytes (/proc,
+    cgroupfs names, a control-socket caller): the same escapes, the same result
+    for the same bytes."""
+    if _UNSAFE_OR_BACKSLASH.search(text) is None and text.isascii():
+        return text
+    return printable(text.encode("utf-8", "surrogateescape"))
 
 
 class AuditEvent(NamedTuple):

@@ -74,7 +74,14 @@ from guard.events.enrich import Enricher
 from guard.events.fold import Aggregator
 from guard.events.formats import SEV_ERR, SEV_INFO, SEV_WARNING, ParamValue, log_record
 from guard.events.reader import EventReader
-from guard.events.records import LOST_KERNEL, AuditEvent, DecodeError, decode, lost_event
+from guard.events.records import (
+    LOST_KERNEL,
+    AuditEvent,
+    DecodeError,
+    decode,
+    lost_event,
+    printable_text,
+)
 from guard.events.transports import Sink, TargetError, parse_target
 from guard.kernel.apply import Applier, ApplyError
 from guard.kernel.cgroups import CgroupError, CgroupIndex, cgroup_id, systemd_unit_cgroups
@@ -761,13 +768,14 @@ class Daemon:
         """A refused control request, reported like the kernel's tamper events."""
         event = AuditEvent(time_ns=time.time_ns(), action="deny", kind="tamper",
                            hook="control", pid=caller.pid, tid=caller.pid, ppid=caller.ppid,
-                           uid=caller.uid, comm=caller.comm, exe=caller.exe,
-                           cgroup=caller.cgroup or "",
+                           uid=caller.uid, comm=printable_text(caller.comm),
+                           exe=printable_text(caller.exe),
+                           cgroup=printable_text(caller.cgroup or ""),
                            path=f"guard {command} via the control socket")
         with self._lock:
             self.events.send(event)
         self.say(SEV_WARNING, "tamper", f"refused {command!r} from pid {caller.pid} "
-                 f"({caller.comm}): {reason}")
+                 f"({printable_text(caller.comm)}): {printable_text(reason)}")
         self.request_wake()
 
 def _capped(errors: list[str]) -> list[str]:

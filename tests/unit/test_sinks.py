@@ -221,7 +221,9 @@ def test_json_line() -> None:
     assert body["time"] == "2025-11-25T09:41:00.123456Z"
     assert (body["host"], body["app"], body["procid"]) == ("host1", "guard", 4242)
     assert (body["facility"], body["severity"], body["msgid"]) == ("authpriv", "warning", "exec")
-    assert (body["action"], body["pid"], body["count"], body["path"]) == ("deny", 311, 1, 'a"\nb')
+    # a control character is named, never carried: the decoded value holds no newline either
+    assert (body["action"], body["pid"], body["count"], body["path"]) == ("deny", 311, 1,
+                                                                         'a"\\x0ab')
     assert body["message"].startswith("deny exec of")
 
 
@@ -702,3 +704,34 @@ def test_file_target_writes_json_lines(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["pid"] for r in rows] == [1, 2]
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+
+
+# --- no name a process chooses can forge or disguise a line -----------------------------
+
+# C0 (ESC, CR, LF, NUL), DEL, C1 (CSI, NEL), the line/paragraph separators, and
+# bidirectional controls: each would break a line, drive a terminal, or reorder
+# what a reader sees.
+UNSAFE = ["\x1b", "\r", "\n", "\x00", "\x7f", "\x9b", "\x85", "\u2028", "\u2029", "\u202e",
+          "\u202a", "\u2066", "\u2069", "\u200f", "\u061c"]
+
+
+@pytest.mark.parametrize("char", UNSAFE)
+def test_unsafe_characters_never_reach_a_line_raw(char: str) -> None:
+    bad = f"x{char}y"
+    event = exec_deny(comm=bad, exe=f"/usr/bin/{bad}", cgroup=f"/user.slice/{bad}",
+                      path=f"/tmp/{bad}", policy=bad, rule=bad, location=bad, hook=bad)
+    lines = [format_rfc5424(event_record(event), "h", 1), format_json(event_record(event), "h", 1),
+             EventFormatter("h", 1).line(event)]
+    for line in lines:
+        assert char not in line, (char, line)
+        assert (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}") in line
+    assert char not in "".join(str(v) for v in json.loads(lines[1]).values())
+
+
+@pytest.mark.parametrize("char", UNSAFE)
+def test_printable_names_every_unsafe_character(char: str) -> None:
+    from guard.events.records import printable, printable_text
+
+    text = printable(f"a{char}b".encode())
+    assert char not in text and text == printable_text(f"a{char}b")
+    assert printable_text("/plain/path") == "/plain/path"

@@ -1,4 +1,8 @@
-"""The control socket obeys no one inside a scope (docs/threat-model.md).
+"""A process inside a scope, as root, against the daemon (docs/threat-model.md).
+
+The control socket obeys no one inside a scope, and no name such a process
+chooses (here a cgroup it creates in a delegated subtree) can forge or disguise
+a log line.
 
 A real ``guard run`` (network family, attached to a test cgroup) enforces one
 policy scoped to ``top/confined``. A root process inside that scope connects to
@@ -124,3 +128,31 @@ def test_guard_stop_from_an_unscoped_root_still_works(lab: Lab) -> None:
         assert done.returncode == 0, done.stderr
         assert "stopped" in done.stdout
         assert guard.proc.wait(timeout=30) == 0
+
+
+def test_a_cgroup_name_cannot_forge_or_disguise_a_log_line(lab: Lab) -> None:
+    """A child cgroup named with ESC sequences, a newline, C1 CSI and a bidi
+    override: the deny line at rsyslogd names it, escaped, and holds none of them."""
+    evil = "x\x1b[31mred\nforged: ok\u202eexe.txt\u009b2J"
+    try:
+        child = lab.confined.child(evil)
+    except OSError as error:  # cgroupfs refuses only '/' and NUL in names
+        raise AssertionError(f"cannot make the cgroup: {error}") from error
+    probe = ConnectProbe.start(child, 1)
+    port = probe.ports[0]
+    try:
+        with start(lab, port):
+            assert probe.connect(port) != 0
+            lines = lab.syslog.wait_for(lambda ls: any(
+                m.fields.get("kind") == "connect" for m in guard_messages(ls)), timeout=15)
+    finally:
+        probe.close()
+    raw = lab.syslog.messages.read_bytes().decode("utf-8", "replace")
+    for char in ("\x1b", "\u202e", "\u009b", "\r"):
+        assert char not in raw, repr(char)
+    deny = [m for m in guard_messages(lines) if m.fields.get("kind") == "connect"]
+    assert deny, lines
+    cgroup = deny[0].fields["cgroup"]
+    assert cgroup == (f"{lab.confined.path}/x\\x1b[31mred\\x0aforged: ok\\u202eexe.txt"
+                      "\\x9b2J"), cgroup
+    assert "forged: ok" not in [line.split(" ", 1)[0] for line in raw.splitlines()]
