@@ -26,7 +26,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from guard.errors import Diagnostic, Location, PolicyError
+from guard.errors import Code, Diagnostic, Location, PolicyError
 from guard.layout import MAX_PORT_LINES
 from guard.policy.model import (
     Access,
@@ -152,7 +152,7 @@ def scope_paths(
     try:
         host = normalize_cgroup(host_cgroup)
     except ValueError as error:
-        raise PolicyError([Diagnostic(Location("<host-cgroup>", 1, 1), "scope-cgroup",
+        raise PolicyError([Diagnostic(Location("<host-cgroup>", 1, 1), Code.SCOPE_CGROUP,
                                       str(error))]) from None
     result: dict[str, tuple[str, ...]] = {}
     for policy in policy_set.policies:
@@ -164,16 +164,16 @@ def scope_paths(
             try:
                 paths.add(normalize_cgroup(cgroup))
             except ValueError as error:
-                diagnostics.append(Diagnostic(policy.location, "scope-cgroup", str(error)))
+                diagnostics.append(Diagnostic(policy.location, Code.SCOPE_CGROUP, str(error)))
         for unit in policy.scope.units:
             problem = None if unit in unit_cgroups else check_unit_name(unit)
             if problem is not None:
-                diagnostics.append(Diagnostic(policy.location, "scope-unit", problem))
+                diagnostics.append(Diagnostic(policy.location, Code.SCOPE_UNIT, problem))
                 continue
             try:
                 paths.add(resolve_unit(unit, unit_cgroups))
             except ValueError as error:
-                diagnostics.append(Diagnostic(policy.location, "scope-unit", str(error)))
+                diagnostics.append(Diagnostic(policy.location, Code.SCOPE_UNIT, str(error)))
         result[policy.name] = tuple(sorted(paths))
     if diagnostics:
         raise PolicyError(diagnostics)
@@ -520,7 +520,7 @@ def egress_entries(
 def _limit_diagnostic(rule: RuleRef, found: list[str]) -> Diagnostic:
     more = f" (and {len(found) - 1} more table(s))" if len(found) > 1 else ""
     return Diagnostic(
-        rule.location, "port-table-limit",
+        rule.location, Code.PORT_TABLE_LIMIT,
         f"{found[0]}{more}, but the kernel scans at most {MAX_PORT_LINES}, and this rule's "
         f"port lines are where it overflows. A table holds one line per port range of every "
         f"rule at that prefix or a shorter one containing it, plus the default: merge port "
