@@ -40,6 +40,7 @@ from guard.policy.model import (
     Protocol,
 )
 from guard.policy.plan import (
+    PORT_MAX,
     Decision,
     ExecEntry,
     FileEntry,
@@ -53,11 +54,12 @@ from guard.policy.plan import (
     RulesetDefaults,
     ScopeEntry,
     Verdict,
+    parent_dirs,
 )
+from guard.policy.text import decision_text, pattern_text, port_text, rule_text, verdict_word
 from guard.policy.units import cgroup_contains, check_unit_name, normalize_cgroup, resolve_unit
 
 PROTO_OF = {Protocol.ANY: Proto.ANY, Protocol.TCP: Proto.TCP, Protocol.UDP: Proto.UDP}
-PORT_MAX = 65535
 
 RuleKey = tuple[str, str, int]  # (policy, section, index); index -1 for the default
 
@@ -209,12 +211,6 @@ def rulesets(
 # --- stages 4 and 5: exec and file entries -------------------------------------
 
 PathKey = tuple[str, bool]  # (path, subtree)
-
-
-def parent_dirs(path: str) -> list[str]:
-    """Parent directories of an absolute path, nearest first, ending with ``/``."""
-    parts = [p for p in path.split("/") if p]
-    return ["/" + "/".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
 
 
 def resolve_path(decisions: Mapping[PathKey, Decision], key: PathKey) -> Decision | None:
@@ -578,41 +574,6 @@ def compile_policies(
 
 
 # --- a listing for people ------------------------------------------------------
-
-
-def verdict_word(verdict: Verdict) -> str:
-    return verdict.name.lower().replace("_", "-")
-
-
-def rule_text(plan: Plan, rule_id: int) -> str:
-    """``web-tier/exec.rules[0] (policies/web.yaml:12:9)``."""
-    ref = plan.rule(rule_id)
-    return "no rule" if ref is None else f"{ref.label} ({ref.location})"
-
-
-def decision_text(plan: Plan, decision: Decision | None) -> str:
-    if decision is None:
-        return "-"
-    return f"{verdict_word(decision.verdict)} by {rule_text(plan, decision.rule)}"
-
-
-def pattern_text(path: str, subtree: bool) -> str:
-    if not subtree:
-        return path
-    return "/**" if path == "/" else f"{path}/**"
-
-
-def port_text(line: PortMatch) -> str:
-    """``tcp port 25``, ``udp ports 1000-2000``, ``any port (any protocol)``."""
-    if (line.first, line.last) == (0, PORT_MAX):
-        ports = "any port"
-    elif line.first == line.last:
-        ports = f"port {line.first}"
-    else:
-        ports = f"ports {line.first}-{line.last}"
-    if line.proto is Proto.ANY:
-        return f"{ports} (any protocol)"
-    return f"{line.proto.name.lower()} {ports}"
 
 
 def _table(rows: list[tuple[str, ...]], indent: str) -> list[str]:
