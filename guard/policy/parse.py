@@ -77,6 +77,8 @@ from guard.policy.model import (
     Protocol,
     Scope,
 )
+from guard.policy.text import quoted as _q
+from guard.policy.units import check_unit_name
 
 MAX_ERRORS_PER_FILE = 1000
 MAX_FILE_BYTES = 1 << 20  # policies are written by hand; a bigger file is a mistake
@@ -88,12 +90,6 @@ EDITOR_DROPPINGS = ("~", ".swp", ".swx", ".swo")
 
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 NAME_LEN = 63
-# Unit types whose processes live in a cgroup of their own; the others
-# (target, timer, path, device, automount) run nothing to scope a policy to.
-UNIT_TYPES = ("service", "scope", "slice", "socket", "mount", "swap")
-UNIT_TYPES_WITHOUT_PROCESSES = ("target", "timer", "path", "device", "automount")
-UNIT_CHARS_RE = re.compile(r"[A-Za-z0-9:_.\\-]+")
-UNIT_NAME_MAX = 255
 CGROUP_MOUNT_PREFIXES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 
 _TAG = "tag:yaml.org,2002:"
@@ -742,12 +738,6 @@ def _rule_items(ctx: _Context, fields: Mapping[str, Node], where: str) -> list[t
 # --------------------------------------------------------------------------- structure
 
 
-def _q(text: object, limit: int = 200) -> str:
-    """A value quoted for a message, shortened: one diagnostic stays one readable line."""
-    shown = str(text)
-    return repr(shown if len(shown) <= limit else shown[:limit - 3] + "...")
-
-
 def _kind(node: Node) -> str:
     if isinstance(node, MappingNode):
         return "a mapping"
@@ -979,26 +969,9 @@ def _cgroup_path(text: str) -> str:
 
 
 def _unit_name(text: str) -> str:
-    if any(c in text for c in "*?["):
-        raise _Bad(Code.BAD_UNIT, f"unit {_q(text)}: patterns are not supported; name each unit")
-    stem, dot, suffix = text.rpartition(".")
-    if not dot or suffix not in UNIT_TYPES:
-        if dot and suffix in UNIT_TYPES_WITHOUT_PROCESSES:
-            raise _Bad(Code.BAD_UNIT, f"a .{suffix} unit runs no processes of its own: name the "
-                                      f"unit that does (e.g. the .service it starts)")
-        raise _Bad(Code.BAD_UNIT, f"unit {_q(text)} has no unit type suffix; did you mean "
-                                  f"{text + '.service'!r}? (valid: "
-                                  + ", ".join("." + t for t in UNIT_TYPES) + ")")
-    prefix, at, instance = stem.partition("@")
-    if not prefix or not UNIT_CHARS_RE.fullmatch(prefix) or (
-            at and instance and not UNIT_CHARS_RE.fullmatch(instance)):
-        raise _Bad(Code.BAD_UNIT, f"invalid unit name {_q(text)}: use letters, digits and "
-                                  "':_.\\-' (and '@' before an instance)")
-    if at and not instance:
-        raise _Bad(Code.BAD_UNIT, f"{_q(text)} is a template: name an instance, e.g. "
-                                  f"{prefix + '@1.' + suffix!r}")
-    if len(text) > UNIT_NAME_MAX:
-        raise _Bad(Code.BAD_UNIT, f"unit name is longer than {UNIT_NAME_MAX} characters")
+    problem = check_unit_name(text)
+    if problem is not None:
+        raise _Bad(Code.BAD_UNIT, problem)
     return text
 
 

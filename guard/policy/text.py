@@ -1,13 +1,20 @@
-"""The words guard's messages share: verdicts, rules, patterns, port lines.
+"""The words guard's messages share: quoted values, verdicts, rules, patterns, port lines.
 
-The compiler's listing (``guard compile``) and the evaluator's answers
-(``guard explain``) name verdicts, rules, path patterns and port lines with
-these, so both commands say the same thing the same way. Pure: values in, text out.
+``guard check`` and the unit-name rule quote what was written with ``quoted``;
+the compiler's listing (``guard compile``) and the evaluator's answers
+(``guard explain``) name verdicts, rules, path patterns and port lines with the
+rest, so every command says the same thing the same way. Pure: text in, text out.
 """
 
 from __future__ import annotations
 
 from guard.policy.plan import PORT_MAX, Decision, Plan, PortMatch, Proto, Verdict
+
+
+def quoted(text: object, limit: int = 200) -> str:
+    """A value quoted for a message, shortened: one diagnostic stays one readable line."""
+    shown = str(text)
+    return repr(shown if len(shown) <= limit else shown[:limit - 3] + "...")
 
 
 def verdict_word(verdict: Verdict) -> str:

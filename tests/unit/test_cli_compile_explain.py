@@ -228,11 +228,17 @@ def test_explain_bad_target_exits_2(tail: list[str], capsys: pytest.CaptureFixtu
     assert err.startswith("guard explain: error: ")
 
 
-def test_explain_bad_unit_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(["explain", "--policies", "tests/golden/web-tier.yaml",
-                        "--unit", "default.target", "exec", "/bin/sh"], capsys)
-    assert code == 2
-    assert "no cgroup of its own" in err
+@pytest.mark.parametrize(("unit", "message"), [
+    # the same rule and words as guard check's bad-unit (guard/policy/units.py)
+    ("default.target", "a .target unit runs no processes of its own: name the unit that does "
+                       "(e.g. the .service it starts)"),
+    ("-a.slice", "'-a.slice': a slice name cannot start or end with '-' or contain '--'"),
+])
+def test_explain_bad_unit_exits_2(unit: str, message: str,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["explain", "--policies", "tests/golden/web-tier.yaml",
+                          f"--unit={unit}", "exec", "/bin/sh"], capsys)
+    assert (code, out, err) == (2, "", f"guard explain: error: {message}\n")
 
 
 def test_cli_in_a_real_process() -> None:

@@ -346,7 +346,7 @@ def test_invalid_ports_point_at_the_item(written: str, code: str, fragment: str)
 @pytest.mark.parametrize("unit", [
     "nginx.service", "getty@tty1.service", "user-1000.slice", "session-3.scope",
     "docker.socket", "home.mount", "swapfile.swap", "dev-disk-by\\x2duuid-1.swap",
-    "a:b_c.d-e.service",
+    "a:b_c.d-e.service", "-.slice", "a-b-c.slice",
 ])
 def test_valid_units(unit: str) -> None:
     got = valid(policy(f"scope: {{units: ['{unit}']}}"))
@@ -363,6 +363,12 @@ def test_valid_units(unit: str) -> None:
     (".service", "invalid unit name"),
     ("a@b@c.service", "invalid unit name"),
     ("a" * 250 + ".service", "longer than 255"),
+    # systemd's slice names: the dashes spell the path in the tree (a-b.slice is in a.slice)
+    ("-a.slice", "a slice name cannot start or end with '-' or contain '--'"),
+    ("a-.slice", "a slice name cannot start or end with '-' or contain '--'"),
+    ("a--b.slice", "a slice name cannot start or end with '-' or contain '--'"),
+    ("x@y.slice", "a slice cannot be a template instance"),
+    ("x@.slice", "a slice cannot be a template instance"),
 ])
 def test_invalid_units(unit: str, fragment: str) -> None:
     text = policy(f"scope: {{units: [ok.service, '{unit}']}}")
