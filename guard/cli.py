@@ -7,9 +7,9 @@
     guard status                     what the running daemon enforces
     guard stop [--unload]            stop the daemon; --unload also removes the pinned programs
 
-Exit codes: 0 success, 1 invalid policy input, 2 usage error, 3 runtime failure.
-Each subcommand's work lives in the module of its stage; this file only parses
-arguments and prints.
+Exit codes (guard.errors.ExitCode): 0 success, 1 invalid policy input, 2 usage
+error, 3 runtime failure. Each subcommand's work lives in the module of its
+stage, which returns values; this file only parses arguments and prints.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-EXIT_OK = 0
-EXIT_INVALID = 1
-EXIT_USAGE = 2
-EXIT_RUNTIME = 3
+from guard.errors import ExitCode
+
+if TYPE_CHECKING:
+    from guard.policy.evaluate import Explanation
+    from guard.policy.plan import Plan
 
 
 def _print_diagnostics(diagnostics: Sequence[object]) -> None:
@@ -37,11 +39,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     if result.errors:
         print(f"guard check: {len(result.errors)} error(s) in {len(result.files)} file(s)",
               file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     assert result.policy_set is not None
     print(f"guard check: {len(result.policy_set.policies)} policies in "
           f"{len(result.files)} file(s) are valid")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _compile_args(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +53,12 @@ def _compile_args(parser: argparse.ArgumentParser) -> None:
                         help="resolve a systemd unit to this cgroup instead of asking systemd")
 
 
-def _load_plan(args: argparse.Namespace) -> object | int:
+def _unit_cgroups(args: argparse.Namespace) -> dict[str, str]:
+    """The --unit-cgroup UNIT=CGROUP mapping."""
+    return dict(item.split("=", 1) for item in args.unit_cgroup)
+
+
+def _load_plan(args: argparse.Namespace) -> Plan | ExitCode:
     """Parse and compile, or print the diagnostics and return an exit code."""
     from guard.errors import PolicyError
     from guard.policy.compile import compile_policies
@@ -60,33 +67,60 @@ def _load_plan(args: argparse.Namespace) -> object | int:
     result = load_policy_paths(args.paths)
     _print_diagnostics(result.diagnostics)
     if result.errors or result.policy_set is None:
-        return EXIT_INVALID
-    units = dict(item.split("=", 1) for item in args.unit_cgroup)
+        return ExitCode.INVALID
+    units = _unit_cgroups(args)
     try:
         return compile_policies(result.policy_set, host_cgroup=args.host_cgroup,
                                 unit_cgroups=units)
     except PolicyError as error:
         _print_diagnostics(error.diagnostics)
-        return EXIT_INVALID
+        return ExitCode.INVALID
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from guard.policy.compile import summarize
 
     plan = _load_plan(args)
-    if isinstance(plan, int):
+    if isinstance(plan, ExitCode):
         return plan
-    sys.stdout.write(plan.to_json() if args.json else summarize(plan))  # type: ignore[attr-defined,arg-type]
-    return EXIT_OK
+    sys.stdout.write(plan.to_json() if args.json else summarize(plan))
+    return ExitCode.OK
+
+
+def _explanation(plan: Plan, args: argparse.Namespace) -> Explanation:
+    """The evaluator's answer to the question on the command line; ValueError for a bad one.
+
+    The acting process's cgroup is --cgroup, or --unit resolved (the --unit-cgroup
+    mapping first), or the root.
+    """
+    from guard.policy.evaluate import decide_connect, decide_exec, decide_open
+    from guard.policy.units import normalize_cgroup, resolve_unit
+
+    if args.unit:
+        cgroup = resolve_unit(args.unit, _unit_cgroups(args))
+    else:
+        cgroup = normalize_cgroup(args.cgroup or "/")
+    if args.operation == "exec":
+        return decide_exec(plan, cgroup, args.target)
+    if args.operation == "open":
+        return decide_open(plan, cgroup, args.target, args.access)
+    if args.operation == "connect":
+        return decide_connect(plan, cgroup, args.target, args.port, args.protocol)
+    raise ValueError(f"unknown operation {args.operation!r}")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from guard.policy.evaluate import explain_from_args
-
+    """Print which rule decides; a denied answer is still a success."""
     plan = _load_plan(args)
-    if isinstance(plan, int):
+    if isinstance(plan, ExitCode):
         return plan
-    return explain_from_args(plan, args)  # type: ignore[arg-type]
+    try:
+        explanation = _explanation(plan, args)
+    except ValueError as error:
+        print(f"guard explain: error: {error}", file=sys.stderr)
+        return ExitCode.USAGE
+    sys.stdout.write(explanation.render())
+    return ExitCode.OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from guard.errors import Diagnostic, Location, PolicyError
+from guard.errors import Code, Diagnostic, Location, PolicyError
 from guard.layout import MAX_PORT_LINES
 from guard.policy.model import (
     Access,
@@ -40,6 +40,7 @@ from guard.policy.model import (
     Protocol,
 )
 from guard.policy.plan import (
+    PORT_MAX,
     Decision,
     ExecEntry,
     FileEntry,
@@ -53,11 +54,12 @@ from guard.policy.plan import (
     RulesetDefaults,
     ScopeEntry,
     Verdict,
+    parent_dirs,
 )
+from guard.policy.text import decision_text, pattern_text, port_text, rule_text, verdict_word
 from guard.policy.units import cgroup_contains, check_unit_name, normalize_cgroup, resolve_unit
 
 PROTO_OF = {Protocol.ANY: Proto.ANY, Protocol.TCP: Proto.TCP, Protocol.UDP: Proto.UDP}
-PORT_MAX = 65535
 
 RuleKey = tuple[str, str, int]  # (policy, section, index); index -1 for the default
 
@@ -152,7 +154,7 @@ def scope_paths(
     try:
         host = normalize_cgroup(host_cgroup)
     except ValueError as error:
-        raise PolicyError([Diagnostic(Location("<host-cgroup>", 1, 1), "scope-cgroup",
+        raise PolicyError([Diagnostic(Location("<host-cgroup>", 1, 1), Code.SCOPE_CGROUP,
                                       str(error))]) from None
     result: dict[str, tuple[str, ...]] = {}
     for policy in policy_set.policies:
@@ -164,16 +166,16 @@ def scope_paths(
             try:
                 paths.add(normalize_cgroup(cgroup))
             except ValueError as error:
-                diagnostics.append(Diagnostic(policy.location, "scope-cgroup", str(error)))
+                diagnostics.append(Diagnostic(policy.location, Code.SCOPE_CGROUP, str(error)))
         for unit in policy.scope.units:
             problem = None if unit in unit_cgroups else check_unit_name(unit)
             if problem is not None:
-                diagnostics.append(Diagnostic(policy.location, "scope-unit", problem))
+                diagnostics.append(Diagnostic(policy.location, Code.SCOPE_UNIT, problem))
                 continue
             try:
                 paths.add(resolve_unit(unit, unit_cgroups))
             except ValueError as error:
-                diagnostics.append(Diagnostic(policy.location, "scope-unit", str(error)))
+                diagnostics.append(Diagnostic(policy.location, Code.SCOPE_UNIT, str(error)))
         result[policy.name] = tuple(sorted(paths))
     if diagnostics:
         raise PolicyError(diagnostics)
@@ -209,12 +211,6 @@ def rulesets(
 # --- stages 4 and 5: exec and file entries -------------------------------------
 
 PathKey = tuple[str, bool]  # (path, subtree)
-
-
-def parent_dirs(path: str) -> list[str]:
-    """Parent directories of an absolute path, nearest first, ending with ``/``."""
-    parts = [p for p in path.split("/") if p]
-    return ["/" + "/".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
 
 
 def resolve_path(decisions: Mapping[PathKey, Decision], key: PathKey) -> Decision | None:
@@ -520,7 +516,7 @@ def egress_entries(
 def _limit_diagnostic(rule: RuleRef, found: list[str]) -> Diagnostic:
     more = f" (and {len(found) - 1} more table(s))" if len(found) > 1 else ""
     return Diagnostic(
-        rule.location, "port-table-limit",
+        rule.location, Code.PORT_TABLE_LIMIT,
         f"{found[0]}{more}, but the kernel scans at most {MAX_PORT_LINES}, and this rule's "
         f"port lines are where it overflows. A table holds one line per port range of every "
         f"rule at that prefix or a shorter one containing it, plus the default: merge port "
@@ -578,41 +574,6 @@ def compile_policies(
 
 
 # --- a listing for people ------------------------------------------------------
-
-
-def verdict_word(verdict: Verdict) -> str:
-    return verdict.name.lower().replace("_", "-")
-
-
-def rule_text(plan: Plan, rule_id: int) -> str:
-    """``web-tier/exec.rules[0] (policies/web.yaml:12:9)``."""
-    ref = plan.rule(rule_id)
-    return "no rule" if ref is None else f"{ref.label} ({ref.location})"
-
-
-def decision_text(plan: Plan, decision: Decision | None) -> str:
-    if decision is None:
-        return "-"
-    return f"{verdict_word(decision.verdict)} by {rule_text(plan, decision.rule)}"
-
-
-def pattern_text(path: str, subtree: bool) -> str:
-    if not subtree:
-        return path
-    return "/**" if path == "/" else f"{path}/**"
-
-
-def port_text(line: PortMatch) -> str:
-    """``tcp port 25``, ``udp ports 1000-2000``, ``any port (any protocol)``."""
-    if (line.first, line.last) == (0, PORT_MAX):
-        ports = "any port"
-    elif line.first == line.last:
-        ports = f"port {line.first}"
-    else:
-        ports = f"ports {line.first}-{line.last}"
-    if line.proto is Proto.ANY:
-        return f"{ports} (any protocol)"
-    return f"{line.proto.name.lower()} {ports}"
 
 
 def _table(rows: list[tuple[str, ...]], indent: str) -> list[str]:

@@ -19,13 +19,10 @@ caller's business.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
-import sys
 from dataclasses import dataclass
 
 from guard.layout import MAX_CGROUP_DEPTH, MAX_PATH_DEPTH
-from guard.policy.compile import parent_dirs, pattern_text, port_text, rule_text, verdict_word
 from guard.policy.plan import (
     Decision,
     ExecEntry,
@@ -39,12 +36,13 @@ from guard.policy.plan import (
     RulesetDefaults,
     ScopeEntry,
     Verdict,
+    parent_dirs,
 )
-from guard.policy.units import cgroup_contains, cgroup_parts, normalize_cgroup, resolve_unit
+from guard.policy.text import decision_text, pattern_text, port_text, rule_text, verdict_word
+from guard.policy.units import cgroup_contains, cgroup_parts, normalize_cgroup
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 PROTOCOLS = {"any": Proto.ANY, "tcp": Proto.TCP, "udp": Proto.UDP}
-EXIT_OK, EXIT_USAGE = 0, 2
 
 
 @dataclass(frozen=True)
@@ -168,10 +166,6 @@ def _decision_of(entry: PathEntry, access: str | None) -> Decision | None:
     return entry.read if access == "read" else entry.write
 
 
-def _describe(plan: Plan, decision: Decision) -> str:
-    return f"{verdict_word(decision.verdict)} by {rule_text(plan, decision.rule)}"
-
-
 def _path_explanation(
     plan: Plan, operation: str, target: str, cgroup: str, ruleset: Ruleset, scope: ScopeEntry,
     walk: list[_PathHit], default: Decision | None, what: str,
@@ -190,9 +184,9 @@ def _path_explanation(
             other = hits[1]
             assert other.decision is not None
             runner = (f"more specific than {'subtree' if other.depth else 'exact'} "
-                      f"{other.pattern} ({_describe(plan, other.decision)})")
+                      f"{other.pattern} ({decision_text(plan, other.decision)})")
         elif default is not None:
-            runner = f"more specific than the ruleset's default ({_describe(plan, default)})"
+            runner = f"more specific than the ruleset's default ({decision_text(plan, default)})"
         else:
             runner = "no other entry matches"
         rule = plan.rule(hit.decision.rule)
@@ -357,41 +351,10 @@ def _line_origin(plan: Plan, ruleset: Ruleset, addr: Address, line: PortMatch) -
     return found
 
 
-# --- the command line ----------------------------------------------------------
-
-
-def cgroup_from_args(args: argparse.Namespace) -> str:
-    """--cgroup, or --unit resolved (--unit-cgroup mapping first), or the root."""
-    if getattr(args, "unit", None):
-        mapping = dict(item.split("=", 1) for item in getattr(args, "unit_cgroup", []) or [])
-        return resolve_unit(args.unit, mapping)
-    return normalize_cgroup(getattr(args, "cgroup", None) or "/")
-
-
-def explain_from_args(plan: Plan, args: argparse.Namespace) -> int:
-    """``guard explain``: print the explanation; a denied answer is still exit 0."""
-    try:
-        cgroup = cgroup_from_args(args)
-        if args.operation == "exec":
-            explanation = decide_exec(plan, cgroup, args.target)
-        elif args.operation == "open":
-            explanation = decide_open(plan, cgroup, args.target, args.access)
-        elif args.operation == "connect":
-            explanation = decide_connect(plan, cgroup, args.target, args.port, args.protocol)
-        else:
-            raise ValueError(f"unknown operation {args.operation!r}")
-    except ValueError as error:
-        print(f"guard explain: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    sys.stdout.write(explanation.render())
-    return EXIT_OK
-
-
 __all__ = [
     "Explanation",
     "decide_connect",
     "decide_exec",
     "decide_open",
-    "explain_from_args",
     "ruleset_for",
 ]

@@ -55,7 +55,7 @@ from yaml.reader import Reader
 from yaml.resolver import Resolver
 from yaml.scanner import Scanner
 
-from guard.errors import Diagnostic, Location
+from guard.errors import Code, Diagnostic, Location
 from guard.policy.model import (
     API_VERSION,
     KIND,
@@ -77,6 +77,8 @@ from guard.policy.model import (
     Protocol,
     Scope,
 )
+from guard.policy.text import quoted as _q
+from guard.policy.units import check_unit_name
 
 MAX_ERRORS_PER_FILE = 1000
 MAX_FILE_BYTES = 1 << 20  # policies are written by hand; a bigger file is a mistake
@@ -88,55 +90,7 @@ EDITOR_DROPPINGS = ("~", ".swp", ".swx", ".swo")
 
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 NAME_LEN = 63
-# Unit types whose processes live in a cgroup of their own; the others
-# (target, timer, path, device, automount) run nothing to scope a policy to.
-UNIT_TYPES = ("service", "scope", "slice", "socket", "mount", "swap")
-UNIT_TYPES_WITHOUT_PROCESSES = ("target", "timer", "path", "device", "automount")
-UNIT_CHARS_RE = re.compile(r"[A-Za-z0-9:_.\\-]+")
-UNIT_NAME_MAX = 255
 CGROUP_MOUNT_PREFIXES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
-
-# Every diagnostic code, stable for tools and tests; docs/policy.md explains each.
-CODES: Mapping[str, str] = {
-    # files and text
-    "path-not-found": "a path named on the command line does not exist",
-    "read-error": "a file or directory cannot be read (permissions, broken symlink, not a file)",
-    "file-too-large": f"a policy file is larger than {MAX_FILE_BYTES} bytes",
-    "bad-encoding": "the file is not UTF-8 text",
-    "bad-character": "a character YAML does not allow (control characters)",
-    "empty-file": "warning: the file holds no document",
-    "empty-document": "warning: a document between --- separators is empty",
-    "too-many-errors": f"more than {MAX_ERRORS_PER_FILE} problems in one file",
-    # YAML
-    "yaml-syntax": "the text is not valid YAML",
-    "yaml-too-deep": f"nesting deeper than {MAX_DEPTH} levels",
-    "yaml-tag": "an explicit YAML tag (!!python/..., !!set, !custom)",
-    "yaml-anchor": "a YAML anchor (&name)",
-    "yaml-alias": "a YAML alias (*name)",
-    "yaml-merge-key": "a YAML merge key (<<)",
-    "duplicate-key": "a key appears twice in one mapping",
-    # structure
-    "bad-key": "a mapping key that is a list or mapping",
-    "unknown-key": "a key the format does not have",
-    "missing-key": "a required key is absent",
-    "wrong-type": "a value of the wrong type (or empty where a value is needed)",
-    "empty-list": "an empty list where at least one item is needed",
-    # values
-    "bad-api-version": "apiVersion is not guard/v1",
-    "bad-kind": "kind is not Policy",
-    "bad-name": "metadata.name is not a DNS label",
-    "duplicate-name": "two policies have the same name",
-    "bad-value": "not one of the valid choices (mode, default, action, access, protocol)",
-    "relative-path": "a path that does not start with /",
-    "unnormalized-path": "a path with ., .., //, or a trailing /",
-    "unsupported-glob": "a pattern other than a trailing /**",
-    "bad-path": "an empty, overlong or NUL-containing path",
-    "bad-cgroup": "a cgroup path written with the cgroup2 mount point in front",
-    "empty-scope": "a scope with neither cgroups nor units",
-    "bad-unit": "not a systemd unit name of a type that runs processes",
-    "bad-network": "not an IP address or network, or host bits set",
-    "bad-port": "not a port (1..65535) or a FIRST-LAST range",
-}
 
 _TAG = "tag:yaml.org,2002:"
 _STR, _INT, _FLOAT, _BOOL = _TAG + "str", _TAG + "int", _TAG + "float", _TAG + "bool"
@@ -196,7 +150,7 @@ class _Document:
 class _Bad(Exception):
     """A value is invalid; the caller reports it at the value's node."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: Code, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -238,10 +192,10 @@ class _Context:
         """The rest of the line from a location, to recognize what an error is about."""
         return self.lines[where.line - 1][where.col - 1:]
 
-    def error(self, where: Node | Mark | None, code: str, message: str) -> None:
+    def error(self, where: Node | Mark | None, code: Code, message: str) -> None:
         self.add(Diagnostic(self.location(where), code, message))
 
-    def warning(self, where: Node | Mark | None, code: str, message: str) -> None:
+    def warning(self, where: Node | Mark | None, code: Code, message: str) -> None:
         self.add(Diagnostic(self.location(where), code, message, "warning"))
 
     def add(self, diagnostic: Diagnostic) -> None:
@@ -256,7 +210,7 @@ class _Context:
         if self.suppressed_at is not None:
             hidden = self.error_count - sum(d.severity == "error" for d in self.diagnostics)
             self.diagnostics.append(Diagnostic(
-                self.suppressed_at, "too-many-errors",
+                self.suppressed_at, Code.TOO_MANY_ERRORS,
                 f"too many problems: stopped reporting after {MAX_ERRORS_PER_FILE} "
                 f"({hidden} more error(s) in this file)"))
         return self.diagnostics
@@ -323,7 +277,7 @@ def _collect_files(paths: Sequence[str], diagnostics: list[Diagnostic]) -> list[
         elif os.path.lexists(path):
             add(path)
         else:
-            diagnostics.append(Diagnostic(Location(path, 1, 1), "path-not-found",
+            diagnostics.append(Diagnostic(Location(path, 1, 1), Code.PATH_NOT_FOUND,
                                           "no such file or directory"))
     return files
 
@@ -340,7 +294,7 @@ def _directory_files(top: str, diagnostics: list[Diagnostic]) -> list[str]:
 
     def unreadable(error: OSError) -> None:
         name = str(error.filename or top)
-        diagnostics.append(Diagnostic(Location(name, 1, 1), "read-error",
+        diagnostics.append(Diagnostic(Location(name, 1, 1), Code.READ_ERROR,
                                       f"cannot read directory: {error.strerror or error}"))
 
     for directory, dirnames, filenames in os.walk(top, onerror=unreadable):
@@ -359,21 +313,21 @@ def _read_text(name: str) -> tuple[str, Diagnostic | None]:
     try:
         info = os.stat(name)
     except FileNotFoundError:
-        return "", Diagnostic(at_start, "read-error",
+        return "", Diagnostic(at_start, Code.READ_ERROR,
                               "broken symbolic link" if os.path.islink(name)
                               else "no such file or directory")
     except OSError as error:
-        return "", Diagnostic(at_start, "read-error", f"cannot read: {error.strerror or error}")
+        return "", Diagnostic(at_start, Code.READ_ERROR, f"cannot read: {error.strerror or error}")
     if not stat.S_ISREG(info.st_mode):
         # A FIFO or device would block or never end; a policy is a regular file.
-        return "", Diagnostic(at_start, "read-error", "not a regular file")
+        return "", Diagnostic(at_start, Code.READ_ERROR, "not a regular file")
     try:
         with open(name, "rb") as handle:
             data = handle.read(MAX_FILE_BYTES + 1)
     except OSError as error:
-        return "", Diagnostic(at_start, "read-error", f"cannot read: {error.strerror or error}")
+        return "", Diagnostic(at_start, Code.READ_ERROR, f"cannot read: {error.strerror or error}")
     if len(data) > MAX_FILE_BYTES:
-        return "", Diagnostic(at_start, "file-too-large",
+        return "", Diagnostic(at_start, Code.FILE_TOO_LARGE,
                               f"file is larger than {MAX_FILE_BYTES} bytes")
     try:
         # utf-8-sig: a leading byte-order mark is dropped, so columns match editors.
@@ -382,7 +336,7 @@ def _read_text(name: str) -> tuple[str, Diagnostic | None]:
         line_start = data.rfind(b"\n", 0, error.start) + 1
         line = data.count(b"\n", 0, error.start) + 1
         prefix = data[line_start:error.start].decode("utf-8-sig", errors="replace")
-        return "", Diagnostic(Location(name, line, len(prefix) + 1), "bad-encoding",
+        return "", Diagnostic(Location(name, line, len(prefix) + 1), Code.BAD_ENCODING,
                               f"not UTF-8 text: byte 0x{data[error.start]:02x} cannot be decoded")
 
 
@@ -414,14 +368,14 @@ class _GuardComposer(Composer, Resolver):
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self.check_event(AliasEvent):  # type: ignore[attr-defined]
             event = self.get_event()  # type: ignore[attr-defined]
-            self.ctx.error(event.start_mark, "yaml-alias",
+            self.ctx.error(event.start_mark, Code.YAML_ALIAS,
                            "YAML aliases (*name) are not supported: write the value out")
             node = _Rejected(_NULL, "", event.start_mark, event.end_mark)
             self.ctx.rejected.add(id(node))
             return node
         event = self.peek_event()  # type: ignore[attr-defined]
         if event.anchor is not None:
-            self.ctx.error(event.start_mark, "yaml-anchor",
+            self.ctx.error(event.start_mark, Code.YAML_ANCHOR,
                            "YAML anchors (&name) are not supported: write the value out")
             event.anchor = None  # report once; never registered, so never a duplicate
         if self.depth >= MAX_DEPTH:
@@ -485,10 +439,10 @@ def _yaml_error(ctx: _Context, error: yaml.YAMLError) -> None:
             message += " (quote IPv6 addresses: \"::/0\")"
         elif after.startswith("\t"):
             message += " (a tab: YAML indents with spaces)"
-        code = "yaml-too-deep" if isinstance(error, _TooDeep) else "yaml-syntax"
+        code = Code.YAML_TOO_DEEP if isinstance(error, _TooDeep) else Code.YAML_SYNTAX
         ctx.add(Diagnostic(where, code, message))
         return
-    ctx.error(None, "yaml-syntax", str(error))
+    ctx.error(None, Code.YAML_SYNTAX, str(error))
 
 
 def _compose(text: str, ctx: _Context) -> Iterator[Node]:
@@ -497,7 +451,7 @@ def _compose(text: str, ctx: _Context) -> Iterator[Node]:
     if bad:
         # Checked here, for both parsers alike: libyaml would report a byte offset.
         line, col = _line_col(text, bad.start())
-        ctx.add(Diagnostic(Location(ctx.filename, line, col), "bad-character",
+        ctx.add(Diagnostic(Location(ctx.filename, line, col), Code.BAD_CHARACTER,
                            f"character U+{ord(bad.group()):04X} is not allowed in YAML"))
         return
     loader: _GuardComposer = (_LibyamlLoader if USE_LIBYAML else _PythonLoader)(text, ctx)
@@ -521,7 +475,7 @@ def _yaml_checks(ctx: _Context, root: Node) -> None:
         if id(node) in ctx.rejected:
             continue
         if not _tag_fits(node):
-            ctx.error(node, "yaml-tag", f"unsupported YAML tag {_show_tag(node.tag)}: "
+            ctx.error(node, Code.YAML_TAG, f"unsupported YAML tag {_show_tag(node.tag)}: "
                       "policies use plain strings, numbers, booleans, lists and mappings")
             ctx.rejected.add(id(node))
             continue
@@ -530,12 +484,12 @@ def _yaml_checks(ctx: _Context, root: Node) -> None:
             for key, value in node.value:
                 if isinstance(key, ScalarNode) and id(key) not in ctx.rejected:
                     if key.tag == _MERGE:
-                        ctx.error(key, "yaml-merge-key",
+                        ctx.error(key, Code.YAML_MERGE_KEY,
                                   "YAML merge keys (<<) are not supported: write the keys out")
                         ctx.rejected.add(id(key))
                     elif key.value in first:
                         there = ctx.location(first[key.value])
-                        ctx.error(key, "duplicate-key",
+                        ctx.error(key, Code.DUPLICATE_KEY,
                                   f"duplicate key {_q(key.value)} (first at "
                                   f"{there.line}:{there.col}); a key may appear once")
                     else:
@@ -574,12 +528,12 @@ def _parse_documents(text: str, filename: str) -> tuple[list[_Document], list[Di
         if id(root) in ctx.rejected:
             pass  # the whole document is an alias or a tagged value: already reported
         elif isinstance(root, ScalarNode) and root.tag == _NULL and root.value == "":
-            ctx.warning(root, "empty-document", "empty document: it contains no policy")
+            ctx.warning(root, Code.EMPTY_DOCUMENT, "empty document: it contains no policy")
         else:
             documents.append(_read_document(ctx, root, errors_before))
         errors_before = ctx.error_count
     if not seen_any and ctx.error_count == 0:
-        ctx.warning(None, "empty-file", "no policy in this file")
+        ctx.warning(None, Code.EMPTY_FILE, "no policy in this file")
     return documents, ctx.finish()
 
 
@@ -591,7 +545,7 @@ def _duplicate_names(documents: Iterable[_Document]) -> list[Diagnostic]:
             continue
         if document.name in first:
             found.append(Diagnostic(
-                document.name_location, "duplicate-name",
+                document.name_location, Code.DUPLICATE_NAME,
                 f"duplicate policy name {_q(document.name)}: first defined at "
                 f"{first[document.name]}"))
         else:
@@ -639,9 +593,9 @@ def _read_document(ctx: _Context, root: Node, errors_before: int) -> _Document:
     if fields is None:
         return _Document(None, None, None)
     if "apiVersion" in fields:
-        _exact(ctx, fields["apiVersion"], "apiVersion", API_VERSION, "bad-api-version")
+        _exact(ctx, fields["apiVersion"], "apiVersion", API_VERSION, Code.BAD_API_VERSION)
     if "kind" in fields:
-        _exact(ctx, fields["kind"], "kind", KIND, "bad-kind")
+        _exact(ctx, fields["kind"], "kind", KIND, Code.BAD_KIND)
     name, name_node, description = None, None, ""
     metadata = _fields(ctx, fields["metadata"], "metadata", ("name",), _METADATA_KEYS) \
         if "metadata" in fields else None
@@ -683,7 +637,7 @@ def _read_scope(ctx: _Context, node: Node) -> Scope | None:
     if fields is None:
         return None
     if not fields:
-        ctx.error(node, "empty-scope",
+        ctx.error(node, Code.EMPTY_SCOPE,
                   "empty scope: list cgroups and/or units, or remove 'scope' to cover the "
                   "whole host")
         return None
@@ -784,12 +738,6 @@ def _rule_items(ctx: _Context, fields: Mapping[str, Node], where: str) -> list[t
 # --------------------------------------------------------------------------- structure
 
 
-def _q(text: object, limit: int = 200) -> str:
-    """A value quoted for a message, shortened: one diagnostic stays one readable line."""
-    shown = str(text)
-    return repr(shown if len(shown) <= limit else shown[:limit - 3] + "...")
-
-
 def _kind(node: Node) -> str:
     if isinstance(node, MappingNode):
         return "a mapping"
@@ -810,9 +758,9 @@ def _wrong_type(ctx: _Context, node: Node, where: str, expected: str, hint: str 
     if isinstance(node, ScalarNode) and node.tag == _NULL:
         hint = hint or (" (write {} for an empty section, or remove the key)"
                         if expected == "a mapping" else "")
-        ctx.error(node, "wrong-type", f"{where} is empty: expected {expected}{hint}")
+        ctx.error(node, Code.WRONG_TYPE, f"{where} is empty: expected {expected}{hint}")
         return
-    ctx.error(node, "wrong-type", f"expected {expected} for {where}, got {_kind(node)}{hint}")
+    ctx.error(node, Code.WRONG_TYPE, f"expected {expected} for {where}, got {_kind(node)}{hint}")
 
 
 def _fields(ctx: _Context, node: Node, where: str, required: Sequence[str],
@@ -838,7 +786,7 @@ def _fields(ctx: _Context, node: Node, where: str, required: Sequence[str],
             unreadable = True
             continue
         if not isinstance(key, ScalarNode):
-            ctx.error(key, "bad-key", f"keys in {where} must be plain words, got {_kind(key)}")
+            ctx.error(key, Code.BAD_KEY, f"keys in {where} must be plain words, got {_kind(key)}")
             continue
         name = str(key.value)
         if name in seen:
@@ -857,10 +805,10 @@ def _fields(ctx: _Context, node: Node, where: str, required: Sequence[str],
             suggested.add(close[0])
         else:
             hint = "valid keys: " + ", ".join(allowed)
-        ctx.error(key, "unknown-key", f"unknown key {_q(name)} in {where}; {hint}")
+        ctx.error(key, Code.UNKNOWN_KEY, f"unknown key {_q(name)} in {where}; {hint}")
     for name in required:
         if name not in fields and name not in suggested and not unreadable:
-            ctx.error(node, "missing-key", f"missing required key {_q(name)} in {where}")
+            ctx.error(node, Code.MISSING_KEY, f"missing required key {_q(name)} in {where}")
     return fields
 
 
@@ -877,7 +825,7 @@ def _list(ctx: _Context, node: Node, where: str, empty: str | None) -> list[Node
         _wrong_type(ctx, node, where, "a list", hint)
         return []
     if not node.value and empty is not None:
-        ctx.error(node, "empty-list", f"{where} is an empty list: {empty}")
+        ctx.error(node, Code.EMPTY_LIST, f"{where} is an empty list: {empty}")
     return list(node.value)
 
 
@@ -890,7 +838,7 @@ def _string(ctx: _Context, node: Node, where: str) -> str | None:
     return str(node.value)
 
 
-def _exact(ctx: _Context, node: Node, where: str, expected: str, code: str) -> None:
+def _exact(ctx: _Context, node: Node, where: str, expected: str, code: Code) -> None:
     value = _string(ctx, node, where)
     if value is not None and value != expected:
         ctx.error(node, code, f"unsupported {where} {_q(value)}: expected {expected!r}")
@@ -910,7 +858,8 @@ def _choice(ctx: _Context, node: Node, where: str, enum: type[E]) -> E | None:
         return enum(value)
     close = difflib.get_close_matches(value.lower(), valid, n=1, cutoff=0.6)
     hint = f": did you mean {close[0]!r}?" if close else ""
-    ctx.error(node, "bad-value", f"invalid {where} {_q(value)}{hint} (valid: {', '.join(valid)})")
+    ctx.error(node, Code.BAD_VALUE,
+              f"invalid {where} {_q(value)}{hint} (valid: {', '.join(valid)})")
     return None
 
 
@@ -939,9 +888,9 @@ def _check_name(name: str) -> str:
         return name
     guess = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:NAME_LEN].strip("-")
     hint = f"; did you mean {_q(guess)}?" if guess and guess != name else ""
-    raise _Bad("bad-name", f"invalid policy name {_q(name)}: use at most {NAME_LEN} lowercase "
-                           f"letters, digits and '-', starting and ending with a letter or "
-                           f"digit{hint}")
+    raise _Bad(Code.BAD_NAME, f"invalid policy name {_q(name)}: use at most {NAME_LEN} lowercase "
+                              f"letters, digits and '-', starting and ending with a letter or "
+                              f"digit{hint}")
 
 
 def _normalize(path: str) -> str:
@@ -958,40 +907,40 @@ def _parse_path(text: str, *, subtree_ok: bool) -> tuple[str, bool]:
     meaning ``/tmp``.
     """
     if text == "":
-        raise _Bad("bad-path", "empty path")
+        raise _Bad(Code.BAD_PATH, "empty path")
     if "\0" in text:
-        raise _Bad("bad-path", "path contains a NUL character")
+        raise _Bad(Code.BAD_PATH, "path contains a NUL character")
     if subtree_ok and text == "**":
         return "/", True  # the whole tree, same as '/**'
     subtree = subtree_ok and (text == "/**" or text.endswith("/**"))
     base = (text[:-3] or "/") if subtree else text
     if any(c in base for c in "*?["):
         if not subtree_ok:
-            raise _Bad("unsupported-glob", f"{_q(text)}: patterns are not supported here; "
-                                           "write an exact path")
+            raise _Bad(Code.UNSUPPORTED_GLOB, f"{_q(text)}: patterns are not supported here; "
+                                              "write an exact path")
         hint = f"; did you mean {text[:-1] + '**'!r}?" if text.endswith("/*") else ""
-        raise _Bad("unsupported-glob",
+        raise _Bad(Code.UNSUPPORTED_GLOB,
                    f"unsupported glob {_q(text)}: the only pattern is a trailing '/**' "
                    f"(everything below a directory, e.g. '/tmp/**'); '*', '?' and '[' "
                    f"are not allowed anywhere else{hint}")
     if not base.startswith("/"):
-        raise _Bad("relative-path", f"path {_q(text)} is not absolute: paths start with '/'")
+        raise _Bad(Code.RELATIVE_PATH, f"path {_q(text)} is not absolute: paths start with '/'")
     normal = _normalize(base)
     canonical = str(PathPattern(normal, subtree, Location("", 0, 0)))
     if canonical != text:
         also = ""
         if subtree_ok and text.endswith("/") and normal != "/":
             also = f" (or {normal + '/**'!r} for everything below it)"
-        raise _Bad("unnormalized-path", f"path {_q(text)} is not normalized: write "
-                                        f"{_q(canonical)}{also}")
+        raise _Bad(Code.UNNORMALIZED_PATH, f"path {_q(text)} is not normalized: write "
+                                           f"{_q(canonical)}{also}")
     try:
         encoded = normal.encode()
     except UnicodeEncodeError:
-        raise _Bad("bad-path", f"path {_q(text)} cannot be encoded as UTF-8") from None
+        raise _Bad(Code.BAD_PATH, f"path {_q(text)} cannot be encoded as UTF-8") from None
     if len(encoded) >= PATH_MAX:
-        raise _Bad("bad-path", f"path is longer than {PATH_MAX - 1} bytes")
+        raise _Bad(Code.BAD_PATH, f"path is longer than {PATH_MAX - 1} bytes")
     if any(len(part) > NAME_MAX for part in encoded.split(b"/")):
-        raise _Bad("bad-path", f"a component of {_q(text)} is longer than {NAME_MAX} bytes")
+        raise _Bad(Code.BAD_PATH, f"a component of {_q(text)} is longer than {NAME_MAX} bytes")
     return normal, subtree
 
 
@@ -1013,33 +962,16 @@ def _cgroup_path(text: str) -> str:
     for prefix in CGROUP_MOUNT_PREFIXES:
         if text.startswith(prefix + "/"):
             inside = text[len(prefix):]
-            raise _Bad("bad-cgroup", f"cgroup paths are relative to the cgroup2 mount: write "
-                                     f"{_q(inside)}, not {_q(text)}")
+            raise _Bad(Code.BAD_CGROUP, f"cgroup paths are relative to the cgroup2 mount: write "
+                                        f"{_q(inside)}, not {_q(text)}")
     path, _ = _parse_path(text, subtree_ok=False)
     return path
 
 
 def _unit_name(text: str) -> str:
-    if any(c in text for c in "*?["):
-        raise _Bad("bad-unit", f"unit {_q(text)}: patterns are not supported; name each unit")
-    stem, dot, suffix = text.rpartition(".")
-    if not dot or suffix not in UNIT_TYPES:
-        if dot and suffix in UNIT_TYPES_WITHOUT_PROCESSES:
-            raise _Bad("bad-unit", f"a .{suffix} unit runs no processes of its own: name the "
-                                   f"unit that does (e.g. the .service it starts)")
-        raise _Bad("bad-unit", f"unit {_q(text)} has no unit type suffix; did you mean "
-                               f"{text + '.service'!r}? (valid: "
-                               + ", ".join("." + t for t in UNIT_TYPES) + ")")
-    prefix, at, instance = stem.partition("@")
-    if not prefix or not UNIT_CHARS_RE.fullmatch(prefix) or (
-            at and instance and not UNIT_CHARS_RE.fullmatch(instance)):
-        raise _Bad("bad-unit", f"invalid unit name {_q(text)}: use letters, digits and "
-                               "':_.\\-' (and '@' before an instance)")
-    if at and not instance:
-        raise _Bad("bad-unit", f"{_q(text)} is a template: name an instance, e.g. "
-                               f"{prefix + '@1.' + suffix!r}")
-    if len(text) > UNIT_NAME_MAX:
-        raise _Bad("bad-unit", f"unit name is longer than {UNIT_NAME_MAX} characters")
+    problem = check_unit_name(text)
+    if problem is not None:
+        raise _Bad(Code.BAD_UNIT, problem)
     return text
 
 
@@ -1049,7 +981,7 @@ def _access(ctx: _Context, node: Node, where: str) -> frozenset[Access] | None:
     found: set[Access] = set()
     for i, item in enumerate(items):
         if isinstance(item, ScalarNode) and item.tag in _STRING_TAGS and item.value == "exec":
-            ctx.error(item, "bad-value",
+            ctx.error(item, Code.BAD_VALUE,
                       "'exec' is not a file access (valid: read, write): executions are "
                       "controlled by exec rules, in spec.exec.rules")
             continue
@@ -1068,7 +1000,7 @@ def _network(text: str) -> IPNetwork:
     a typo in a prefix silently widening or narrowing a rule is worse than an error.
     """
     if "%" in text:
-        raise _Bad("bad-network", f"{_q(text)}: zone indexes (%...) are not supported")
+        raise _Bad(Code.BAD_NETWORK, f"{_q(text)}: zone indexes (%...) are not supported")
     try:
         network: IPNetwork = ipaddress.ip_network(text, strict=True)
     except ValueError:
@@ -1080,12 +1012,12 @@ def _network(text: str) -> IPNetwork:
             hint = ": guard matches addresses, not host names" if looks_like_host else \
                 " (write an address such as 10.0.0.1 or 2001:db8::1, or a network such " \
                 "as 10.0.0.0/8 or 2001:db8::/32)"
-            raise _Bad("bad-network",
+            raise _Bad(Code.BAD_NETWORK,
                        f"{_q(text)} is not an IP address or network{hint}") from None
         address = text.split("/", 1)[0]
         single = f"{address}/{loose.max_prefixlen}"
-        raise _Bad("bad-network", f"{_q(text)} has host bits set: did you mean "
-                                  f"{str(loose)!r}, or {single!r} for the one address?"
+        raise _Bad(Code.BAD_NETWORK, f"{_q(text)} has host bits set: did you mean "
+                                     f"{str(loose)!r}, or {single!r} for the one address?"
                    ) from None
     if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
         mapped = network.network_address.ipv4_mapped
@@ -1117,7 +1049,7 @@ _PORT_RANGE_RE = re.compile(r"([0-9]+)-([0-9]+)")
 def _port_number(digits: str) -> int:
     port = int(digits) if len(digits) <= 7 else 10**7  # int() refuses very long digit strings
     if not 1 <= port <= 65535:
-        raise _Bad("bad-port", f"port {_q(digits)[1:-1]} is out of range: ports are 1..65535")
+        raise _Bad(Code.BAD_PORT, f"port {_q(digits)[1:-1]} is out of range: ports are 1..65535")
     return port
 
 
@@ -1127,11 +1059,11 @@ def _port_range(text: str) -> tuple[int, int]:
     else:
         pair = _PORT_RANGE_RE.fullmatch(text)
         if not pair:
-            raise _Bad("bad-port", f"invalid port {_q(text)}: write a number (443) or a range "
-                                   f"as a string (\"8000-8080\")")
+            raise _Bad(Code.BAD_PORT, f"invalid port {_q(text)}: write a number (443) or a range "
+                                      f"as a string (\"8000-8080\")")
         first, last = _port_number(pair[1]), _port_number(pair[2])
     if first > last:
-        raise _Bad("bad-port", f"port range {_q(text)} is backwards: write \"{last}-{first}\"")
+        raise _Bad(Code.BAD_PORT, f"port range {_q(text)} is backwards: write \"{last}-{first}\"")
     return first, last
 
 
@@ -1146,8 +1078,8 @@ def _ports(ctx: _Context, node: Node, where: str) -> tuple[PortRange, ...] | Non
         if isinstance(item, ScalarNode) and item.tag == _INT:
             if not _SIGNED_DECIMAL_RE.fullmatch(str(item.value)):
                 # YAML 1.1 reads 0x1bb, 0o17, 025 (octal!), 1_000 and 1:30 as integers.
-                ctx.error(item, "bad-port", f"write port {_q(item.value)} as a plain decimal "
-                                            "number")
+                ctx.error(item, Code.BAD_PORT, f"write port {_q(item.value)} as a plain decimal "
+                                               "number")
                 continue
             text = str(item.value)
         elif isinstance(item, ScalarNode) and item.tag in _STRING_TAGS:

@@ -54,6 +54,15 @@ from typing import Any
 from guard.errors import Location
 from guard.policy.model import IPNetwork
 
+PORT_MAX = 65535  # a port line from 0 to PORT_MAX matches any port
+
+
+def parent_dirs(path: str) -> list[str]:
+    """Parent directories of an absolute path, nearest first, ending with ``/``: the
+    order in which the kernel looks for a subtree entry above a path (rule 2)."""
+    parts = [p for p in path.split("/") if p]
+    return ["/" + "/".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
+
 
 class Verdict(IntEnum):
     """Ordered by strength: the stronger verdict wins a tie. Values are the kernel's.
@@ -145,7 +154,7 @@ class FileEntry:
 
 @dataclass(frozen=True, order=True)
 class PortMatch:
-    """One line of a port table; ``first``..``last`` inclusive, 0..65535 for any port."""
+    """One line of a port table; ``first``..``last`` inclusive, 0..PORT_MAX for any port."""
 
     proto: Proto
     first: int

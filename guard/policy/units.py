@@ -20,21 +20,25 @@ name that could clash with a kernel file (``tasks``, ``cgroup.*``,
 ``cpu.service``: a controller name before the last dot) or that starts with
 ``_`` or ``.`` gets one leading ``_``.
 
-Units of types that have no cgroup (target, timer, path, device, automount)
-are rejected with ValueError.
+Which names are units a policy can be scoped to is decided once, by
+``check_unit_name``: ``guard check`` reports its answer as ``bad-unit``, and a
+name it rejects is a ValueError here (units of types that have no cgroup, such
+as target, timer, path, device and automount, among them).
 """
 
 from __future__ import annotations
 
-import re
 import string
 from collections.abc import Mapping
 
-# Unit types systemd gives a cgroup; slices are handled on their own.
-CGROUP_UNIT_TYPES = frozenset({"service", "socket", "mount", "swap", "scope", "slice"})
-ALL_UNIT_TYPES = CGROUP_UNIT_TYPES | {"target", "timer", "path", "device", "automount"}
+from guard.policy.text import quoted
 
-UNIT_NAME_MAX = 255
+# Unit types whose processes live in a cgroup of their own (slices: of their units),
+# in the order messages list them; the others run nothing to scope a policy to.
+CGROUP_UNIT_TYPES = ("service", "scope", "slice", "socket", "mount", "swap")
+UNIT_TYPES_WITHOUT_CGROUP = ("target", "timer", "path", "device", "automount")
+
+UNIT_NAME_MAX = 255  # characters (systemd's UNIT_NAME_MAX, 256, counts the NUL)
 _VALID_CHARS = frozenset(string.ascii_letters + string.digits + ":-_.\\")
 # Controller names systemd checks in its cgroup name escaping.
 _CONTROLLERS = frozenset({
@@ -43,32 +47,43 @@ _CONTROLLERS = frozenset({
     "bpf-restrict-network-interfaces",
 })
 _KERNEL_NAMES = frozenset({"notify_on_release", "release_agent", "tasks"})
-_UNIT_RE = re.compile(r"^(?P<prefix>[^@]+)(?:@(?P<instance>[^@]*))?\.(?P<type>[a-z]+)$")
 
 
 def check_unit_name(unit: str) -> str | None:
-    """Why ``unit`` is not a unit name that has a cgroup, or None when it is fine."""
-    if not unit or len(unit) > UNIT_NAME_MAX:
-        return f"unit name {unit!r} is empty or longer than {UNIT_NAME_MAX} characters"
-    match = _UNIT_RE.match(unit)
-    if match is None:
-        return f"{unit!r} is not a systemd unit name (NAME.TYPE or TEMPLATE@INSTANCE.TYPE)"
-    kind = match["type"]
-    if kind not in ALL_UNIT_TYPES:
-        return f"{unit!r} has unknown unit type {kind!r}"
-    if kind not in CGROUP_UNIT_TYPES:
-        return f"{unit!r}: a .{kind} unit has no cgroup of its own; name its service instead"
-    body = unit[: -len(kind) - 1]
-    if any(c not in _VALID_CHARS and c != "@" for c in body):
-        return f"{unit!r} contains characters systemd does not allow in unit names"
+    """Why ``unit`` is not the name of a systemd unit with a cgroup of its own, or None.
+
+    The one rule for unit names in guard: systemd's (unit_name_is_valid and
+    slice_name_is_valid) for the unit types that have a cgroup, with at most one
+    '@' and no bare template (``getty@.service``), since a template runs nothing.
+    """
+    if any(c in unit for c in "*?["):
+        return f"unit {quoted(unit)}: patterns are not supported; name each unit"
+    stem, dot, kind = unit.rpartition(".")
+    if not dot or kind not in CGROUP_UNIT_TYPES:
+        if dot and kind in UNIT_TYPES_WITHOUT_CGROUP:
+            return (f"a .{kind} unit runs no processes of its own: name the unit that does "
+                    f"(e.g. the .service it starts)")
+        return (f"unit {quoted(unit)} has no unit type suffix; did you mean "
+                f"{unit + '.service'!r}? (valid: "
+                + ", ".join("." + t for t in CGROUP_UNIT_TYPES) + ")")
+    prefix, at, instance = stem.partition("@")
+    if not _unit_chars(prefix) or (at and instance and not _unit_chars(instance)):
+        return (f"invalid unit name {quoted(unit)}: use letters, digits and ':_.\\-' "
+                "(and '@' before an instance)")
     if kind == "slice":
-        if match["instance"] is not None:
-            return f"{unit!r}: a slice cannot be a template instance"
-        if body != "-" and (body.startswith("-") or body.endswith("-") or "--" in body):
-            return f"{unit!r}: a slice name cannot start or end with '-' or contain '--'"
-    elif match["instance"] == "":
-        return f"{unit!r} is a template, not a unit that runs; name an instance"
+        if at:
+            return f"{quoted(unit)}: a slice cannot be a template instance"
+        if stem != "-" and (stem.startswith("-") or stem.endswith("-") or "--" in stem):
+            return f"{quoted(unit)}: a slice name cannot start or end with '-' or contain '--'"
+    if at and not instance:
+        return f"{quoted(unit)} is a template: name an instance, e.g. {prefix + '@1.' + kind!r}"
+    if len(unit) > UNIT_NAME_MAX:
+        return f"unit name is longer than {UNIT_NAME_MAX} characters"
     return None
+
+
+def _unit_chars(text: str) -> bool:
+    return bool(text) and all(c in _VALID_CHARS for c in text)
 
 
 def cg_escape(name: str) -> str:

@@ -125,18 +125,33 @@ def test_compile_port_table_limit_exits_1(tmp_path: Path,
 # --- guard explain -------------------------------------------------------------
 
 
-def test_explain_exec(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(["explain", "--policies", "tests/golden/web-tier.yaml",
-                          "--unit", "nginx.service", "exec", "/usr/bin/curl"], capsys)
-    assert (code, err) == (0, "")  # a denial is still a successful explanation
-    assert out.splitlines() == [
+@pytest.mark.parametrize(("argv", "lines"), [
+    (["--policies", "tests/golden/web-tier.yaml", "--unit", "nginx.service",
+      "exec", "/usr/bin/curl"], [
         "deny: exec /usr/bin/curl from /system.slice/nginx.service",
         "  decided by web-tier/exec.rules[0] (tests/golden/web-tier.yaml:15:9): deny /usr/bin/curl",
         "  why: exact path match; more specific than the ruleset's default "
         "(allow by web-tier/exec.default (tests/golden/web-tier.yaml:13:5))",
         "  scope: /system.slice/nginx.service -> ruleset 0 (policies: web-tier)",
         "  effect: blocked, and reported as an event",
-    ]
+    ]),
+    (["--policies", "tests/golden/egress.yaml", "--unit", "api.service",
+      "connect", "2001:db8:100::1", "8050"], [
+        "audit: connect [2001:db8:100::1]:8050/tcp from /system.slice/api.service",
+        "  decided by api/egress.rules[4] (tests/golden/egress.yaml:19:11): audit to "
+        "2001:db8:100::/48 ports 8000-8099 (any protocol)",
+        "  why: longest matching prefix 2001:db8:100::/48; first matching line of its port "
+        "table; next matching line: allow tcp any port by api/egress.rules[5] "
+        "(tests/golden/egress.yaml:20:11)",
+        "  scope: /system.slice/api.service -> ruleset 0 (policies: api, no-mail)",
+        "  effect: allowed, and reported as an event",
+    ]),
+], ids=["exec", "connect"])
+def test_explain_exact_output(argv: list[str], lines: list[str],
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["explain", *argv], capsys)
+    assert (code, err) == (0, "")  # a denial is still a successful explanation
+    assert out.splitlines() == lines
 
 
 def test_explain_open_and_default_cgroup(capsys: pytest.CaptureFixture[str]) -> None:
@@ -173,6 +188,15 @@ def test_explain_connect(capsys: pytest.CaptureFixture[str]) -> None:
                           "  decided by no-mail/egress.rules[0]")
 
 
+def test_explain_invalid_policy_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["explain", "--policies", "tests/fixtures/broken/bad-ports.yaml",
+                          "exec", "/bin/sh"], capsys)
+    assert (code, out) == (1, "")
+    assert err.startswith("tests/fixtures/broken/bad-ports.yaml:9:48: error: port 0 is out of "
+                          "range: ports are 1..65535\n")
+    assert "guard explain" not in err
+
+
 def test_explain_unit_mapping(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["explain", "--policies", "tests/golden/egress.yaml",
                         "--unit-cgroup", "api.service=/custom/api", "--unit", "api.service",
@@ -204,11 +228,17 @@ def test_explain_bad_target_exits_2(tail: list[str], capsys: pytest.CaptureFixtu
     assert err.startswith("guard explain: error: ")
 
 
-def test_explain_bad_unit_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(["explain", "--policies", "tests/golden/web-tier.yaml",
-                        "--unit", "default.target", "exec", "/bin/sh"], capsys)
-    assert code == 2
-    assert "no cgroup of its own" in err
+@pytest.mark.parametrize(("unit", "message"), [
+    # the same rule and words as guard check's bad-unit (guard/policy/units.py)
+    ("default.target", "a .target unit runs no processes of its own: name the unit that does "
+                       "(e.g. the .service it starts)"),
+    ("-a.slice", "'-a.slice': a slice name cannot start or end with '-' or contain '--'"),
+])
+def test_explain_bad_unit_exits_2(unit: str, message: str,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["explain", "--policies", "tests/golden/web-tier.yaml",
+                          f"--unit={unit}", "exec", "/bin/sh"], capsys)
+    assert (code, out, err) == (2, "", f"guard explain: error: {message}\n")
 
 
 def test_cli_in_a_real_process() -> None:

@@ -141,7 +141,7 @@ def test_bad_unit_is_a_diagnostic_at_the_policy() -> None:
     (diagnostic,) = caught.value.diagnostics
     assert diagnostic.code == "scope-unit"
     assert str(diagnostic.location) == "web.yaml:1:1"
-    assert "no cgroup" in diagnostic.message
+    assert "a .target unit runs no processes of its own" in diagnostic.message
 
 
 @pytest.mark.parametrize(("unit", "path"), [
