@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from guard import layout
-from guard.errors import Diagnostic, ExitCode, Location
+from guard.errors import Code, Diagnostic, ExitCode, Location
 from guard.events.enrich import Enricher
 from guard.events.fold import Aggregator
 from guard.events.formats import SEV_ERR, SEV_INFO, SEV_WARNING, ParamValue, log_record
@@ -541,7 +541,7 @@ class Daemon:
             loaded = self._load_for_reload()
         except Exception as error:  # a parser bug must not take enforcement down
             log.exception("reading the policies failed")
-            loaded = (Diagnostic(Location(self.policies, 1, 1), "internal-error",
+            loaded = (Diagnostic(Location(self.policies, 1, 1), Code.INTERNAL_ERROR,
                                  f"reading the policies failed: {type(error).__name__}: "
                                  f"{error}"),)
         if not isinstance(loaded, PolicyLoad):
@@ -607,7 +607,7 @@ class Daemon:
         if not directory.is_dir():
             # A file where the directory was would otherwise be read as a policy file.
             what = "is not a directory" if directory.exists() else "does not exist"
-            return (Diagnostic(Location(self.policies, 1, 1), "read-error",
+            return (Diagnostic(Location(self.policies, 1, 1), Code.READ_ERROR,
                                f"the policy directory {what}"),)
         return load_policies(self.policies, self.host_cgroup,
                              unit_lookup=systemd_unit_cgroups)

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from support import need
 
-import guard.policy.parse
+import guard.policy.yamlnodes
 from guard.cli import main
 from guard.errors import Code, Diagnostic, Stage
 from guard.policy.parse import load_policy_paths
@@ -48,7 +48,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Run a test with each YAML parser guard can use: positions must not differ."""
     if request.param == "libyaml":
         need(yaml.__with_libyaml__, "PyYAML without libyaml (Debian's python3-yaml has it)")
-    monkeypatch.setattr(guard.policy.parse, "USE_LIBYAML", request.param == "libyaml")
+    monkeypatch.setattr(guard.policy.yamlnodes, "USE_LIBYAML", request.param == "libyaml")
     return str(request.param)
 
 

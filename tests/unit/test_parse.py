@@ -14,7 +14,7 @@ import pytest
 import yaml
 from support import need
 
-import guard.policy.parse
+import guard.policy.yamlnodes
 from guard.errors import Diagnostic, Location
 from guard.policy.model import (
     Access,
@@ -33,12 +33,8 @@ from guard.policy.model import (
     Protocol,
     Scope,
 )
-from guard.policy.parse import (
-    MAX_ERRORS_PER_FILE,
-    MAX_FILE_BYTES,
-    load_policy_paths,
-    parse_text,
-)
+from guard.policy.parse import MAX_FILE_BYTES, load_policy_paths, parse_text
+from guard.policy.yamlnodes import MAX_ERRORS_PER_FILE
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 NOWHERE = Location("", 0, 0)  # locations do not take part in model equality
@@ -51,7 +47,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Every test runs with each YAML parser guard can use."""
     if request.param == "libyaml":
         need(yaml.__with_libyaml__, "PyYAML without libyaml (Debian's python3-yaml has it)")
-    monkeypatch.setattr(guard.policy.parse, "USE_LIBYAML", request.param == "libyaml")
+    monkeypatch.setattr(guard.policy.yamlnodes, "USE_LIBYAML", request.param == "libyaml")
     return str(request.param)
 
 

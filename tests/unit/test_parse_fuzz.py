@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import need
 
-import guard.policy.parse
+import guard.policy.yamlnodes
 from guard.errors import Code, Diagnostic, Stage
 from guard.policy.model import Access, Action, Default, Protocol
 from guard.policy.parse import load_policy_paths, parse_text
@@ -86,12 +86,12 @@ def assert_well_formed(text: str, filename: str, policies: list[Any],
 
 def check(text: str, libyaml: bool) -> None:
     """Parse with the chosen YAML parser (both, across examples) and check the invariants."""
-    saved = guard.policy.parse.USE_LIBYAML
-    guard.policy.parse.USE_LIBYAML = libyaml and yaml.__with_libyaml__
+    saved = guard.policy.yamlnodes.USE_LIBYAML
+    guard.policy.yamlnodes.USE_LIBYAML = libyaml and yaml.__with_libyaml__
     try:
         policies, diagnostics = parse_text(text, "fuzz.yaml")
     finally:
-        guard.policy.parse.USE_LIBYAML = saved
+        guard.policy.yamlnodes.USE_LIBYAML = saved
     assert_well_formed(text, "fuzz.yaml", policies, diagnostics)
 
 
@@ -314,12 +314,12 @@ def test_generated_valid_policies_come_back_exactly(data: st.DataObject) -> None
 
 
 def parse_with(text: str, libyaml: bool) -> tuple[list[Any], list[Diagnostic]]:
-    saved = guard.policy.parse.USE_LIBYAML
-    guard.policy.parse.USE_LIBYAML = libyaml
+    saved = guard.policy.yamlnodes.USE_LIBYAML
+    guard.policy.yamlnodes.USE_LIBYAML = libyaml
     try:
         return parse_text(text, "diff.yaml")
     finally:
-        guard.policy.parse.USE_LIBYAML = saved
+        guard.policy.yamlnodes.USE_LIBYAML = saved
 
 
 @SETTINGS
