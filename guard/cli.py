@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from guard.errors import ExitCode
 
 if TYPE_CHECKING:
-    from guard.policy.evaluate import Explanation
+    from guard.policy.evaluate import Explanation, ResolvedPath
     from guard.policy.plan import Plan
 
 
@@ -101,12 +101,22 @@ def _explanation(plan: Plan, args: argparse.Namespace) -> Explanation:
     else:
         cgroup = normalize_cgroup(args.cgroup or "/")
     if args.operation == "exec":
-        return decide_exec(plan, cgroup, args.target)
+        return decide_exec(plan, cgroup, args.target, _resolved(plan, args))
     if args.operation == "open":
-        return decide_open(plan, cgroup, args.target, args.access)
+        return decide_open(plan, cgroup, args.target, args.access, _resolved(plan, args))
     if args.operation == "connect":
         return decide_connect(plan, cgroup, args.target, args.port, args.protocol)
     raise ValueError(f"unknown operation {args.operation!r}")
+
+
+def _resolved(plan: Plan, args: argparse.Namespace) -> ResolvedPath | None:
+    """The asked path as the kernel sees it on this machine (None: --as-written)."""
+    from guard.kernel.identity import plan_paths, resolve_question
+    from guard.policy.evaluate import normalize_path
+
+    if args.as_written:
+        return None
+    return resolve_question(plan_paths(plan), normalize_path(args.target))
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -162,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--cgroup", default=None, help="the acting process's cgroup v2 path")
     where.add_argument("--unit", default=None, help="the acting process's systemd unit")
     _compile_args(expl)
+    expl.add_argument("--as-written", action="store_true",
+                      help="decide exec and open by the path's text, without resolving it on "
+                           "this machine (default: by the identity of the file it leads to, "
+                           "as the kernel does)")
     what = expl.add_subparsers(dest="operation", required=True, metavar="OPERATION")
     e_exec = what.add_parser("exec", help="running a binary")
     e_exec.add_argument("target", metavar="PATH")
