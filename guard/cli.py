@@ -31,10 +31,22 @@ def _print_diagnostics(diagnostics: Sequence[object]) -> None:
         print(diagnostic, file=sys.stderr)
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from guard.policy.parse import load_policy_paths
+def _stdin_if_asked(paths: Sequence[str]) -> bytes | None:
+    """Standard input's bytes when ``-`` is among the paths (read once, size-capped)."""
+    from guard.policy.parse import MAX_FILE_BYTES, STDIN_PATH
 
-    result = load_policy_paths(args.paths)
+    return sys.stdin.buffer.read(MAX_FILE_BYTES + 1) if STDIN_PATH in paths else None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate and compile as ``guard run`` would; exit 1 on any error."""
+    from guard.policy.check import check_paths
+
+    result = check_paths(args.paths, stdin=_stdin_if_asked(args.paths),
+                         host_cgroup=args.host_cgroup, unit_cgroups=_unit_cgroups(args))
+    if args.json:
+        sys.stdout.write(result.to_json())
+        return ExitCode.INVALID if result.errors else ExitCode.OK
     _print_diagnostics(result.diagnostics)
     if result.errors:
         print(f"guard check: {len(result.errors)} error(s) in {len(result.files)} file(s)",
@@ -156,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser("check", help="validate policy files and directories")
-    check.add_argument("paths", nargs="+", metavar="PATH")
+    check.add_argument("paths", nargs="+", metavar="PATH", help="file or directory; - for "
+                       "standard input")
+    check.add_argument("--json", action="store_true",
+                       help="the diagnostics as JSON on standard output (docs/policy.md)")
+    _compile_args(check)
     check.set_defaults(func=cmd_check)
 
     comp = sub.add_parser("compile", help="show the map entries a policy set compiles to")

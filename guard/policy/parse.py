@@ -130,18 +130,26 @@ class _Document:
 # --------------------------------------------------------------------------- loading
 
 
-def load_policy_paths(paths: Sequence[str]) -> LoadResult:
+STDIN_PATH = "-"  # a path argument that means standard input
+STDIN_NAME = "<stdin>"  # how diagnostics name it
+
+
+def load_policy_paths(paths: Sequence[str], *, stdin: bytes | None = None) -> LoadResult:
     """Read every policy file named or found below the given paths, and validate all of it.
 
     A directory contributes every ``*.yaml``/``*.yml`` below it, recursively, in
     sorted order, skipping dot-names and editor droppings; an explicitly named
-    file is always read, whatever its name.
+    file is always read, whatever its name. The path ``-`` is ``stdin`` (the
+    caller reads standard input), named ``<stdin>`` in diagnostics.
     """
     diagnostics: list[Diagnostic] = []
     documents: list[_Document] = []
     files = _collect_files(paths, diagnostics)
     for name in files:
-        text, problem = _read_text(name)
+        if name == STDIN_NAME:
+            text, problem = _decode(stdin or b"", name)
+        else:
+            text, problem = _read_text(name)
         if problem is not None:
             diagnostics.append(problem)
             continue
@@ -182,7 +190,11 @@ def _collect_files(paths: Sequence[str], diagnostics: list[Diagnostic]) -> list[
             files.append(name)
 
     for path in paths:
-        if os.path.isdir(path):
+        if path == STDIN_PATH:
+            if STDIN_NAME not in seen:
+                seen.add(STDIN_NAME)
+                files.append(STDIN_NAME)
+        elif os.path.isdir(path):
             for name in _directory_files(path, diagnostics):
                 add(name)
         elif os.path.lexists(path):
@@ -237,8 +249,13 @@ def _read_text(name: str) -> tuple[str, Diagnostic | None]:
             data = handle.read(MAX_FILE_BYTES + 1)
     except OSError as error:
         return "", Diagnostic(at_start, Code.READ_ERROR, f"cannot read: {error.strerror or error}")
+    return _decode(data, name)
+
+
+def _decode(data: bytes, name: str) -> tuple[str, Diagnostic | None]:
+    """A file's bytes (at most MAX_FILE_BYTES + 1 of them) as text, or why they are not."""
     if len(data) > MAX_FILE_BYTES:
-        return "", Diagnostic(at_start, Code.FILE_TOO_LARGE,
+        return "", Diagnostic(Location(name, 1, 1), Code.FILE_TOO_LARGE,
                               f"file is larger than {MAX_FILE_BYTES} bytes")
     try:
         # utf-8-sig: a leading byte-order mark is dropped, so columns match editors.
