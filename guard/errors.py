@@ -104,6 +104,9 @@ class Code(StrEnum):
                 "not a systemd unit name of a type that runs processes")
     BAD_NETWORK = "bad-network", Stage.CHECK, "not an IP address or network, or host bits set"
     BAD_PORT = "bad-port", Stage.CHECK, "not a port (1..65535) or a FIRST-LAST range"
+    SHADOWED_RULE = ("shadowed-rule", Stage.CHECK,
+                     "a rule, or a path of it, that can never decide: an equal rule of the same "
+                     "section decides first", Severity.WARNING)
     # compiling a valid policy set
     SCOPE_CGROUP = ("scope-cgroup", Stage.COMPILE,
                     "a scope cgroup or the host cgroup is not a usable cgroup path")

@@ -19,6 +19,7 @@ from guard.policy.compile import compile_policies
 from guard.policy.model import PolicySet
 from guard.policy.parse import load_policy_paths
 from guard.policy.plan import Plan
+from guard.policy.shadow import shadowed_rules
 
 JSON_VERSION = 1  # bumped when a field of ``to_json`` changes meaning or goes away
 
@@ -68,6 +69,7 @@ def check_paths(paths: Sequence[str], *, stdin: bytes | None = None, host_cgroup
     diagnostics = list(loaded.diagnostics)
     plan = None
     if loaded.policy_set is not None:
+        diagnostics += shadowed_rules(loaded.policy_set)
         try:
             plan = compile_policies(loaded.policy_set, host_cgroup=host_cgroup,
                                     unit_cgroups=dict(unit_cgroups or {}))
