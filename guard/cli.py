@@ -3,6 +3,7 @@
     guard check PATH...              validate; FILE:LINE:COL: error: MESSAGE; exit 1 on any
     guard compile PATH... [--json]   the map entries a policy set becomes
     guard explain ...                which rule decides an exec / open / connect, and why
+    guard test [PATH...] [--json]    run the PolicyTest cases kept beside the policies
     guard run --policies DIR         the daemon
     guard status                     what the running daemon enforces
     guard stop [--unload]            stop the daemon; --unload also removes the pinned programs
@@ -53,7 +54,9 @@ def cmd_check(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return ExitCode.INVALID
     assert result.policy_set is not None
-    print(f"guard check: {len(result.policy_set.policies)} policies in "
+    cases = sum(len(t.cases) for t in result.tests)
+    tests = f" and {cases} test case(s)" if result.tests else ""
+    print(f"guard check: {len(result.policy_set.policies)} policies{tests} in "
           f"{len(result.files)} file(s) are valid")
     return ExitCode.OK
 
@@ -145,6 +148,41 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    """Run the PolicyTest cases found with the policies; exit 1 on any failure or error."""
+    from guard.policy.check import check_paths
+    from guard.policy.policytest import report, report_json, run_tests
+
+    units = _unit_cgroups(args)
+    checked = check_paths(args.paths, stdin=_stdin_if_asked(args.paths),
+                          host_cgroup=args.host_cgroup, unit_cgroups=units)
+    # What check warns about is check's business; a test run shows only what stops it.
+    errors = checked.errors
+    results = run_tests(checked.plan, checked.tests, units) if checked.plan is not None else []
+    if args.json:
+        sys.stdout.write(report_json(results, errors))
+    else:
+        _print_diagnostics(errors)
+        if errors:
+            print(f"guard test: {len(errors)} error(s): no case was run", file=sys.stderr)
+        elif not results:
+            print("guard test: no test case found (kind: PolicyTest documents)")
+        else:
+            sys.stdout.write(report(results))
+    failed = bool(errors) or any(not r.passed for r in results)
+    return ExitCode.INVALID if failed else ExitCode.OK
+
+
+def _test_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    test = sub.add_parser("test", help="run the PolicyTest cases kept beside the policies")
+    test.add_argument("paths", nargs="*", default=["."], metavar="PATH",
+                      help="files and directories holding policies and tests (default: .); "
+                           "- for standard input")
+    test.add_argument("--json", action="store_true", help="the results as JSON (docs/policy.md)")
+    _compile_args(test)
+    test.set_defaults(func=cmd_test)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from guard.service.daemon import run
 
@@ -203,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     e_conn.add_argument("port", type=int)
     e_conn.add_argument("--protocol", choices=["tcp", "udp"], default="tcp")
     expl.set_defaults(func=cmd_explain)
+
+    _test_parser(sub)
 
     run = sub.add_parser("run", help="the daemon: enforce, watch, stream events")
     run.add_argument("--policies", required=True, metavar="DIR")

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from guard.errors import Diagnostic, PolicyError
 from guard.policy.compile import compile_policies
 from guard.policy.model import PolicySet
-from guard.policy.parse import load_policy_paths
 from guard.policy.plan import Plan
+from guard.policy.policytest import PolicyTest, load_tests, tests_of
 from guard.policy.shadow import shadowed_rules
 
 JSON_VERSION = 1  # bumped when a field of ``to_json`` changes meaning or goes away
@@ -32,6 +32,7 @@ class CheckResult:
     files: tuple[str, ...]
     policy_set: PolicySet | None
     plan: Plan | None  # None as soon as any diagnostic is an error
+    tests: tuple[PolicyTest, ...] = ()  # the valid test documents
 
     @property
     def errors(self) -> tuple[Diagnostic, ...]:
@@ -49,23 +50,18 @@ class CheckResult:
             "valid": not self.errors,
             "files": list(self.files),
             "policies": policies,
+            "tests": sum(len(t.cases) for t in self.tests),
             "errors": len(self.errors),
             "warnings": len(self.warnings),
-            "diagnostics": [diagnostic_json(d) for d in self.diagnostics],
+            "diagnostics": [d.to_dict() for d in self.diagnostics],
         }, indent=2) + "\n"
-
-
-def diagnostic_json(diagnostic: Diagnostic) -> dict[str, object]:
-    where = diagnostic.location
-    return {"file": where.file, "line": where.line, "col": where.col,
-            "severity": diagnostic.severity, "code": str(diagnostic.code),
-            "message": diagnostic.message}
 
 
 def check_paths(paths: Sequence[str], *, stdin: bytes | None = None, host_cgroup: str = "/",
                 unit_cgroups: Mapping[str, str] | None = None) -> CheckResult:
-    """Parse, validate and compile the policies under ``paths`` (``-``: ``stdin``)."""
-    loaded = load_policy_paths(paths, stdin=stdin)
+    """Parse, validate and compile the policies under ``paths`` (``-``: ``stdin``), and
+    validate the test documents there."""
+    loaded = load_tests(paths, stdin=stdin)
     diagnostics = list(loaded.diagnostics)
     plan = None
     if loaded.policy_set is not None:
@@ -75,4 +71,5 @@ def check_paths(paths: Sequence[str], *, stdin: bytes | None = None, host_cgroup
                                     unit_cgroups=dict(unit_cgroups or {}))
         except PolicyError as error:
             diagnostics += error.diagnostics
-    return CheckResult(tuple(sorted(diagnostics)), loaded.files, loaded.policy_set, plan)
+    return CheckResult(tuple(sorted(diagnostics)), loaded.files, loaded.policy_set, plan,
+                       tests_of(loaded))
