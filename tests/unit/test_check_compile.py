@@ -110,6 +110,7 @@ def test_json_has_stable_fields(tmp_path: Path, capsys: pytest.CaptureFixture[st
         "valid": False,
         "files": [str(tmp_path / "ok.yaml"), "<stdin>"],
         "policies": ["many-ports", "ok"],
+        "tests": 0,
         "errors": 1,
         "warnings": 0,
         "diagnostics": [{
