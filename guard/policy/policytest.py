@@ -54,7 +54,8 @@ RULE_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?/(exec|files|egress)\.(defau
 
 
 class Expect(StrEnum):
-    """The verdicts a case can expect, as explain prints them."""
+    """The verdicts a case can expect: text.verdict_word of each Verdict, as explain
+    prints them (a unit test proves the two lists are the same)."""
 
     ALLOW = "allow"
     AUDIT = "audit"
@@ -87,10 +88,11 @@ class Case:
 
 @dataclass(frozen=True)
 class PolicyTest:
+    """One test document: its name (unique among tests) and its cases."""
+
     name: str
     description: str
     cases: tuple[Case, ...]
-    location: Location
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,7 @@ def read_test(ctx: Context, fields: Mapping[str, Node]) -> tuple[str | None, Nod
             case = _read_case(ctx, item, f"spec.cases[{index}]", index)
             if case is not None:
                 cases.append(case)
-    test = PolicyTest(name, description, tuple(cases), ctx.location(None)) \
-        if name is not None else None
+    test = PolicyTest(name, description, tuple(cases)) if name is not None else None
     return name, name_node, test
 
 
@@ -157,9 +158,16 @@ def _read_case(ctx: Context, node: Node, where: str, index: int) -> Case | None:
         elif actor is not None:
             unit = converted(ctx, actor["unit"], f"{where}.actor.unit", _unit_name)
     operations = [op for op in Operation if op.value in fields]
-    if len(operations) != 1:
-        ctx.error(node, Code.MISSING_KEY if not operations else Code.UNKNOWN_KEY,
-                  f"{where} needs exactly one operation: exec, open or connect")
+    if not operations:
+        ctx.error(node, Code.MISSING_KEY,
+                  f"{where} needs an operation: one of the keys exec, open or connect")
+        return None
+    if len(operations) > 1:
+        keys = [key for key, _ in node.value if isinstance(key, ScalarNode)
+                and key.value in {op.value for op in operations}]
+        ctx.error(keys[1], Code.UNKNOWN_KEY,
+                  f"{where} already has {keys[0].value}: a case asks one question, "
+                  f"so it has one of exec, open or connect")
         return None
     operation = operations[0]
     body = fields[operation.value]

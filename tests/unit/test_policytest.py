@@ -13,8 +13,10 @@ import pytest
 from guard.cli import main
 from guard.policy.load import load_policies
 from guard.policy.parse import load_policy_paths
-from guard.policy.policytest import load_tests
+from guard.policy.plan import Verdict
+from guard.policy.policytest import Expect, load_tests
 from guard.policy.policytest import tests_of as documents_of
+from guard.policy.text import verdict_word
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
@@ -130,7 +132,7 @@ def test_bad_tests_get_positioned_errors(tmp_path: Path,
     assert main(["test", str(tmp_path)]) == 1
     err = capsys.readouterr().err.splitlines()
     got = [line.split(": error: ")[0].removeprefix(f"{path}:") for line in err[:-1]]
-    assert got == ["6:21", "7:13", "8:15", "9:13", "11:21", "11:40", "13:13", "14:7", "17:7",
+    assert got == ["6:21", "7:13", "8:15", "9:13", "11:21", "11:40", "13:13", "15:7", "17:7",
                    "18:7"]
     assert err[-1] == "guard test: 10 error(s): no case was run"
     assert main(["check", str(tmp_path)]) == 1  # check validates tests too
@@ -171,3 +173,7 @@ def test_stdin_and_no_cases(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch.setattr("sys.stdin", Stdin())
     assert main(["test", str(tmp_path), "-"]) == 1
     assert "FAIL web-test: wrong verdict (<stdin>:11:7)" in capsys.readouterr().out
+
+
+def test_expected_verdicts_are_the_words_explain_prints() -> None:
+    assert [e.value for e in Expect] == [verdict_word(v) for v in Verdict]
