@@ -65,11 +65,11 @@ def check_paths(paths: Sequence[str], *, stdin: bytes | None = None, host_cgroup
     diagnostics = list(loaded.diagnostics)
     plan = None
     if loaded.policy_set is not None:
-        diagnostics += shadowed_rules(loaded.policy_set)
         try:
             plan = compile_policies(loaded.policy_set, host_cgroup=host_cgroup,
                                     unit_cgroups=dict(unit_cgroups or {}))
         except PolicyError as error:
             diagnostics += error.diagnostics
+        diagnostics += shadowed_rules(loaded.policy_set, plan)
     return CheckResult(tuple(sorted(diagnostics)), loaded.files, loaded.policy_set, plan,
                        tests_of(loaded))

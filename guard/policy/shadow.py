@@ -1,11 +1,16 @@
 """Rules that can never decide: ``guard check``'s ``shadowed-rule`` warnings.
 
-Within one policy's section, a rule (or one path of it) is dead when another
-rule of the same section decides everything it would match, by plan.py's
-rules 2 and 3: an equally specific rule with the stronger verdict, or the same
-verdict and an earlier place (``allow /usr/bin/curl`` after ``deny
-/usr/bin/curl``; the same path twice). Both rules are in every ruleset the
-policy is in, so the first one decides there, whatever else the ruleset holds.
+A rule (or one path of it) is dead when another rule decides everything it
+would match, wherever it applies, by plan.py's rules 2 and 3: an equally
+specific rule with the stronger verdict, or the same verdict and the lower
+rule id (earlier in the list; for two policies, the one whose name sorts
+first). ``allow /usr/bin/curl`` after ``deny /usr/bin/curl``; one path twice.
+
+Which rules can shadow a policy's rule: those of its own section, and those of
+the same section of every other policy of the same mode that is in *every*
+ruleset the policy is in (the compiled plan says which; without a plan, only
+the policy's own rules count). Then the deciding rule is beside the dead one
+wherever the dead one could decide.
 
 - exec: per path pattern (``/x`` and ``/x/**`` are different patterns);
 - files: per path pattern, when every access the rule names is decided by
@@ -14,111 +19,165 @@ policy is in, so the first one decides there, whatever else the ruleset holds.
   covered by an earlier line of another rule at the same network, in the
   kernel's port-table order (more ports or a protocol are more specific).
 
-Across policies nothing is reported: which policies share a ruleset depends
-on scopes, and a dead rule of one is often live where the other is absent.
-Pure: a PolicySet in, warnings out.
+Pure: a PolicySet (and its plan) in, warnings out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from guard.errors import Code, Diagnostic, Location, Severity
-from guard.policy.compile import _covers, rule_lines, rule_verdict
-from guard.policy.model import Access, ExecRule, FileRule, NetRule, PathPattern, Policy, PolicySet
-from guard.policy.plan import Decision
+from guard.policy.compile import _covers, _Line, rule_ids, rule_lines, rule_table, rule_verdict
+from guard.policy.model import (
+    Access,
+    ExecRule,
+    FileRule,
+    IPNetwork,
+    NetRule,
+    PathPattern,
+    Policy,
+    PolicySet,
+)
+from guard.policy.plan import Decision, Plan
 
 _Key = tuple[str, bool]  # (path, subtree)
+AnyRule = ExecRule | FileRule | NetRule
 
 
-def shadowed_rules(policy_set: PolicySet) -> list[Diagnostic]:
+@dataclass(frozen=True)
+class _Rule:
+    """A rule with what ranks it against others: its policy, section and rule id."""
+
+    policy: str
+    section: str
+    rule: AnyRule
+    id: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy}/{self.section}.rules[{self.rule.index}]"
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """plan.py rule 3 as a sort key: the stronger verdict, then the lower id."""
+        return int(rule_verdict(self.rule.action)), -self.id
+
+
+def shadowed_rules(policy_set: PolicySet, plan: Plan | None = None) -> list[Diagnostic]:
     """Every rule or path of a rule in ``policy_set`` that can never decide, as warnings."""
+    ids = rule_ids(rule_table(policy_set))
+    peers = _peers(policy_set, plan)
     found: list[Diagnostic] = []
     for policy in policy_set.policies:
-        if policy.exec is not None:
-            found += _paths(policy, "exec", policy.exec.rules)
-        if policy.files is not None:
-            found += _paths(policy, "files", policy.files.rules)
-        if policy.egress is not None:
-            found += _egress(policy, policy.egress.rules)
+        for section in ("exec", "files", "egress"):
+            own = _rules(policy, section, ids)
+            near = [r for peer in peers[policy.name] for r in _rules(peer, section, ids)]
+            if not own or not near:
+                continue
+            if section == "egress":
+                found += _egress(own, near)
+            else:
+                found += _paths(own, near)
     return sorted(found)
 
 
-def _wins(rule: ExecRule | FileRule | NetRule, other: ExecRule | FileRule | NetRule) -> bool:
-    """True when ``other`` beats ``rule`` on a tie: stronger verdict, then earlier."""
-    return (rule_verdict(other.action), -other.index) > (rule_verdict(rule.action), -rule.index)
+def _rules(policy: Policy, section: str, ids: Mapping[tuple[str, str, int], int]) -> list[_Rule]:
+    part = policy.exec if section == "exec" else policy.files if section == "files" \
+        else policy.egress
+    rules: Sequence[AnyRule] = part.rules if part is not None else ()
+    return [_Rule(policy.name, section, r, ids[(policy.name, section, r.index)]) for r in rules]
+
+
+def _peers(policy_set: PolicySet, plan: Plan | None) -> dict[str, list[Policy]]:
+    """Per policy: itself, and the policies of its mode present in every ruleset it is in."""
+    peers = {p.name: [p] for p in policy_set.policies}
+    if plan is None:
+        return peers
+    for policy in policy_set.policies:
+        sets = [set(r.policies) for r in plan.rulesets if policy.name in r.policies]
+        if not sets:
+            continue
+        always = set.intersection(*sets)
+        peers[policy.name] += [p for p in policy_set.policies if p.name in always
+                               and p.name != policy.name and p.mode is policy.mode]
+    return peers
 
 
 def _warning(where: Location, message: str) -> Diagnostic:
     return Diagnostic(where, Code.SHADOWED_RULE, message, Severity.WARNING.value)
 
 
-def _why(rule: ExecRule | FileRule | NetRule, other: ExecRule | FileRule | NetRule) -> str:
-    if rule.action == other.action:
-        return f"an earlier {other.action} rule"
-    return f"{other.action} wins a tie with {rule.action}"
+def _why(dead: _Rule, winner: _Rule) -> str:
+    if dead.rule.action == winner.rule.action:
+        return f"the same {winner.rule.action}, and it comes first"
+    return f"{winner.rule.action} wins a tie with {dead.rule.action}"
 
 
-def _paths(policy: Policy, section: str, rules: Sequence[ExecRule | FileRule]) -> list[Diagnostic]:
-    by_key: dict[_Key, list[tuple[ExecRule | FileRule, PathPattern]]] = {}
-    for rule in rules:
-        for pattern in rule.paths:
-            by_key.setdefault((pattern.path, pattern.subtree), []).append((rule, pattern))
+def _paths(own: Sequence[_Rule], near: Sequence[_Rule]) -> list[Diagnostic]:
+    by_key: dict[_Key, list[_Rule]] = {}
+    for other in near:
+        paths = other.rule.paths if isinstance(other.rule, ExecRule | FileRule) else ()
+        for pattern in paths:
+            by_key.setdefault((pattern.path, pattern.subtree), []).append(other)
     found: list[Diagnostic] = []
-    for named in by_key.values():
-        for rule, pattern in named:
-            winner = _decider(rule, [other for other, _ in named if other is not rule])
-            if winner is None:
-                continue
-            found.append(_warning(
-                pattern.location,
-                f"{pattern} in {policy.name}/{section}.rules[{rule.index}] never decides: "
-                f"{policy.name}/{section}.rules[{winner.index}] ({winner.location}) names it "
-                f"too and decides it ({_why(rule, winner)})"))
+    for dead in own:
+        assert isinstance(dead.rule, ExecRule | FileRule)
+        for pattern in dead.rule.paths:
+            winner = _decider(dead, by_key[(pattern.path, pattern.subtree)])
+            if winner is not None:
+                found.append(_path_warning(dead, pattern, winner))
     return found
 
 
-def _decider(rule: ExecRule | FileRule, others: Iterable[ExecRule | FileRule]
-             ) -> ExecRule | FileRule | None:
-    """The other rule that decides every access ``rule`` would at one pattern, or None."""
-    accesses: Iterable[Access | None] = rule.access if isinstance(rule, FileRule) else (None,)
-    first: ExecRule | FileRule | None = None
-    for access in sorted(accesses, key=str):
-        winners = [o for o in others if _wins(rule, o)
-                   and (access is None or (isinstance(o, FileRule) and access in o.access))]
+def _path_warning(dead: _Rule, pattern: PathPattern, winner: _Rule) -> Diagnostic:
+    return _warning(pattern.location,
+                    f"{pattern} in {dead.label} never decides: {winner.label} "
+                    f"({winner.rule.location}) names it too and decides it "
+                    f"({_why(dead, winner)})")
+
+
+def _decider(dead: _Rule, others: Iterable[_Rule]) -> _Rule | None:
+    """The other rule that decides every access ``dead`` would at one pattern, or None."""
+    accesses: Iterable[Access | None] = \
+        sorted(dead.rule.access, key=str) if isinstance(dead.rule, FileRule) else (None,)
+    first: _Rule | None = None
+    for access in accesses:
+        winners = [o for o in others if o.id != dead.id and o.rank > dead.rank and (
+            access is None or (isinstance(o.rule, FileRule) and access in o.rule.access))]
         if not winners:
             return None
-        best = max(winners, key=lambda o: (rule_verdict(o.action), -o.index))
-        first = first or best
+        first = first or max(winners, key=lambda o: o.rank)
     return first
 
 
-def _egress(policy: Policy, rules: Sequence[NetRule]) -> list[Diagnostic]:
-    # The rule's index + 1 stands for its id: within one section ids follow the index.
-    lines = {rule.index: [line for network in rule.to for line in rule_lines(
-        rule, network, Decision(rule_verdict(rule.action), rule.index + 1))]
-        for rule in rules}
-    networks = {rule.index: [n for n in rule.to for _ in (rule.ports or [None])]
-                for rule in rules}
+def _egress(own: Sequence[_Rule], near: Sequence[_Rule]) -> list[Diagnostic]:
+    lines = {r.id: _lines(r) for r in near}
     found: list[Diagnostic] = []
-    for rule in rules:
-        deciders: list[NetRule] = []
-        for line, network in zip(lines[rule.index], networks[rule.index], strict=True):
-            decider = next((other for other in rules if other is not rule and any(
-                n == network and earlier.key[:5] < line.key[:5] and _covers(earlier.line, line.line)
-                for earlier, n in zip(lines[other.index], networks[other.index], strict=True))),
-                None)
+    for dead in own:
+        deciders: list[_Rule] = []
+        for line, network in _lines(dead):
+            decider = next((other for other in near if other.id != dead.id and any(
+                n == network and earlier.key[:5] < line.key[:5]
+                and _covers(earlier.line, line.line) for earlier, n in lines[other.id])), None)
             if decider is None:
                 break
             deciders.append(decider)
         else:
             if deciders:
                 winner = deciders[0]
+                alone = all(d.id == winner.id for d in deciders)
                 found.append(_warning(
-                    rule.location,
-                    f"{policy.name}/egress.rules[{rule.index}] never decides: every address, "
-                    f"port and protocol it names is decided first by "
-                    f"{policy.name}/egress.rules[{winner.index}] ({winner.location})"
-                    + (f" ({_why(rule, winner)})" if len(set(map(id, deciders))) == 1 else
-                       " and others")))
+                    dead.rule.location,
+                    f"{dead.label} never decides: every address, port and protocol it names "
+                    f"is decided first by {winner.label} ({winner.rule.location})"
+                    + (f" ({_why(dead, winner)})" if alone else " and others")))
     return found
+
+
+def _lines(rule: _Rule) -> list[tuple[_Line, IPNetwork]]:
+    """The rule's port lines (compile.rule_lines, in the kernel's order) with their network."""
+    assert isinstance(rule.rule, NetRule)
+    decision = Decision(rule_verdict(rule.rule.action), rule.id)
+    return [(line, network) for network in rule.rule.to
+            for line in rule_lines(rule.rule, network, decision)]

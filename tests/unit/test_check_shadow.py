@@ -59,7 +59,7 @@ def test_each_dead_rule_or_path_is_reported_with_the_deciding_rule(tmp_path: Pat
         (8, 33, f"/usr/bin/curl in sh/exec.rules[1] never decides: sh/exec.rules[0] "
                 f"({where}:7:9) names it too and decides it (deny wins a tie with allow)"),
         (9, 32, f"/tmp/** in sh/exec.rules[2] never decides: sh/exec.rules[0] ({where}:7:9) "
-                f"names it too and decides it (an earlier deny rule)"),
+                f"names it too and decides it (the same deny, and it comes first)"),
         (15, 50, f"/etc/passwd in sh/files.rules[2] never decides: sh/files.rules[0] "
                  f"({where}:13:9) names it too and decides it (deny wins a tie with audit)"),
         (20, 11, f"sh/egress.rules[1] never decides: every address, port and protocol it names "
@@ -110,12 +110,40 @@ spec:
     assert warnings(tmp_path, text) == []
 
 
-def test_policies_do_not_shadow_each_other(tmp_path: Path) -> None:
-    one = "apiVersion: guard/v1\nkind: Policy\nmetadata: {name: NAME}\nspec:\n" \
-          "  exec: {rules: [{action: ACTION, paths: [/usr/bin/curl]}]}\n"
-    text = one.replace("NAME", "a").replace("ACTION", "deny") + "---\n" + \
-        one.replace("NAME", "b").replace("ACTION", "allow")
-    assert warnings(tmp_path, text) == []
+ONE = """\
+apiVersion: guard/v1
+kind: Policy
+metadata: {name: NAME}
+spec:
+  mode: MODE
+  SCOPE
+  exec: {rules: [{action: ACTION, paths: [/usr/bin/curl]}]}
+"""
+
+
+def one(name: str, action: str, scope: str = "", mode: str = "enforce") -> str:
+    return ONE.replace("NAME", name).replace("ACTION", action).replace("MODE", mode) \
+        .replace("SCOPE", scope)
+
+
+def test_a_policy_always_beside_another_is_shadowed_by_it(tmp_path: Path) -> None:
+    """b applies only where a does too: a's deny decides wherever b's allow could."""
+    text = one("a", "deny") + "---\n" + one("b", "allow", "scope: {cgroups: [/x]}")
+    [(line, col, message)] = warnings(tmp_path, text)
+    assert (line, col) == (15, 42)
+    assert message.startswith("/usr/bin/curl in b/exec.rules[0] never decides: a/exec.rules[0] (")
+    assert message.endswith(":7:18) names it too and decides it (deny wins a tie with allow)")
+
+
+def test_policies_apart_or_of_other_modes_do_not_shadow_each_other(tmp_path: Path) -> None:
+    apart = one("a", "deny", "scope: {cgroups: [/y]}") + "---\n" + \
+        one("b", "allow", "scope: {cgroups: [/x]}")
+    assert warnings(tmp_path, apart) == []
+    # a is in a ruleset without b (/), so b's deny does not make a's allow dead
+    wider = one("a", "allow") + "---\n" + one("b", "deny", "scope: {cgroups: [/x]}")
+    assert warnings(tmp_path, wider) == []
+    modes = one("a", "deny", mode="audit") + "---\n" + one("b", "allow")
+    assert warnings(tmp_path, modes) == []
 
 
 def test_check_prints_warnings_and_still_passes(
