@@ -1,6 +1,7 @@
 """The ``guard`` command line: one subcommand per stage a person wants to see.
 
-    guard check PATH...              validate; FILE:LINE:COL: error: MESSAGE; exit 1 on any
+    guard check PATH... [--json]     validate and compile as run does (- for stdin);
+                                     FILE:LINE:COL: error: MESSAGE; exit 1 on any
     guard compile PATH... [--json]   the map entries a policy set becomes
     guard explain ...                which rule decides an exec / open / connect, and why
     guard test [PATH...] [--json]    run the PolicyTest cases kept beside the policies

@@ -9,8 +9,8 @@ first). ``allow /usr/bin/curl`` after ``deny /usr/bin/curl``; one path twice.
 Which rules can shadow a policy's rule: those of its own section, and those of
 the same section of every other policy of the same mode that is in *every*
 ruleset the policy is in (the compiled plan says which; without a plan, only
-the policy's own rules count). Then the deciding rule is beside the dead one
-wherever the dead one could decide.
+the policy's own rules count), when their verdict is stronger. Then the
+deciding rule is beside the dead one wherever the dead one could decide.
 
 - exec: per path pattern (``/x`` and ``/x/**`` are different patterns);
 - files: per path pattern, when every access the rule names is decided by
@@ -62,6 +62,14 @@ class _Rule:
     def rank(self) -> tuple[int, int]:
         """plan.py rule 3 as a sort key: the stronger verdict, then the lower id."""
         return int(rule_verdict(self.rule.action)), -self.id
+
+    def beaten_by(self, other: _Rule) -> bool:
+        """Whether ``other`` wins a tie with this rule and is worth a warning: within a
+        policy always; from another policy only with a stronger verdict (two policies
+        that both deny a path both mean it, and each is live without the other)."""
+        if other.id == self.id or other.rank <= self.rank:
+            return False
+        return other.policy == self.policy or other.rank[0] > self.rank[0]
 
 
 def shadowed_rules(policy_set: PolicySet, plan: Plan | None = None) -> list[Diagnostic]:
@@ -143,7 +151,7 @@ def _decider(dead: _Rule, others: Iterable[_Rule]) -> _Rule | None:
         sorted(dead.rule.access, key=str) if isinstance(dead.rule, FileRule) else (None,)
     first: _Rule | None = None
     for access in accesses:
-        winners = [o for o in others if o.id != dead.id and o.rank > dead.rank and (
+        winners = [o for o in others if dead.beaten_by(o) and (
             access is None or (isinstance(o.rule, FileRule) and access in o.rule.access))]
         if not winners:
             return None
@@ -157,7 +165,7 @@ def _egress(own: Sequence[_Rule], near: Sequence[_Rule]) -> list[Diagnostic]:
     for dead in own:
         deciders: list[_Rule] = []
         for line, network in _lines(dead):
-            decider = next((other for other in near if other.id != dead.id and any(
+            decider = next((other for other in near if dead.beaten_by(other) and any(
                 n == network and earlier.key[:5] < line.key[:5]
                 and _covers(earlier.line, line.line) for earlier, n in lines[other.id])), None)
             if decider is None:

@@ -144,6 +144,9 @@ def test_policies_apart_or_of_other_modes_do_not_shadow_each_other(tmp_path: Pat
     assert warnings(tmp_path, wider) == []
     modes = one("a", "deny", mode="audit") + "---\n" + one("b", "allow")
     assert warnings(tmp_path, modes) == []
+    # both deny: each policy means it, and each decides where the other is absent
+    same = one("a", "deny") + "---\n" + one("b", "deny", "scope: {cgroups: [/x]}")
+    assert warnings(tmp_path, same) == []
 
 
 def test_check_prints_warnings_and_still_passes(
