@@ -42,7 +42,7 @@ def resolve_question(paths: Iterable[tuple[str, bool]], path: str,
     found = resolver.identity(path)
     if found is None:
         return ResolvedPath(None)
-    real = os.path.realpath(path)
+    real = resolver.real_path(path)  # as path_keys resolves a rule's path
     file_keys: set[_Key] = {(int(Match.EXACT), found.ino, found.dev, 0)}
     parent, name = os.path.split(real)
     parent_id = resolver.identity(parent) if name else None
