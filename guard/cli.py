@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the diagnostics as JSON on standard output (docs/policy.md)")
     _compile_args(check)
     check.set_defaults(func=cmd_check)
+    _test_parser(sub)
 
     comp = sub.add_parser("compile", help="show the map entries a policy set compiles to")
     comp.add_argument("paths", nargs="+", metavar="PATH")
@@ -242,8 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
     e_conn.add_argument("port", type=int)
     e_conn.add_argument("--protocol", choices=["tcp", "udp"], default="tcp")
     expl.set_defaults(func=cmd_explain)
-
-    _test_parser(sub)
 
     run = sub.add_parser("run", help="the daemon: enforce, watch, stream events")
     run.add_argument("--policies", required=True, metavar="DIR")
