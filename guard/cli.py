@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from guard.errors import ExitCode
 
 if TYPE_CHECKING:
-    from guard.policy.evaluate import Explanation, ResolvedPath
+    from guard.policy.evaluate import Explanation
     from guard.policy.plan import Plan
 
 
@@ -109,30 +109,26 @@ def _explanation(plan: Plan, args: argparse.Namespace) -> Explanation:
     The acting process's cgroup is --cgroup, or --unit resolved (the --unit-cgroup
     mapping first), or the root.
     """
-    from guard.policy.evaluate import decide_connect, decide_exec, decide_open
+    from guard.kernel.identity import plan_paths, resolve_question
+    from guard.policy.evaluate import decide_connect, decide_exec, decide_open, normalize_path
     from guard.policy.units import normalize_cgroup, resolve_unit
 
     if args.unit:
         cgroup = resolve_unit(args.unit, _unit_cgroups(args))
     else:
         cgroup = normalize_cgroup(args.cgroup or "/")
+    if args.operation in ("exec", "open") and not args.as_written:
+        # The path as the kernel sees it on this machine: the file it leads to.
+        resolved = resolve_question(plan_paths(plan), normalize_path(args.target))
+    else:
+        resolved = None
     if args.operation == "exec":
-        return decide_exec(plan, cgroup, args.target, _resolved(plan, args))
+        return decide_exec(plan, cgroup, args.target, resolved)
     if args.operation == "open":
-        return decide_open(plan, cgroup, args.target, args.access, _resolved(plan, args))
+        return decide_open(plan, cgroup, args.target, args.access, resolved)
     if args.operation == "connect":
         return decide_connect(plan, cgroup, args.target, args.port, args.protocol)
     raise ValueError(f"unknown operation {args.operation!r}")
-
-
-def _resolved(plan: Plan, args: argparse.Namespace) -> ResolvedPath | None:
-    """The asked path as the kernel sees it on this machine (None: --as-written)."""
-    from guard.kernel.identity import plan_paths, resolve_question
-    from guard.policy.evaluate import normalize_path
-
-    if args.as_written:
-        return None
-    return resolve_question(plan_paths(plan), normalize_path(args.target))
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
