@@ -23,7 +23,6 @@ import pytest
 from exec_fixtures import LOADER, Cgroup, GuestGuard, copy_binary, plan_from_yaml, policy_yaml
 
 from guard import layout
-from guard.kernel.identity import plan_paths, resolve_question
 from guard.policy.compile import compile_policies
 from guard.policy.evaluate import decide_exec
 from guard.policy.model import PolicySet, Scope
@@ -381,6 +380,8 @@ def test_kernel_agrees_with_the_evaluator(
 ) -> None:
     """A table of cases over nested scopes, exact and subtree rules, ties, modes, defaults,
     and paths through symlinks (explain resolves them as the kernel does)."""
+    from guard.kernel.identity import plan_paths, resolve_question
+
     base = tmp_path / "t"
     files = [
         "bin/tool-a", "bin/tool-b", "bin/tool-c", "jail/x", "jail/ok/y", "jail/ok/deep/z",

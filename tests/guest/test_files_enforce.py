@@ -36,7 +36,6 @@ from guard import layout
 from guard.events.enrich import Enricher
 from guard.events.fold import Aggregator
 from guard.events.records import RawEvent
-from guard.kernel.identity import plan_paths, resolve_question
 from guard.policy.evaluate import decide_open
 from guard.policy.plan import Verdict
 
@@ -660,6 +659,8 @@ def test_kernel_agrees_with_the_evaluator(
     """A table of opens over nested scopes, exact and subtree rules, rules for one
     access only (the walk passes them over for the other), ties, audit mode, and
     paths through symlinks (explain resolves them as the kernel does)."""
+    from guard.kernel.identity import plan_paths, resolve_question
+
     b = tmp_path / "t"
     names = [
         "etc/shadow", "etc/passwd", "etc/public", "etc/ssh/sshd_config",
