@@ -1,8 +1,10 @@
 """The ``guard`` command line: one subcommand per stage a person wants to see.
 
-    guard check PATH...              validate; FILE:LINE:COL: error: MESSAGE; exit 1 on any
+    guard check PATH... [--json]     validate and compile as run does (- for stdin);
+                                     FILE:LINE:COL: error: MESSAGE; exit 1 on any
     guard compile PATH... [--json]   the map entries a policy set becomes
     guard explain ...                which rule decides an exec / open / connect, and why
+    guard test [PATH...] [--json]    run the PolicyTest cases kept beside the policies
     guard run --policies DIR         the daemon
     guard status                     what the running daemon enforces
     guard stop [--unload]            stop the daemon; --unload also removes the pinned programs
@@ -31,17 +33,31 @@ def _print_diagnostics(diagnostics: Sequence[object]) -> None:
         print(diagnostic, file=sys.stderr)
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from guard.policy.parse import load_policy_paths
+def _stdin_if_asked(paths: Sequence[str]) -> bytes | None:
+    """Standard input's bytes when ``-`` is among the paths (read once, size-capped)."""
+    from guard.policy.parse import MAX_FILE_BYTES, STDIN_PATH
 
-    result = load_policy_paths(args.paths)
+    return sys.stdin.buffer.read(MAX_FILE_BYTES + 1) if STDIN_PATH in paths else None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate and compile as ``guard run`` would; exit 1 on any error."""
+    from guard.policy.check import check_paths
+
+    result = check_paths(args.paths, stdin=_stdin_if_asked(args.paths),
+                         host_cgroup=args.host_cgroup, unit_cgroups=_unit_cgroups(args))
+    if args.json:
+        sys.stdout.write(result.to_json())
+        return ExitCode.INVALID if result.errors else ExitCode.OK
     _print_diagnostics(result.diagnostics)
     if result.errors:
         print(f"guard check: {len(result.errors)} error(s) in {len(result.files)} file(s)",
               file=sys.stderr)
         return ExitCode.INVALID
     assert result.policy_set is not None
-    print(f"guard check: {len(result.policy_set.policies)} policies in "
+    cases = sum(len(t.cases) for t in result.tests)
+    tests = f" and {cases} test case(s)" if result.tests else ""
+    print(f"guard check: {len(result.policy_set.policies)} policies{tests} in "
           f"{len(result.files)} file(s) are valid")
     return ExitCode.OK
 
@@ -93,17 +109,23 @@ def _explanation(plan: Plan, args: argparse.Namespace) -> Explanation:
     The acting process's cgroup is --cgroup, or --unit resolved (the --unit-cgroup
     mapping first), or the root.
     """
-    from guard.policy.evaluate import decide_connect, decide_exec, decide_open
+    from guard.kernel.identity import plan_paths, resolve_question
+    from guard.policy.evaluate import decide_connect, decide_exec, decide_open, normalize_path
     from guard.policy.units import normalize_cgroup, resolve_unit
 
     if args.unit:
         cgroup = resolve_unit(args.unit, _unit_cgroups(args))
     else:
         cgroup = normalize_cgroup(args.cgroup or "/")
+    if args.operation in ("exec", "open") and not args.as_written:
+        # The path as the kernel sees it on this machine: the file it leads to.
+        resolved = resolve_question(plan_paths(plan), normalize_path(args.target))
+    else:
+        resolved = None
     if args.operation == "exec":
-        return decide_exec(plan, cgroup, args.target)
+        return decide_exec(plan, cgroup, args.target, resolved)
     if args.operation == "open":
-        return decide_open(plan, cgroup, args.target, args.access)
+        return decide_open(plan, cgroup, args.target, args.access, resolved)
     if args.operation == "connect":
         return decide_connect(plan, cgroup, args.target, args.port, args.protocol)
     raise ValueError(f"unknown operation {args.operation!r}")
@@ -121,6 +143,41 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return ExitCode.USAGE
     sys.stdout.write(explanation.render())
     return ExitCode.OK
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    """Run the PolicyTest cases found with the policies; exit 1 on any failure or error."""
+    from guard.policy.check import check_paths
+    from guard.policy.policytest import report, report_json, run_tests
+
+    units = _unit_cgroups(args)
+    checked = check_paths(args.paths, stdin=_stdin_if_asked(args.paths),
+                          host_cgroup=args.host_cgroup, unit_cgroups=units)
+    # What check warns about is check's business; a test run shows only what stops it.
+    errors = checked.errors
+    results = run_tests(checked.plan, checked.tests, units) if checked.plan is not None else []
+    if args.json:
+        sys.stdout.write(report_json(results, errors))
+    else:
+        _print_diagnostics(errors)
+        if errors:
+            print(f"guard test: {len(errors)} error(s): no case was run", file=sys.stderr)
+        elif not results:
+            print("guard test: no test case found (kind: PolicyTest documents)")
+        else:
+            sys.stdout.write(report(results))
+    failed = bool(errors) or any(not r.passed for r in results)
+    return ExitCode.INVALID if failed else ExitCode.OK
+
+
+def _test_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    test = sub.add_parser("test", help="run the PolicyTest cases kept beside the policies")
+    test.add_argument("paths", nargs="*", default=["."], metavar="PATH",
+                      help="files and directories holding policies and tests (default: .); "
+                           "- for standard input")
+    test.add_argument("--json", action="store_true", help="the results as JSON (docs/policy.md)")
+    _compile_args(test)
+    test.set_defaults(func=cmd_test)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -146,8 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser("check", help="validate policy files and directories")
-    check.add_argument("paths", nargs="+", metavar="PATH")
+    check.add_argument("paths", nargs="+", metavar="PATH", help="file or directory; - for "
+                       "standard input")
+    check.add_argument("--json", action="store_true",
+                       help="the diagnostics as JSON on standard output (docs/policy.md)")
+    _compile_args(check)
     check.set_defaults(func=cmd_check)
+    _test_parser(sub)
 
     comp = sub.add_parser("compile", help="show the map entries a policy set compiles to")
     comp.add_argument("paths", nargs="+", metavar="PATH")
@@ -162,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--cgroup", default=None, help="the acting process's cgroup v2 path")
     where.add_argument("--unit", default=None, help="the acting process's systemd unit")
     _compile_args(expl)
+    expl.add_argument("--as-written", action="store_true",
+                      help="decide exec and open by the path's text, without resolving it on "
+                           "this machine (default: by the identity of the file it leads to, "
+                           "as the kernel does)")
     what = expl.add_subparsers(dest="operation", required=True, metavar="OPERATION")
     e_exec = what.add_parser("exec", help="running a binary")
     e_exec.add_argument("target", metavar="PATH")
