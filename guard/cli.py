@@ -6,10 +6,14 @@
     guard run --policies DIR         the daemon
     guard status                     what the running daemon enforces
     guard stop [--unload]            stop the daemon; --unload also removes the pinned programs
+    guard replay --policies DIR REC  recorded operations decided again; those that change
+    guard diff OLD NEW               what a policy change changes: rules, map entries, events
+    guard suggest --events REC ...   an allowlist policy learned from a recording
 
 Exit codes (guard.errors.ExitCode): 0 success, 1 invalid policy input, 2 usage
-error, 3 runtime failure. Each subcommand's work lives in the module of its
-stage, which returns values; this file only parses arguments and prints.
+error, 3 runtime failure, 4 replay or diff found changes. Each subcommand's
+work lives in the module of its stage, which returns values; this file only
+parses arguments and prints.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from guard.errors import ExitCode
 if TYPE_CHECKING:
     from guard.policy.evaluate import Explanation
     from guard.policy.plan import Plan
+    from guard.policy.recording import Recording
+    from guard.policy.replay import Outcome
 
 
 def _print_diagnostics(diagnostics: Sequence[object]) -> None:
@@ -141,6 +147,65 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return stop(args)
 
 
+# --- policy as code: replay, diff, suggest --------------------------------------------
+
+
+def _read_recording(paths: Sequence[str], command: str) -> Recording | ExitCode:
+    """The recordings, their bad lines printed as FILE:LINE: error: ...; RUNTIME when
+    one cannot be read."""
+    from guard.policy.recording import read_recording
+
+    try:
+        recording = read_recording(paths)
+    except (OSError, UnicodeError) as error:
+        print(f"guard {command}: error: cannot read the recording: {error}", file=sys.stderr)
+        return ExitCode.RUNTIME
+    _print_diagnostics(recording.problems)
+    return recording
+
+
+def _outcome_exit(outcome: Outcome, fail_on: str) -> ExitCode:
+    """INVALID when the recording had bad lines, CHANGED when the gate fails, else OK."""
+    if outcome.recording.problems:
+        return ExitCode.INVALID
+    return ExitCode.CHANGED if outcome.failed(fail_on) else ExitCode.OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import json
+
+    from guard.policy.replay import render_replay, replay
+
+    plan = _load_plan(args)
+    if isinstance(plan, ExitCode):
+        return plan
+    recording = _read_recording(args.recordings, "replay")
+    if isinstance(recording, ExitCode):
+        return recording
+    outcome = replay(plan, recording)
+    if args.json:
+        print(json.dumps({"policies": args.paths, **outcome.as_dict()}, indent=2))
+    else:
+        sys.stdout.write(render_replay(outcome, args.paths))
+    return _outcome_exit(outcome, args.fail_on)
+
+
+def _add_replay_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from guard.policy.replay import FAIL_ON
+
+    fail_on_help = ("exit 4 on any recorded operation whose verdict changes (any, the "
+                    "default) or only on one newly blocked (blocked)")
+    rep = sub.add_parser("replay", help="decide recorded operations again under a policy set")
+    rep.add_argument("--policies", dest="paths", action="append", required=True,
+                     metavar="PATH", help="policy file or directory (repeatable)")
+    rep.add_argument("recordings", nargs="+", metavar="REC.jsonl",
+                     help="JSON lines written by guard run --syslog file:PATH ('-': stdin)")
+    rep.add_argument("--json", action="store_true", help="the result as one JSON object")
+    rep.add_argument("--fail-on", choices=FAIL_ON, default="any", help=fail_on_help)
+    _compile_args(rep)
+    rep.set_defaults(func=cmd_replay)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guard", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -209,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                       help="how long to wait for the daemon to exit (default 60)")
     stop.set_defaults(func=cmd_stop)
+
+    _add_replay_parsers(sub)
     return parser
 
 
