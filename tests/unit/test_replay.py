@@ -136,7 +136,7 @@ def test_changes_are_classified_and_grouped_by_the_rule_that_decides_now(tmp_pat
                            "lock/egress.default", ""}
     default = groups["lock/exec.default"]
     assert default.count == 4 and len(default.changes) == 1  # one operation, 4 times
-    assert default.location == "lock.yaml:6:14"
+    assert default.location == f"{tmp_path}/lock.yaml:7:5"
     # a mapping is refused by entries only: the exec default does not refuse it
     assert groups[""].count == 1 and groups[""].changes[0][0].op.op == "map"
     assert outcome.failed("any") and outcome.failed("blocked")
