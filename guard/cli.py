@@ -190,6 +190,58 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return _outcome_exit(outcome, args.fail_on)
 
 
+def cmd_suggest(args: argparse.Namespace) -> int:
+    """An allowlist from a recording, checked by the parser and compiler before it is shown."""
+    from guard.errors import PolicyError
+    from guard.policy.compile import compile_policies
+    from guard.policy.model import PolicySet
+    from guard.policy.parse import parse_text
+    from guard.policy.suggest import Scope, default_name, suggest, valid_name
+    from guard.policy.units import normalize_cgroup, resolve_unit
+
+    try:
+        if args.unit:
+            scope = Scope(resolve_unit(args.unit, _unit_cgroups(args)), args.unit)
+        else:
+            scope = Scope(normalize_cgroup(args.scope))
+    except ValueError as error:
+        print(f"guard suggest: error: {error}", file=sys.stderr)
+        return ExitCode.USAGE
+    name = args.name or default_name(scope)
+    if not valid_name(name):
+        print(f"guard suggest: error: {name!r} is not a policy name (a DNS label)",
+              file=sys.stderr)
+        return ExitCode.USAGE
+    recording = _read_recording(args.events, "suggest")
+    if isinstance(recording, ExitCode):
+        return recording
+    try:
+        suggestion = suggest(recording, scope, name)
+    except ValueError as error:
+        print(f"guard suggest: error: {error}", file=sys.stderr)
+        return ExitCode.INVALID
+    policies, diagnostics = parse_text(suggestion.text, args.output or "<suggestion>")
+    try:
+        if policies and not diagnostics:
+            compile_policies(PolicySet(tuple(policies)), unit_cgroups=_unit_cgroups(args))
+    except PolicyError as error:
+        diagnostics = list(error.diagnostics)
+    if diagnostics:  # a bug in guard: say so rather than hand out a policy check refuses
+        _print_diagnostics(diagnostics)
+        print("guard suggest: error: the proposed policy is not valid (a bug in guard)",
+              file=sys.stderr)
+        return ExitCode.RUNTIME
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(suggestion.text)
+    else:
+        sys.stdout.write(suggestion.text)
+    print(f"guard suggest: {suggestion.learned} operation(s) allowed, {suggestion.denied} "
+          f"left denied" + (f"; written to {args.output}" if args.output else ""),
+          file=sys.stderr)
+    return ExitCode.INVALID if recording.problems else ExitCode.OK
+
+
 def _add_replay_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from guard.policy.replay import FAIL_ON
 
@@ -204,6 +256,19 @@ def _add_replay_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     rep.add_argument("--fail-on", choices=FAIL_ON, default="any", help=fail_on_help)
     _compile_args(rep)
     rep.set_defaults(func=cmd_replay)
+
+    sug = sub.add_parser("suggest", help="propose an allowlist policy from a recording")
+    sug.add_argument("--events", action="append", required=True, metavar="REC.jsonl",
+                     help="recording made while the scope ran under an audit-mode policy "
+                          "(repeatable; '-': stdin)")
+    whom = sug.add_mutually_exclusive_group(required=True)
+    whom.add_argument("--scope", metavar="CGROUP", help="the scope's cgroup v2 path")
+    whom.add_argument("--unit", metavar="UNIT", help="the scope's systemd unit")
+    sug.add_argument("--name", help="the policy's name (default: from the scope)")
+    sug.add_argument("-o", "--output", metavar="FILE", help="write the policy here, not stdout")
+    sug.add_argument("--unit-cgroup", action="append", default=[], metavar="UNIT=CGROUP",
+                     help="where the unit's processes live, when not systemd's default place")
+    sug.set_defaults(func=cmd_suggest)
 
 
 def build_parser() -> argparse.ArgumentParser:
