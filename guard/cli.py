@@ -26,7 +26,10 @@ from typing import TYPE_CHECKING
 from guard.errors import ExitCode
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from guard.policy.evaluate import Explanation
+    from guard.policy.model import PolicySet
     from guard.policy.plan import Plan
     from guard.policy.recording import Recording
     from guard.policy.replay import Outcome
@@ -242,7 +245,66 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     return ExitCode.INVALID if recording.problems else ExitCode.OK
 
 
+def _load_source(path: str, relabel: Callable[[str], str], args: argparse.Namespace
+                 ) -> tuple[PolicySet, Plan] | ExitCode:
+    """One side of a diff, parsed and compiled; its diagnostics named as the user named it."""
+    from guard.errors import PolicyError
+    from guard.policy.compile import compile_policies
+    from guard.policy.parse import load_policy_paths
+
+    result = load_policy_paths([path])
+    for diagnostic in result.diagnostics:
+        print(relabel(str(diagnostic)), file=sys.stderr)
+    if result.errors or result.policy_set is None:
+        return ExitCode.INVALID
+    try:
+        return result.policy_set, compile_policies(
+            result.policy_set, host_cgroup=args.host_cgroup, unit_cgroups=_unit_cgroups(args))
+    except PolicyError as error:
+        for diagnostic in error.diagnostics:
+            print(relabel(str(diagnostic)), file=sys.stderr)
+        return ExitCode.INVALID
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from guard.policy.diff import diff, render_json, render_markdown, render_text
+    from guard.policy.replay import compare_plans
+    from guard.policy.sources import SourceError, open_source
+
+    if args.fail_on != "any" and not args.events:
+        print(f"guard diff: error: --fail-on {args.fail_on} needs --events", file=sys.stderr)
+        return ExitCode.USAGE
+    recording: Recording | None = None
+    if args.events:
+        read = _read_recording(args.events, "diff")
+        if isinstance(read, ExitCode):
+            return read
+        recording = read
+    render = {"text": render_text, "markdown": render_markdown, "json": render_json}
+    try:
+        with open_source(args.old, args.policies) as old, \
+                open_source(args.new, args.policies) as new:
+            def relabel(text: str) -> str:
+                return new.relabel(old.relabel(text))
+
+            before = _load_source(old.path, relabel, args)
+            after = _load_source(new.path, relabel, args)
+            if isinstance(before, ExitCode) or isinstance(after, ExitCode):
+                return ExitCode.INVALID
+            events = (compare_plans(before[1], after[1], recording)
+                      if recording is not None else None)
+            result = diff(args.old, *before, args.new, *after, events)
+            sys.stdout.write(relabel(render[args.format](result)))
+    except SourceError as error:
+        print(f"guard diff: error: {error}", file=sys.stderr)
+        return ExitCode.USAGE
+    if recording is not None and recording.problems:
+        return ExitCode.INVALID
+    return ExitCode.CHANGED if result.failed(args.fail_on) else ExitCode.OK
+
+
 def _add_replay_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from guard.policy.diff import FAIL_ON as DIFF_FAIL_ON
     from guard.policy.replay import FAIL_ON
 
     fail_on_help = ("exit 4 on any recorded operation whose verdict changes (any, the "
@@ -256,6 +318,23 @@ def _add_replay_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     rep.add_argument("--fail-on", choices=FAIL_ON, default="any", help=fail_on_help)
     _compile_args(rep)
     rep.set_defaults(func=cmd_replay)
+
+    dif = sub.add_parser("diff", help="what changing the policies from OLD to NEW changes")
+    dif.add_argument("old", metavar="OLD", help="a policy directory or file, or a git revision")
+    dif.add_argument("new", metavar="NEW", help="a policy directory or file, or a git revision")
+    dif.add_argument("--policies", default="policies", metavar="DIR",
+                     help="the policy directory whose git revisions OLD and NEW name "
+                          "(default: policies)")
+    dif.add_argument("--events", action="append", metavar="REC.jsonl",
+                     help="a recording: show the recorded operations whose verdict changes")
+    dif.add_argument("--format", choices=["text", "markdown", "json"], default="text",
+                     help="markdown: a comment for a pull request")
+    dif.add_argument("--fail-on", choices=DIFF_FAIL_ON, default="any",
+                     help="exit 4 on any difference (any, the default), on a recorded "
+                          "operation whose verdict changes (verdict), or on one newly "
+                          "blocked (blocked)")
+    _compile_args(dif)
+    dif.set_defaults(func=cmd_diff)
 
     sug = sub.add_parser("suggest", help="propose an allowlist policy from a recording")
     sug.add_argument("--events", action="append", required=True, metavar="REC.jsonl",
