@@ -14,7 +14,8 @@ A decision line carries, besides time, host and the actor's pid, uid, comm and e
     action   the recorded verdict: deny | audit | would-deny
     rule     the deciding rule, ``POLICY/SECTION.rules[I]`` or ``.default``
     cgroup   the actor's cgroup v2 path (``cgroup-id:N`` when it could not be named)
-    path     exec, map, open: the file (escaped by guard.events.records.printable)
+    path     exec: the name the program was run by (the kernel's bprm->interp);
+             map, open: the file; escaped by guard.events.records.printable
     access   open: read | write | read,write
     addr, port, proto   connect: the destination (proto tcp | udp | any)
     count    how many identical operations the line stands for (folded repeats)
@@ -229,9 +230,10 @@ def _decision(body: dict[str, object], kind: str, file: str, line: int) -> Recor
             raise _Bad(f"proto {proto!r} is not one guard decides (tcp, udp, any)")
         return Recorded(addr=addr, port=_int(body, "port", 0, 65535), proto=proto,
                         **common)  # type: ignore[arg-type]
+    # not always absolute: an exec is recorded by the name it was run by
+    # (``./configure``), a file path too long for the event starts with "..."; the
+    # evaluator refuses those, and replay says so per operation
     path = unescape(_text(body, "path"))
-    if not path.startswith("/"):
-        raise _Bad(f"path {path!r} is not absolute")
     access: tuple[str, ...] = ()
     if op == "open":
         access = tuple(_text(body, "access").split(","))

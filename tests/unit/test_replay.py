@@ -180,3 +180,19 @@ def test_guard_replay_exit_codes_and_json(tmp_path: Path, capsys: pytest.Capture
     assert main(["replay", "--policies", policies, str(rec)]) == ExitCode.INVALID
     assert f"{rec}:4: error: not JSON" in capsys.readouterr().err
     assert main(["replay", "--policies", policies, str(tmp_path / "none")]) == ExitCode.RUNTIME
+
+
+def test_names_the_evaluator_cannot_decide_are_listed_not_fatal(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # an exec recorded by the name it was run by; a mapping recorded by its file's name
+    rec = write(tmp_path / "rec.jsonl", [exec_event("./configure"),
+                                         exec_event("libc.so.6", hook="mmap_file"),
+                                         exec_event("/usr/bin/true")])
+    recording = read_recording([str(rec)])
+    assert recording.problems == () and len(recording.operations) == 3
+    outcome = replay(plan_of(POLICIES), recording)
+    assert [p.line for p in outcome.unreplayable] == [2, 3] and outcome.operations == 1
+    assert main(["replay", "--policies", str(POLICIES), str(rec)]) == ExitCode.CHANGED
+    out = capsys.readouterr().out
+    assert f"note: {rec}:2: cannot decide exec ./configure: './configure' is not an " \
+           "absolute path" in out
