@@ -24,10 +24,10 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
-from guard.policy.model import ExecRule, FileRule, NetRule, Policy, PolicySet
+from guard.policy.model import FileRule, NetRule, Policy, PolicySet
 from guard.policy.plan import Decision, Plan
 from guard.policy.replay import EFFECTS, Outcome, render_groups, render_notes
-from guard.policy.revision import rule_changes
+from guard.policy.revision import SectionRule, rule_changes, section_items
 from guard.policy.text import pattern_text, port_text, verdict_word
 
 FAIL_ON = ("any", "verdict", "blocked")
@@ -38,23 +38,12 @@ FAIL_ON = ("any", "verdict", "blocked")
 
 def _rule_texts(policy_set: PolicySet) -> dict[str, tuple[str, str]]:
     """label -> (what the rule says, FILE:LINE:COL)."""
-    out: dict[str, tuple[str, str]] = {}
-    for policy in policy_set.policies:
-        for name in ("exec", "files", "egress"):
-            section = getattr(policy, name)
-            if section is None:
-                continue
-            default = getattr(section, "default", None)
-            if default is not None:
-                out[f"{policy.name}/{name}.default"] = (f"{name} default {default}",
-                                                        str(section.location))
-            for rule in section.rules:
-                out[f"{policy.name}/{name}.rules[{rule.index}]"] = (_rule_text(name, rule),
-                                                                     str(rule.location))
-    return out
+    return {item.label: (f"{item.section} default {item.default}" if item.rule is None
+                         else _rule_text(item.rule), str(item.location))
+            for item in section_items(policy_set)}
 
 
-def _rule_text(section: str, rule: ExecRule | FileRule | NetRule) -> str:
+def _rule_text(rule: SectionRule) -> str:
     if isinstance(rule, NetRule):
         text = f"{rule.action} to {', '.join(str(n) for n in rule.to)}"
         if rule.ports:

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import errno
 import json
-import socket
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 from support import need, need_root
 from support.cgroup import TestCgroup
-from support.daemon import running_daemon
+from support.daemon import ConnectProbe, running_daemon
+from support.policies import egress, policy_text, tcp_rule
 
 from guard.cli import main
 from guard.errors import ExitCode
@@ -28,36 +25,8 @@ from guard.policy.recording import read_recording
 
 pytestmark = pytest.mark.host
 
-CLIENT = textwrap.dedent("""\
-    import json, socket, sys
-    results = []
-    for port in map(int, sys.argv[1:]):
-        s = socket.socket()
-        try:
-            s.connect(("127.0.0.1", port))
-            results.append(0)
-        except OSError as error:
-            results.append(error.errno)
-        finally:
-            s.close()
-    print(json.dumps(results), flush=True)
-    """)
-
-
-def policy(denied: int, audited: int) -> str:
-    return textwrap.dedent(f"""\
-        apiVersion: guard/v1
-        kind: Policy
-        metadata: {{name: lock}}
-        spec:
-          mode: enforce
-          network:
-            egress:
-              default: allow
-              rules:
-                - {{action: deny, to: [127.0.0.1/32], ports: [{denied}], protocol: tcp}}
-                - {{action: audit, to: [127.0.0.1/32], ports: [{audited}], protocol: tcp}}
-        """)
+def policy(denied: int, audited: int, action: str = "deny") -> str:
+    return policy_text("lock", egress(tcp_rule(action, denied), tcp_rule("audit", audited)))
 
 
 def test_a_real_recording_replays_to_the_kernels_verdicts(tmp_path: Path,
@@ -68,34 +37,24 @@ def test_a_real_recording_replays_to_the_kernels_verdicts(tmp_path: Path,
 
     feature = probe_family("net")
     need(feature.available, f"cgroup network programs: {feature.reason}")
-    listeners = []
-    for _ in range(2):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        listeners.append(sock)
-    denied, audited = (s.getsockname()[1] for s in listeners)
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "lock.yaml").write_text(policy(denied, audited))
     rec = tmp_path / "rec.jsonl"
-    try:
-        with TestCgroup.create() as top:
-            inside = top.child("in")
+    with TestCgroup.create() as top:
+        inside = top.child("in")
+        probe = ConnectProbe.start(inside, 2)
+        try:
+            denied, audited = probe.ports
+            policies = tmp_path / "policies"
+            policies.mkdir()
+            (policies / "lock.yaml").write_text(policy(denied, audited))
             with running_daemon(policies, top, f"file:{rec}", tmp_path, "replay"):
-                client = inside.spawn([sys.executable, "-c", CLIENT, str(denied), str(audited)],
-                                      stdout=subprocess.PIPE)
-                out, _ = client.communicate(timeout=60)
-                assert json.loads(out) == [errno.EPERM, 0]
+                assert probe.connect(denied) == errno.EPERM and probe.connect(audited) == 0
                 deadline = time.monotonic() + 15
-                while len(read_recording([str(rec)]).operations) < 2:
-                    assert time.monotonic() < deadline, rec.read_text()
+                while not rec.exists() or len(read_recording([str(rec)]).operations) < 2:
+                    assert time.monotonic() < deadline, rec.exists() and rec.read_text()
                     time.sleep(0.05)
-            host = top.path
-            cgroup = inside.path
-    finally:
-        for sock in listeners:
-            sock.close()
+        finally:
+            probe.close()
+        host, cgroup = top.path, inside.path
 
     recording = read_recording([str(rec)])
     assert recording.problems == () and recording.skipped >= 1  # the daemon's own lines
@@ -110,8 +69,7 @@ def test_a_real_recording_replays_to_the_kernels_verdicts(tmp_path: Path,
     # without the deny rule: the denied connect is now allowed, and nothing else changes
     relaxed = tmp_path / "relaxed"
     relaxed.mkdir()
-    (relaxed / "lock.yaml").write_text(policy(denied, audited).replace("action: deny",
-                                                                       "action: audit"))
+    (relaxed / "lock.yaml").write_text(policy(denied, audited, action="audit"))
     assert main(["replay", "--policies", str(relaxed), "--host-cgroup", host, "--json",
                  str(rec)]) == ExitCode.CHANGED
     body = json.loads(capsys.readouterr().out)
