@@ -25,6 +25,7 @@ from guard.policy.recording import read_recording
 
 pytestmark = pytest.mark.host
 
+
 def policy(denied: int, audited: int, action: str = "deny") -> str:
     return policy_text("lock", egress(tcp_rule(action, denied), tcp_rule("audit", audited)))
 
