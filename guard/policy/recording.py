@@ -30,6 +30,7 @@ reader goes on with the next line.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -221,10 +222,8 @@ def _decision(body: dict[str, object], kind: str, file: str, line: int) -> Recor
         hook=hook)
     if op == "connect":
         addr = _text(body, "addr")
-        try:
-            ipaddress.ip_address(addr)
-        except ValueError:
-            raise _Bad(f"addr {addr!r} is not an IP address") from None
+        if not _is_address(addr):
+            raise _Bad(f"addr {addr!r} is not an IP address")
         proto = _text(body, "proto")
         if proto not in PROTOCOLS:
             raise _Bad(f"proto {proto!r} is not one guard decides (tcp, udp, any)")
@@ -240,6 +239,16 @@ def _decision(body: dict[str, object], kind: str, file: str, line: int) -> Recor
         if not access or any(a not in ACCESSES for a in access):
             raise _Bad(f"access {body.get('access')!r} is not read, write or read,write")
     return Recorded(path=path, access=access, **common)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=65536)
+def _is_address(text: str) -> bool:
+    # a recording names few destinations many times
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_recording(lines: Iterable[str], file: str) -> Recording:

@@ -143,8 +143,9 @@ class Outcome:
         counts: dict[tuple[object, ...], int] = {}
         for change in self.changes:
             rule = (change.after.rule, change.after.location)
-            first.setdefault(rule, {}).setdefault(change.key(), change)
-            counts[change.key()] = counts.get(change.key(), 0) + change.op.count
+            key = change.key()
+            first.setdefault(rule, {}).setdefault(key, change)
+            counts[key] = counts.get(key, 0) + change.op.count
         groups = [Group(rule, location, tuple((c, counts[k]) for k, c in ops.items()))
                   for (rule, location), ops in first.items()]
         return sorted(groups, key=lambda g: (-g.count, g.rule))
@@ -174,13 +175,24 @@ Decider = Callable[[Recorded], Decided]
 
 
 def compare(recording: Recording, before: Decider, after: Decider) -> Outcome:
-    """Each operation decided twice; the ones whose verdict differs."""
+    """Each operation decided twice; the ones whose verdict differs. ``after`` is asked
+    once per distinct operation (a recording repeats itself), ``before`` per line."""
     changes: list[Change] = []
     unreplayable: list[Problem] = []
     operations = 0
+    decided: dict[tuple[object, ...], Decided | ValueError] = {}
     for op in recording.operations:
+        key = op.key()
+        if key not in decided:
+            try:
+                decided[key] = after(op)
+            except ValueError as error:
+                decided[key] = error
         try:
-            old, new = before(op), after(op)
+            new = decided[key]
+            if isinstance(new, ValueError):
+                raise new
+            old = before(op)
         except ValueError as error:
             unreplayable.append(Problem(op.file, op.line, f"cannot decide {op.op} "
                                         f"{op.target}: {error}"))
@@ -198,7 +210,14 @@ def replay(plan: Plan, recording: Recording) -> Outcome:
 
 def compare_plans(old: Plan, new: Plan, recording: Recording) -> Outcome:
     """``guard diff --events``: ``old``'s verdicts against ``new``'s."""
-    return compare(recording, lambda op: decide(old, op), lambda op: decide(new, op))
+    cache: dict[tuple[object, ...], Decided] = {}
+
+    def before(op: Recorded) -> Decided:
+        if op.key() not in cache:
+            cache[op.key()] = decide(old, op)
+        return cache[op.key()]
+
+    return compare(recording, before, lambda op: decide(new, op))
 
 
 # --- reports ----------------------------------------------------------------------
