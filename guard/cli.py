@@ -8,10 +8,14 @@
     guard run --policies DIR         the daemon
     guard status                     what the running daemon enforces
     guard stop [--unload]            stop the daemon; --unload also removes the pinned programs
+    guard replay --policies DIR REC  recorded operations decided again; those that change
+    guard diff OLD NEW               what a policy change changes: rules, map entries, events
+    guard suggest --events REC ...   an allowlist policy learned from a recording
 
 Exit codes (guard.errors.ExitCode): 0 success, 1 invalid policy input, 2 usage
-error, 3 runtime failure. Each subcommand's work lives in the module of its
-stage, which returns values; this file only parses arguments and prints.
+error, 3 runtime failure, 4 replay or diff found changes. Each subcommand's
+work lives in the module of its stage, which returns values; this file only
+parses arguments and prints.
 """
 
 from __future__ import annotations
@@ -24,8 +28,13 @@ from typing import TYPE_CHECKING
 from guard.errors import ExitCode
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from guard.policy.evaluate import Explanation
+    from guard.policy.model import PolicySet
     from guard.policy.plan import Plan
+    from guard.policy.recording import Recording
+    from guard.policy.replay import Outcome
 
 
 def _print_diagnostics(diagnostics: Sequence[object]) -> None:
@@ -198,6 +207,206 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return stop(args)
 
 
+# --- policy as code: replay, diff, suggest --------------------------------------------
+
+
+def _read_recording(paths: Sequence[str], command: str) -> Recording | ExitCode:
+    """The recordings, their bad lines printed as FILE:LINE: error: ...; RUNTIME when
+    one cannot be read."""
+    from guard.policy.recording import read_recording
+
+    try:
+        recording = read_recording(paths)
+    except (OSError, UnicodeError) as error:
+        print(f"guard {command}: error: cannot read the recording: {error}", file=sys.stderr)
+        return ExitCode.RUNTIME
+    _print_diagnostics(recording.problems)
+    return recording
+
+
+def _outcome_exit(outcome: Outcome, fail_on: str) -> ExitCode:
+    """INVALID when the recording had bad lines, CHANGED when the gate fails, else OK."""
+    if outcome.recording.problems:
+        return ExitCode.INVALID
+    return ExitCode.CHANGED if outcome.failed(fail_on) else ExitCode.OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import json
+
+    from guard.policy.replay import render_replay, replay
+
+    plan = _load_plan(args)
+    if isinstance(plan, ExitCode):
+        return plan
+    recording = _read_recording(args.recordings, "replay")
+    if isinstance(recording, ExitCode):
+        return recording
+    outcome = replay(plan, recording)
+    if args.json:
+        print(json.dumps({"policies": args.paths, **outcome.as_dict()}, indent=2))
+    else:
+        sys.stdout.write(render_replay(outcome, args.paths))
+    return _outcome_exit(outcome, args.fail_on)
+
+
+def cmd_suggest(args: argparse.Namespace) -> int:
+    """An allowlist from a recording, checked by the parser and compiler before it is shown."""
+    from guard.errors import PolicyError
+    from guard.policy.compile import compile_policies
+    from guard.policy.model import PolicySet
+    from guard.policy.parse import parse_text
+    from guard.policy.suggest import Scope, default_name, suggest, valid_name
+    from guard.policy.units import normalize_cgroup, resolve_unit
+
+    try:
+        if args.unit:
+            scope = Scope(resolve_unit(args.unit, _unit_cgroups(args)), args.unit)
+        else:
+            scope = Scope(normalize_cgroup(args.scope))
+    except ValueError as error:
+        print(f"guard suggest: error: {error}", file=sys.stderr)
+        return ExitCode.USAGE
+    name = args.name or default_name(scope)
+    if not valid_name(name):
+        print(f"guard suggest: error: {name!r} is not a policy name (a DNS label)",
+              file=sys.stderr)
+        return ExitCode.USAGE
+    recording = _read_recording(args.events, "suggest")
+    if isinstance(recording, ExitCode):
+        return recording
+    try:
+        suggestion = suggest(recording, scope, name)
+    except ValueError as error:
+        print(f"guard suggest: error: {error}", file=sys.stderr)
+        return ExitCode.INVALID
+    policies, diagnostics = parse_text(suggestion.text, args.output or "<suggestion>")
+    try:
+        if policies and not diagnostics:
+            compile_policies(PolicySet(tuple(policies)), unit_cgroups=_unit_cgroups(args))
+    except PolicyError as error:
+        diagnostics = list(error.diagnostics)
+    if diagnostics:  # a bug in guard: say so rather than hand out a policy check refuses
+        _print_diagnostics(diagnostics)
+        print("guard suggest: error: the proposed policy is not valid (a bug in guard)",
+              file=sys.stderr)
+        return ExitCode.RUNTIME
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(suggestion.text)
+    else:
+        sys.stdout.write(suggestion.text)
+    print(f"guard suggest: {suggestion.learned} operation(s) allowed, {suggestion.denied} "
+          f"left denied" + (f"; written to {args.output}" if args.output else ""),
+          file=sys.stderr)
+    return ExitCode.INVALID if recording.problems else ExitCode.OK
+
+
+def _load_source(path: str, relabel: Callable[[str], str], args: argparse.Namespace
+                 ) -> tuple[PolicySet, Plan] | ExitCode:
+    """One side of a diff, parsed and compiled; its diagnostics named as the user named it."""
+    from guard.errors import PolicyError
+    from guard.policy.compile import compile_policies
+    from guard.policy.parse import load_policy_paths
+
+    result = load_policy_paths([path])
+    for diagnostic in result.diagnostics:
+        print(relabel(str(diagnostic)), file=sys.stderr)
+    if result.errors or result.policy_set is None:
+        return ExitCode.INVALID
+    try:
+        return result.policy_set, compile_policies(
+            result.policy_set, host_cgroup=args.host_cgroup, unit_cgroups=_unit_cgroups(args))
+    except PolicyError as error:
+        for diagnostic in error.diagnostics:
+            print(relabel(str(diagnostic)), file=sys.stderr)
+        return ExitCode.INVALID
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from guard.policy.diff import diff, render_json, render_markdown, render_text
+    from guard.policy.replay import compare_plans
+    from guard.policy.sources import SourceError, open_source
+
+    if args.fail_on != "any" and not args.events:
+        print(f"guard diff: error: --fail-on {args.fail_on} needs --events", file=sys.stderr)
+        return ExitCode.USAGE
+    recording: Recording | None = None
+    if args.events:
+        read = _read_recording(args.events, "diff")
+        if isinstance(read, ExitCode):
+            return read
+        recording = read
+    render = {"text": render_text, "markdown": render_markdown, "json": render_json}
+    try:
+        with open_source(args.old, args.policies) as old, \
+                open_source(args.new, args.policies) as new:
+            def relabel(text: str) -> str:
+                return new.relabel(old.relabel(text))
+
+            before = _load_source(old.path, relabel, args)
+            after = _load_source(new.path, relabel, args)
+            if isinstance(before, ExitCode) or isinstance(after, ExitCode):
+                return ExitCode.INVALID
+            events = (compare_plans(before[1], after[1], recording)
+                      if recording is not None else None)
+            result = diff(args.old, *before, args.new, *after, events)
+            sys.stdout.write(relabel(render[args.format](result)))
+    except SourceError as error:
+        print(f"guard diff: error: {error}", file=sys.stderr)
+        return ExitCode.USAGE
+    if recording is not None and recording.problems:
+        return ExitCode.INVALID
+    return ExitCode.CHANGED if result.failed(args.fail_on) else ExitCode.OK
+
+
+def _add_replay_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from guard.policy.diff import FAIL_ON as DIFF_FAIL_ON
+    from guard.policy.replay import FAIL_ON
+
+    fail_on_help = ("exit 4 on any recorded operation whose verdict changes (any, the "
+                    "default) or only on one newly blocked (blocked)")
+    rep = sub.add_parser("replay", help="decide recorded operations again under a policy set")
+    rep.add_argument("--policies", dest="paths", action="append", required=True,
+                     metavar="PATH", help="policy file or directory (repeatable)")
+    rep.add_argument("recordings", nargs="+", metavar="REC.jsonl",
+                     help="JSON lines written by guard run --syslog file:PATH ('-': stdin)")
+    rep.add_argument("--json", action="store_true", help="the result as one JSON object")
+    rep.add_argument("--fail-on", choices=FAIL_ON, default="any", help=fail_on_help)
+    _compile_args(rep)
+    rep.set_defaults(func=cmd_replay)
+
+    dif = sub.add_parser("diff", help="what changing the policies from OLD to NEW changes")
+    dif.add_argument("old", metavar="OLD", help="a policy directory or file, or a git revision")
+    dif.add_argument("new", metavar="NEW", help="a policy directory or file, or a git revision")
+    dif.add_argument("--policies", default="policies", metavar="DIR",
+                     help="the policy directory whose git revisions OLD and NEW name "
+                          "(default: policies)")
+    dif.add_argument("--events", action="append", metavar="REC.jsonl",
+                     help="a recording: show the recorded operations whose verdict changes")
+    dif.add_argument("--format", choices=["text", "markdown", "json"], default="text",
+                     help="markdown: a comment for a pull request")
+    dif.add_argument("--fail-on", choices=DIFF_FAIL_ON, default="any",
+                     help="exit 4 on any difference (any, the default), on a recorded "
+                          "operation whose verdict changes (verdict), or on one newly "
+                          "blocked (blocked)")
+    _compile_args(dif)
+    dif.set_defaults(func=cmd_diff)
+
+    sug = sub.add_parser("suggest", help="propose an allowlist policy from a recording")
+    sug.add_argument("--events", action="append", required=True, metavar="REC.jsonl",
+                     help="recording made while the scope ran under an audit-mode policy "
+                          "(repeatable; '-': stdin)")
+    whom = sug.add_mutually_exclusive_group(required=True)
+    whom.add_argument("--scope", metavar="CGROUP", help="the scope's cgroup v2 path")
+    whom.add_argument("--unit", metavar="UNIT", help="the scope's systemd unit")
+    sug.add_argument("--name", help="the policy's name (default: from the scope)")
+    sug.add_argument("-o", "--output", metavar="FILE", help="write the policy here, not stdout")
+    sug.add_argument("--unit-cgroup", action="append", default=[], metavar="UNIT=CGROUP",
+                     help="where the unit's processes live, when not systemd's default place")
+    sug.set_defaults(func=cmd_suggest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guard", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -275,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                       help="how long to wait for the daemon to exit (default 60)")
     stop.set_defaults(func=cmd_stop)
+
+    _add_replay_parsers(sub)
     return parser
 
 

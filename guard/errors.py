@@ -21,6 +21,7 @@ class ExitCode(IntEnum):
     INVALID = 1  # invalid policy input (or a failed ``guard test`` case)
     USAGE = 2  # the command line itself is wrong
     RUNTIME = 3  # the machine or the daemon failed the request
+    CHANGED = 4  # guard replay / guard diff: recorded operations (or the policies) change
 
 
 class Severity(StrEnum):
