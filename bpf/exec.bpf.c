@@ -115,15 +115,8 @@ static __always_inline int guard_exec_report(struct guard_inode_one *res, __u32 
 	else
 		guard_stat_add(GUARD_STAT_AUDITED, 1);
 
-	e = guard_event_reserve();
+	e = guard_actor_event(GUARD_KIND_EXEC, hook, res->verdict, res->rule_id, ruleset);
 	if (e) {
-		guard_event_fill_actor(e);
-		e->kind = GUARD_KIND_EXEC;
-		e->hook = hook;
-		e->verdict = res->verdict;
-		e->rule_id = res->rule_id;
-		e->ruleset = ruleset;
-		e->count = 1;
 		e->flags = res->undecided ? GUARD_EVENT_UNDECIDED : 0;
 		bpf_probe_read_kernel_str(e->path, sizeof(e->path), path);
 		guard_event_submit(e);

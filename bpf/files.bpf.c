@@ -291,17 +291,10 @@ static __always_inline int guard_files_report(struct guard_inode_result *res, __
 		undecided |= res->write.undecided;
 	}
 
-	e = guard_event_reserve();
+	e = guard_actor_event(GUARD_KIND_FILE, hook, verdict, rule_id, ruleset);
 	if (!e)
 		return ret;
-	guard_event_fill_actor(e);
-	e->kind = GUARD_KIND_FILE;
-	e->hook = hook;
-	e->verdict = verdict;
 	e->access = access;
-	e->rule_id = rule_id;
-	e->ruleset = ruleset;
-	e->count = 1;
 	e->flags = undecided ? GUARD_EVENT_UNDECIDED : 0;
 	guard_files_path(e->path, mnt, dentry);
 	guard_event_submit(e);

@@ -5,8 +5,9 @@
  * guard_event_fill_task (guard_maps.h) uses only helpers every program type
  * has. LSM programs may read the current task_struct (cgroup programs may not:
  * net.bpf.c leaves ppid to user space), so their events also carry the
- * parent's tgid and the executable's name; this header is that fill, included
- * by exec.bpf.c, files.bpf.c and tamper.bpf.c.
+ * parent's tgid and the executable's name; this header is that fill, and the
+ * start of every LSM event, included by exec.bpf.c, files.bpf.c and
+ * tamper.bpf.c.
  */
 #ifndef GUARD_ACTOR_H
 #define GUARD_ACTOR_H
@@ -33,6 +34,28 @@ static __always_inline void guard_event_fill_actor(struct guard_event *e)
 	exe = task->mm->exe_file;
 	if (exe)
 		bpf_probe_read_kernel_str(e->exe, sizeof(e->exe), exe->f_path.dentry->d_name.name);
+}
+
+/*
+ * A reserved event of an LSM decision with what every such event has: the
+ * actor, kind, hook, verdict, rule, slot-qualified ruleset and a count of one.
+ * NULL when the ring buffer is full (counted by guard_event_reserve).
+ */
+static __always_inline struct guard_event *guard_actor_event(__u8 kind, __u8 hook, __u8 verdict,
+							     __u32 rule_id, __u32 ruleset)
+{
+	struct guard_event *e = guard_event_reserve();
+
+	if (!e)
+		return 0;
+	guard_event_fill_actor(e);
+	e->kind = kind;
+	e->hook = hook;
+	e->verdict = verdict;
+	e->rule_id = rule_id;
+	e->ruleset = ruleset;
+	e->count = 1;
+	return e;
 }
 
 #endif /* GUARD_ACTOR_H */

@@ -96,23 +96,14 @@ BPF_SK_STORAGE(guard_net_owners, struct guard_net_owner);
 BPF_TABLE("lru_hash", struct guard_net_fold_key, struct guard_net_fold, guard_net_folds,
 	  GUARD_NET_FOLD_ENTRIES);
 
-static __always_inline __u32 guard_be32(__u32 x)
-{
+/* Between host and network byte order (either way: the same swap). */
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-	return __builtin_bswap32(x);
+#define guard_be32(x) __builtin_bswap32(x)
+#define guard_be16(x) __builtin_bswap16(x)
 #else
-	return x;
+#define guard_be32(x) ((__u32)(x))
+#define guard_be16(x) ((__u16)(x))
 #endif
-}
-
-static __always_inline __u16 guard_be16(__u16 x)
-{
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-	return __builtin_bswap16(x);
-#else
-	return x;
-#endif
-}
 
 /* ::ffff:a.b.c.d becomes a.b.c.d; words are in network order. */
 static __always_inline void guard_net_dest6(struct guard_net_dest *d, __u32 w0, __u32 w1,

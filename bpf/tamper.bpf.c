@@ -75,14 +75,8 @@ static __always_inline int guard_tamper_deny(__u32 ruleset, __u8 hook, __u32 det
 
 	guard_stat_add(GUARD_STAT_DENIED, 1);
 	guard_stat_add(GUARD_STAT_TAMPER, 1);
-	e = guard_event_reserve();
+	e = guard_actor_event(GUARD_KIND_TAMPER, hook, GUARD_DENY, 0, ruleset);
 	if (e) {
-		guard_event_fill_actor(e);
-		e->kind = GUARD_KIND_TAMPER;
-		e->hook = hook;
-		e->verdict = GUARD_DENY;
-		e->ruleset = ruleset;
-		e->count = 1;
 		e->port = (__u16)detail;
 		__builtin_memcpy(e->addr, &target, sizeof(target));
 		if (name)
