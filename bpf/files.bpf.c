@@ -136,7 +136,10 @@ static __always_inline int guard_files_scope(struct guard_scope *s)
 	return s->ruleset >= 0 && (s->flags & GUARD_SCOPE_FILES);
 }
 
-/* Decide the accesses ``want`` for the file behind ``dentry`` (negative for a name being created). */
+/*
+ * Decide the accesses ``want`` for the file behind ``dentry`` (negative for a
+ * name being created): guard_inode.h's decision, with plain loads.
+ */
 static __always_inline void guard_files_decide(struct dentry *dentry, struct guard_scope *s,
 					       __u8 want, struct guard_inode_result *res)
 {

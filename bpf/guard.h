@@ -93,8 +93,9 @@ static inline __attribute__((always_inline)) __u64 guard_file_filter_mask(__u64 
  * then writes guard_config (active_slot and generation, one 8-byte value) in
  * one map update. A program reads both fields in one 8-byte load
  * (guard_scope.h), once per decision, and every lookup of the decision uses
- * that slot, so a decision sees the whole old set or the whole new one. Ruleset ids and port table ids are slot-local; the kernel
- * adds slot * GUARD_MAX_RULESETS (resp. GUARD_MAX_PORT_TABLES) itself.
+ * that slot, so a decision sees the whole old set or the whole new one.
+ * Ruleset ids and port table ids are slot-local; the kernel adds
+ * slot * GUARD_MAX_RULESETS (resp. GUARD_MAX_PORT_TABLES) itself.
  */
 #define GUARD_SLOTS 2
 
