@@ -39,40 +39,24 @@
  * They need CONFIG_SECURITY_PATH, which every distribution kernel with
  * AppArmor or TOMOYO built in has (Debian, Ubuntu, SUSE, Fedora).
  *
- * The decision for one dentry and one access (guard_files_decide), most
- * specific first, exactly as guard.evaluate.decide_open walks a plan:
- *   1. the file itself: EXACT key (i_ino + s_dev; absent for a name being
- *      created) and NAME key (parent inode + FNV-1a 32 of the name). If both
- *      have a decision for the access the stronger wins, as for any tie.
- *   2. SUBTREE keys of the parent directories, deepest first, to the root of
- *      the file's superblock, at most GUARD_MAX_PATH_DEPTH of them. An entry
- *      without a decision for the access is passed over: the walk goes on.
- *   3. no rule: allowed (file rules have no default).
- * Read and write are decided in the same walk, each on its own. The walk is
- * skipped for an access no subtree rule of the ruleset decides (the ruleset's
- * files_subtree bits, cached with the scope); when it hits its bound, the
- * access gets the decision of the ruleset's summary entry (SUBTREE, ino 0,
- * dev 0: the strongest any subtree rule could have given), the event is
- * flagged undecided and GUARD_STAT_UNDECIDED counted: fail closed.
- *
- * Every lookup by an inode is preceded by a test of that inode's bits in the
- * slot's file filter (guard_file_filter, see guard.h): a clear bit means no
- * key of the slot names the inode, and the lookup is skipped; for the NAME key
- * the parent's bits are tested before the name is read and hashed. Bits all
- * set cost only the lookup the decision did before the filter existed, so the
- * filter changes the cost of a decision, never its outcome.
+ * The decision for one dentry and its accesses is guard_inode.h's (EXACT and
+ * NAME keys, then SUBTREE keys of the parent directories; each access on its
+ * own, all in one walk), exactly as guard.evaluate.decide_open walks a plan;
+ * with no rule an access is allowed (file rules have no default). Dentries are
+ * read with plain loads (guard_inode.h says why).
  *
  * Cost: file_open runs for every open on the machine. The order is the
  * cheapest first: the open's flags; then the scope, cached per cgroup id
- * (guard_files_scopes, stamped with the generation and slot it was computed
- * for, so a reload invalidates it without a write); the ruleset's has_files;
+ * (guard_scope.h: stamped with the generation and slot it was computed for, so
+ * a reload invalidates it without a write), whose flags say whether the
+ * ruleset has file rules at all and for which accesses it has subtree rules;
  * then, per inode the decision meets (the file, its directory, and on the
- * walk, which runs only when the ruleset has subtree rules for the access,
- * every ancestor), a hash of (ino, dev) in a few multiplications and one
- * filter word read (an array element: the verifier inlines the lookup, no
- * helper call), and a hash map lookup only when the inode's bits are all set. An open no rule matches does no
- * hash lookup into guard_files, however many rules there are (false positives
- * aside: about 0.1% of inodes with 100,000 keys).
+ * walk, which runs only for accesses some subtree rule decides, every
+ * ancestor), a hash of (ino, dev) in a few multiplications and one file filter
+ * word read (an array element: the verifier inlines the lookup, no helper
+ * call), and a hash map lookup only when the inode's bits are all set. An open
+ * no rule matches does no hash lookup into guard_inodes, however many rules
+ * there are (false positives aside: about 0.1% of inodes with 100,000 keys).
  *
  * Events: DENY -> -EPERM; AUDIT, WOULD_DENY and DENY -> one event (kind FILE,
  * hook FILE_OPEN or PATH_CHANGE, the access bits that got the reported
@@ -87,6 +71,9 @@
  * (see net.bpf.c: bcc cannot relocate LLVM's .rodata copies).
  */
 #include "guard_maps.h"
+#include "guard_scope.h"
+#include "guard_inode.h"
+#include "guard_actor.h"
 
 #include <linux/dcache.h>
 #include <linux/fs.h>
@@ -99,7 +86,6 @@
 #define GUARD_FILES_O_TRUNC    01000    /* uapi asm-generic/fcntl.h */
 #define GUARD_FILES_FMODE_EXEC 0x20     /* FMODE_EXEC == __FMODE_EXEC, in f_mode and f_flags */
 #define GUARD_FILES_RENAME_EXCHANGE 2   /* uapi linux/fs.h */
-#define GUARD_FILES_SCOPE_CACHE 16384   /* cgroups whose scope is remembered */
 
 /* Path text: built backwards in a scratch buffer, then copied to the event. */
 #define GUARD_FILES_PATH_END   (2 * GUARD_PATH_LEN - 1)         /* index of the NUL */
@@ -107,38 +93,10 @@
 #define GUARD_FILES_PATH_BUF   (3 * GUARD_PATH_LEN)             /* mask + a name fit */
 #define GUARD_FILES_PATH_STEPS (GUARD_MAX_PATH_DEPTH + 16)      /* dentries + mounts */
 
-/* Where a decision came from; ordered by specificity. */
-#define GUARD_FILES_FROM_NONE    0
-#define GUARD_FILES_FROM_SUBTREE 1
-#define GUARD_FILES_FROM_FILE    2      /* EXACT or NAME key */
-
 #define GUARD_FILES_RW (GUARD_ACCESS_READ | GUARD_ACCESS_WRITE)
 
-struct guard_files_one {                /* the decision for one access */
-	__u32 rule_id;
-	__u8  verdict;
-	__u8  from;                     /* GUARD_FILES_FROM_* */
-	__u8  undecided;
-	__u8  _pad;
-};
-
-struct guard_files_result {
-	struct guard_files_one read;
-	struct guard_files_one write;
-};
-
-/* The scope of a cgroup, valid for one generation and slot of the maps. */
-struct guard_files_scope {
-	__u32 generation;
-	__u32 slot;
-	__s32 ruleset;                  /* slot-qualified; -1: no policy covers it */
-	__u32 has_files;
-	__u32 subtree;                  /* the ruleset's files_subtree bits */
-};
-
-/* Per-CPU scratch: a dentry name and a path being built; too big for the stack. */
+/* Per-CPU scratch: a path being built; too big for the stack. */
 struct guard_files_scratch {
-	unsigned char name[GUARD_NAME_BUF];
 	char path[GUARD_FILES_PATH_BUF];
 	/* the path walk's state (guard_files_path) */
 	__u64 dentry;
@@ -162,294 +120,35 @@ struct guard_files_mount {
 	struct vfsmount mnt;
 };
 
-BPF_TABLE("lru_hash", __u64, struct guard_files_scope, guard_files_scopes,
-	  GUARD_FILES_SCOPE_CACHE);
 BPF_PERCPU_ARRAY(guard_files_scratches, struct guard_files_scratch, 1);
 
-/* Reads below dentries go through probe reads: one code path for every hook. */
+/* The path text walks pointers it keeps as numbers: probe reads there. */
 #define GUARD_FILES_READ(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), &(src))
 
 /*
- * The slot-qualified ruleset judging the current task, when it has file
- * rules: 1, *ruleset and *subtree (the accesses some subtree rule of it
- * decides) set; 0 when no policy covers the task or its ruleset has no file
- * rule.
+ * The scope of the current task when its ruleset has file rules: 1, and s
+ * filled (s->subtree: the accesses some subtree rule of it decides); 0 when
+ * no policy covers the task or its ruleset has no file rule.
  */
-static __always_inline int guard_files_scope_of_task(__u32 *ruleset, __u8 *subtree)
+static __always_inline int guard_files_scope(struct guard_scope *s)
 {
-	struct guard_files_scope fresh = {};
-	struct guard_files_scope *cached = 0;
-	struct guard_config *config;
-	struct guard_config copy = {};
-	struct guard_ruleset *rs;
-	__u32 zero = 0;
-	__u32 generation = 0;
-	__u32 slot = 0;
-	__u64 word;
-	__u64 cgroup;
-	int cacheable = 0;
-	int found;
-
-	/*
-	 * Slot and generation from ONE load, so that they belong to one config;
-	 * a pair that breaks apply's invariant slot == generation & 1 (read
-	 * while not written atomically) is used for this decision, but neither
-	 * read from nor written to the cache: stamped with the new generation
-	 * and the old slot, an entry would send this cgroup to the old slot,
-	 * emptied after the flip, for the whole generation.
-	 */
-	config = guard_config.lookup(&zero);
-	if (config) {
-		word = *(volatile __u64 *)config;
-		__builtin_memcpy(&copy, &word, sizeof(copy));
-		generation = copy.generation;
-		slot = copy.active_slot & 1;
-		cacheable = copy.active_slot == (copy.generation & 1);
-	}
-	cgroup = bpf_get_current_cgroup_id();
-	if (cacheable)
-		cached = guard_files_scopes.lookup(&cgroup);
-	if (cached && cached->generation == generation && cached->slot == slot) {
-		if (!cached->has_files || cached->ruleset < 0)
-			return 0;
-		*ruleset = (__u32)cached->ruleset;
-		*subtree = (__u8)(cached->subtree & GUARD_FILES_RW);
-		return 1;
-	}
-	found = guard_current_ruleset(slot);
-	fresh.generation = generation;
-	fresh.slot = slot;
-	fresh.ruleset = found;
-	if (found >= 0) {
-		rs = guard_ruleset_get((__u32)found);
-		if (rs) {
-			fresh.has_files = rs->has_files ? 1 : 0;
-			fresh.subtree = rs->files_subtree & GUARD_FILES_RW;
-		}
-	}
-	if (cacheable)
-		guard_files_scopes.update(&cgroup, &fresh);
-	if (found < 0 || !fresh.has_files)
-		return 0;
-	*ruleset = (__u32)found;
-	*subtree = (__u8)fresh.subtree;
-	return 1;
+	guard_current_scope(s);
+	return s->ruleset >= 0 && (s->flags & GUARD_SCOPE_FILES);
 }
 
 /*
- * The decision reads below dentries with plain loads. Every dentry it sees
- * comes from a hook's arguments, typed by BTF; the verifier turns such loads
- * into fault-tolerant ones (a NULL pointer reads as 0), and a load is one
- * instruction where bpf_probe_read_kernel is a helper call: on the path of
- * every open() that difference is most of the program's cost.
+ * Decide the accesses ``want`` for the file behind ``dentry`` (negative for a
+ * name being created): guard_inode.h's decision, with plain loads.
  */
-
-/* The NAME key's hash of a dentry's name (guard_maps.h); 0 when unreadable. */
-static __always_inline __u32 guard_files_name_hash(struct dentry *dentry)
+static __always_inline void guard_files_decide(struct dentry *dentry, struct guard_scope *s,
+					       __u8 want, struct guard_inode_result *res)
 {
-	__u32 zero = 0;
-	struct guard_files_scratch *s = guard_files_scratches.lookup(&zero);
-
-	if (!s)
-		return 0;
-	return guard_name_hash_of(dentry->d_name.name, s->name);
-}
-
-/*
- * 0 when no guard_files key of the filter's slot has (ino, dev): a lookup by
- * it would miss. ``base`` is the slot's first word. An array lookup, which the
- * verifier inlines; an index out of range (never: the word is below
- * GUARD_FILE_FILTER_WORDS) counts as a hit, so the lookup is done.
- */
-static __always_inline int guard_files_filter(__u32 base, __u64 ino, __u32 dev)
-{
-	__u64 hash = guard_file_filter_hash(ino, dev);
-	__u64 mask = guard_file_filter_mask(hash);
-	__u32 index = base + guard_file_filter_word(hash);
-	__u64 *word = guard_file_filter.lookup(&index);
-
-	if (!word)
-		return 1;
-	return (*word & mask) == mask;
-}
-
-/* The filter words of the slot a slot-qualified ruleset belongs to. */
-static __always_inline __u32 guard_files_filter_base(__u32 ruleset)
-{
-	return ((ruleset / GUARD_MAX_RULESETS) & 1) * GUARD_FILE_FILTER_WORDS;
-}
-
-/* i_ino and i_sb->s_dev of an inode; 0 without one. */
-static __always_inline int guard_files_inode_identity(struct inode *inode, __u64 *ino, __u32 *dev)
-{
-	struct super_block *sb;
-
-	if (!inode)
-		return 0;
-	sb = inode->i_sb;
-	if (!sb)
-		return 0;
-	*ino = inode->i_ino;
-	*dev = sb->s_dev;
-	return 1;
-}
-
-/* The identity of a directory on the walk; 0 when it has no inode. */
-static __always_inline int guard_files_dentry_identity(struct dentry *dentry, __u64 *ino, __u32 *dev)
-{
-	return guard_files_inode_identity(dentry->d_inode, ino, dev);
-}
-
-/* The path text walks pointers it keeps as numbers: probe reads there. */
-static __always_inline struct dentry *guard_files_parent(struct dentry *dentry)
-{
-	struct dentry *parent = 0;
-
-	GUARD_FILES_READ(parent, dentry->d_parent);
-	return parent;
-}
-
-/* The file level (EXACT, NAME): the stronger of the two on a tie. */
-static __always_inline void guard_files_take_file(struct guard_files_one *one,
-						  struct guard_decision *d)
-{
-	if (!d->present)
-		return;
-	if (one->from < GUARD_FILES_FROM_FILE || d->verdict > one->verdict) {
-		one->rule_id = d->rule_id;
-		one->verdict = d->verdict;
-		one->from = GUARD_FILES_FROM_FILE;
-	}
-}
-
-static __always_inline void guard_files_take_subtree(struct guard_files_one *one,
-						     struct guard_decision *d)
-{
-	one->rule_id = d->rule_id;
-	one->verdict = d->verdict;
-	one->from = GUARD_FILES_FROM_SUBTREE;
-}
-
-/* A walk that could not finish: the strongest decision any subtree rule could give. */
-static __always_inline void guard_files_take_undecided(struct guard_files_one *one,
-						       struct guard_decision *summary)
-{
-	one->rule_id = summary->rule_id;
-	one->verdict = summary->verdict;
-	one->from = GUARD_FILES_FROM_SUBTREE;
-	one->undecided = 1;
-}
-
-/*
- * Decide the accesses ``want`` (GUARD_ACCESS_* bits) for the file behind
- * ``dentry`` (negative for a name being created) in a slot-qualified ruleset
- * whose subtree rules decide the accesses ``subtree``.
- */
-static __always_inline void guard_files_decide(struct dentry *dentry, __u32 ruleset, __u8 want,
-					       __u8 subtree, struct guard_files_result *res)
-{
-	struct guard_inode_key key = {};
-	struct guard_file_value *value;
-	struct guard_file_value *summary;
-	struct inode *inode;
-	struct dentry *parent;
-	struct dentry *cur;
-	__u32 base = guard_files_filter_base(ruleset);
-	__u8 need = 0;
-	int complete = 0;
-	int failed = 0;
-
-	key.ruleset = ruleset;
-
-	/* 1. the file itself: its inode (when it exists), and its name in its directory */
-	inode = dentry->d_inode;
-	if (inode && guard_files_inode_identity(inode, &key.ino, &key.dev) &&
-	    guard_files_filter(base, key.ino, key.dev)) {
-		key.match = GUARD_MATCH_EXACT;
-		value = guard_files.lookup(&key);
-		if (value) {
-			if (want & GUARD_ACCESS_READ)
-				guard_files_take_file(&res->read, &value->read);
-			if (want & GUARD_ACCESS_WRITE)
-				guard_files_take_file(&res->write, &value->write);
-		}
-	}
-	/* the name is read and hashed only when some key names its directory */
-	parent = dentry->d_parent;
-	if (parent && parent != dentry && guard_files_dentry_identity(parent, &key.ino, &key.dev) &&
-	    guard_files_filter(base, key.ino, key.dev)) {
-		key.name_hash = guard_files_name_hash(dentry);
-		if (key.name_hash) {
-			key.match = GUARD_MATCH_NAME;
-			value = guard_files.lookup(&key);
-			if (value) {
-				if (want & GUARD_ACCESS_READ)
-					guard_files_take_file(&res->read, &value->read);
-				if (want & GUARD_ACCESS_WRITE)
-					guard_files_take_file(&res->write, &value->write);
-			}
-		}
-	}
-	if ((want & GUARD_ACCESS_READ) && res->read.from == GUARD_FILES_FROM_NONE)
-		need |= GUARD_ACCESS_READ;
-	if ((want & GUARD_ACCESS_WRITE) && res->write.from == GUARD_FILES_FROM_NONE)
-		need |= GUARD_ACCESS_WRITE;
-	/* 2. subtree rules, deepest first; only for accesses some subtree rule has */
-	need &= subtree;
-	if (!need)
-		return;
-	key.match = GUARD_MATCH_SUBTREE;
-	key.name_hash = 0;
-	cur = dentry;
-	for (int depth = 0; depth < GUARD_MAX_PATH_DEPTH; depth++) {
-		parent = cur->d_parent;
-		if (parent == cur) {
-			complete = 1;   /* cur is the superblock's root */
-			break;
-		}
-		if (!parent || !guard_files_dentry_identity(parent, &key.ino, &key.dev)) {
-			failed = 1;     /* unreadable: undecided */
-			break;
-		}
-		cur = parent;
-		if (!guard_files_filter(base, key.ino, key.dev))
-			continue;
-		value = guard_files.lookup(&key);
-		if (value) {
-			if ((need & GUARD_ACCESS_READ) && value->read.present) {
-				guard_files_take_subtree(&res->read, &value->read);
-				need &= ~GUARD_ACCESS_READ;
-			}
-			if ((need & GUARD_ACCESS_WRITE) && value->write.present) {
-				guard_files_take_subtree(&res->write, &value->write);
-				need &= ~GUARD_ACCESS_WRITE;
-			}
-			if (!need)
-				return;
-		}
-	}
-	/* At the bound, the last directory checked may be the root itself. */
-	if (!complete && !failed)
-		complete = cur->d_parent == cur;
-	if (complete)
-		return;
-	/*
-	 * Undecided: the summary's decision. It exists whenever files_subtree
-	 * has a bit (apply writes both from the same summary entry, in one slot).
-	 */
-	key.ino = 0;
-	key.dev = 0;
-	summary = guard_files.lookup(&key);
-	if (!summary)
-		return;
-	if (need & GUARD_ACCESS_READ)
-		guard_files_take_undecided(&res->read, &summary->read);
-	if (need & GUARD_ACCESS_WRITE)
-		guard_files_take_undecided(&res->write, &summary->write);
+	guard_inode_decide(dentry, (__u32)s->ruleset, want & GUARD_FILES_RW,
+			   (__u8)(s->subtree & GUARD_FILES_RW), 0, res);
 }
 
 /* The verdict a result gives the operation: the stronger access's. */
-static __always_inline __u8 guard_files_verdict(struct guard_files_result *res)
+static __always_inline __u8 guard_files_verdict(struct guard_inode_result *res)
 {
 	return res->write.verdict > res->read.verdict ? res->write.verdict : res->read.verdict;
 }
@@ -509,7 +208,7 @@ static __always_inline void guard_files_path(char *dst, struct vfsmount *vfsmnt,
 			s->complete = 1;
 			break;
 		}
-		parent = guard_files_parent(cur);
+		parent = guard_inode_parent(cur, GUARD_INODE_PROBE);
 		mnt_root = (struct dentry *)s->mnt_root;
 		if (cur == mnt_root || cur == parent || !parent) {
 			up = 0;
@@ -563,13 +262,11 @@ static __always_inline void guard_files_path(char *dst, struct vfsmount *vfsmnt,
  * verdict. The path is written last, with nothing of the decision still live,
  * so the verifier walks the path loop once rather than once per outcome.
  */
-static __always_inline int guard_files_report(struct guard_files_result *res, __u32 ruleset,
+static __always_inline int guard_files_report(struct guard_inode_result *res, __u32 ruleset,
 					      __u8 hook, struct vfsmount *mnt,
 					      struct dentry *dentry)
 {
-	struct task_struct *task;
 	struct guard_event *e;
-	struct file *exe;
 	__u8 verdict = guard_files_verdict(res);
 	__u8 access = 0;
 	__u8 undecided = 0;
@@ -586,35 +283,22 @@ static __always_inline int guard_files_report(struct guard_files_result *res, __
 		guard_stat_add(GUARD_STAT_AUDITED, 1);
 	ret = verdict == GUARD_DENY ? -EPERM : 0;
 	/* The accesses that got the reported verdict, and the rule of one of them. */
-	if (res->read.from != GUARD_FILES_FROM_NONE && res->read.verdict == verdict) {
+	if (res->read.from != GUARD_FROM_NONE && res->read.verdict == verdict) {
 		access |= GUARD_ACCESS_READ;
 		rule_id = res->read.rule_id;
 		undecided |= res->read.undecided;
 	}
-	if (res->write.from != GUARD_FILES_FROM_NONE && res->write.verdict == verdict) {
+	if (res->write.from != GUARD_FROM_NONE && res->write.verdict == verdict) {
 		access |= GUARD_ACCESS_WRITE;
 		rule_id = res->write.rule_id;
 		undecided |= res->write.undecided;
 	}
 
-	e = guard_event_reserve();
+	e = guard_actor_event(GUARD_KIND_FILE, hook, verdict, rule_id, ruleset);
 	if (!e)
 		return ret;
-	guard_event_fill_task(e);
-	task = bpf_get_current_task_btf();
-	e->ppid = task->real_parent->tgid;
-	e->kind = GUARD_KIND_FILE;
-	e->hook = hook;
-	e->verdict = verdict;
 	e->access = access;
-	e->rule_id = rule_id;
-	e->ruleset = ruleset;
-	e->count = 1;
 	e->flags = undecided ? GUARD_EVENT_UNDECIDED : 0;
-	/* The acting program's name, as exec events give it. */
-	exe = task->mm->exe_file;
-	if (exe)
-		bpf_probe_read_kernel_str(e->exe, sizeof(e->exe), exe->f_path.dentry->d_name.name);
 	guard_files_path(e->path, mnt, dentry);
 	guard_event_submit(e);
 	return ret;
@@ -624,14 +308,13 @@ static __always_inline int guard_files_report(struct guard_files_result *res, __
 static __always_inline int guard_files_check(struct vfsmount *mnt, struct dentry *dentry,
 					     __u8 want)
 {
-	struct guard_files_result res = {};
-	__u32 ruleset = 0;
-	__u8 subtree = 0;
+	struct guard_inode_result res = {};
+	struct guard_scope scope = {};
 
-	if (!dentry || !guard_files_scope_of_task(&ruleset, &subtree))
+	if (!dentry || !guard_files_scope(&scope))
 		return 0;
-	guard_files_decide(dentry, ruleset, want, subtree, &res);
-	return guard_files_report(&res, ruleset, GUARD_HOOK_PATH_CHANGE, mnt, dentry);
+	guard_files_decide(dentry, &scope, want, &res);
+	return guard_files_report(&res, (__u32)scope.ruleset, GUARD_HOOK_PATH_CHANGE, mnt, dentry);
 }
 
 /*
@@ -654,11 +337,10 @@ static __always_inline int guard_files_check_two(struct vfsmount *mnt,
 
 LSM_PROBE(file_open, struct file *file, int ret)
 {
-	struct guard_files_result res = {};
+	struct guard_inode_result res = {};
+	struct guard_scope scope = {};
 	unsigned int f_flags;
 	fmode_t f_mode;
-	__u32 ruleset = 0;
-	__u8 subtree = 0;
 	__u8 want = 0;
 
 	if (ret)
@@ -681,11 +363,11 @@ LSM_PROBE(file_open, struct file *file, int ret)
 	want = (f_mode & FMODE_READ) ? GUARD_ACCESS_READ : 0;
 	want |= ((f_mode & FMODE_WRITE) | (f_flags & GUARD_FILES_O_TRUNC)) ? GUARD_ACCESS_WRITE : 0;
 	want &= (f_mode & FMODE_CREATED) ? GUARD_ACCESS_READ : GUARD_FILES_RW;
-	if (!want || !guard_files_scope_of_task(&ruleset, &subtree))
+	if (!want || !guard_files_scope(&scope))
 		return 0;
-	guard_files_decide(file->f_path.dentry, ruleset, want, subtree, &res);
-	return guard_files_report(&res, ruleset, GUARD_HOOK_FILE_OPEN, file->f_path.mnt,
-				  file->f_path.dentry);
+	guard_files_decide(file->f_path.dentry, &scope, want, &res);
+	return guard_files_report(&res, (__u32)scope.ruleset, GUARD_HOOK_FILE_OPEN,
+				  file->f_path.mnt, file->f_path.dentry);
 }
 
 LSM_PROBE(path_mknod, const struct path *dir, struct dentry *dentry, unsigned long mode,

@@ -8,7 +8,10 @@
  *
  * Policy data never appears in C: policies are map entries, so a reload never
  * recompiles. Map *definitions* live in guard_maps.h (bcc macros) so this header
- * stays plain C that any compiler can check.
+ * stays plain C that any compiler can check. What only the kernel side needs
+ * lives beside the code using it: guard_scope.h (which ruleset covers a
+ * cgroup), guard_inode.h (the decision for one file), guard_actor.h (the
+ * acting process of an LSM event).
  */
 #ifndef GUARD_H
 #define GUARD_H
@@ -23,8 +26,9 @@
 /* Map sizes (entries). */
 #define GUARD_MAX_SCOPES         8192
 #define GUARD_MAX_RULESETS       1024  /* per generation slot */
-#define GUARD_MAX_EXEC_ENTRIES   524288 /* 100,000 exact paths are 200,000 keys a slot, */
-#define GUARD_MAX_FILE_ENTRIES   524288 /* and both slots are full during a reload */
+#define GUARD_MAX_INODE_ENTRIES  1048576 /* guard_inodes: 100,000 exact exec paths and
+                                         * 100,000 file paths are 400,000 keys a slot,
+                                         * and both slots are full during a reload */
 #define GUARD_MAX_NET_ENTRIES    262144
 #define GUARD_MAX_PORT_TABLES    16384
 #define GUARD_MAX_RULES          262144
@@ -32,12 +36,13 @@
 
 /*
  * The file filter (guard_file_filter, an array of __u64 words): per slot, a
- * Bloom filter of every (ino, dev) that appears in a guard_files key of that
- * slot, the subtree summary (ino 0, dev 0) excepted. An inode sets
- * GUARD_FILE_FILTER_PROBES bits, all in one word, so a test is one array
- * read. Any of its bits clear proves that no key of the slot has that inode,
- * and file_open skips the lookups (and for NAME keys the name hash) it would
- * have done: a non-matching open pays array reads, not hash lookups, whatever
+ * Bloom filter of every (ino, dev) that appears in a guard_inodes key of that
+ * slot (exec and file rules alike), the subtree summary (ino 0, dev 0)
+ * excepted. An inode sets GUARD_FILE_FILTER_PROBES bits, all in one word, so
+ * a test is one array read. Any of its bits clear proves that no key of the
+ * slot has that inode, and the decision (guard_inode.h) skips the lookups (and
+ * for NAME keys the name hash) it would have done: a non-matching open or exec
+ * pays array reads, not hash lookups, whatever
  * the number of rules. All bits set may be other inodes' (a false positive:
  * about 0.1% of inodes with 100,000 keys, 2.4% with one bit per inode); then
  * the lookup is done as without the filter, so the filter never changes a
@@ -85,10 +90,12 @@ static inline __attribute__((always_inline)) __u64 guard_file_filter_mask(__u64 
 
 /*
  * Two generation slots make a reload atomic: user space fills the idle slot,
- * then flips guard_config.active_slot in one 4-byte write. Every lookup of one
- * decision reads the slot once, so a decision sees the whole old set or the
- * whole new one. Ruleset ids and port table ids are slot-local; the kernel
- * adds slot * GUARD_MAX_RULESETS (resp. GUARD_MAX_PORT_TABLES) itself.
+ * then writes guard_config (active_slot and generation, one 8-byte value) in
+ * one map update. A program reads both fields in one 8-byte load
+ * (guard_scope.h), once per decision, and every lookup of the decision uses
+ * that slot, so a decision sees the whole old set or the whole new one.
+ * Ruleset ids and port table ids are slot-local; the kernel adds
+ * slot * GUARD_MAX_RULESETS (resp. GUARD_MAX_PORT_TABLES) itself.
  */
 #define GUARD_SLOTS 2
 
@@ -135,6 +142,7 @@ enum guard_inode_match {
 enum guard_access {             /* bits */
 	GUARD_ACCESS_READ  = 1,
 	GUARD_ACCESS_WRITE = 2,
+	GUARD_ACCESS_EXEC  = 4,     /* running the file (exec rules); never in an event */
 };
 
 enum guard_flags {              /* guard_event.flags bits */
@@ -176,12 +184,12 @@ struct guard_ruleset {          /* guard_rulesets[slot * GUARD_MAX_RULESETS + id
 	struct guard_decision exec_default;
 	struct guard_decision egress_default;
 	__u32 has_files;            /* 1 when any file rule exists: skip the walk otherwise */
-	__u32 files_subtree;        /* GUARD_ACCESS_* bits some subtree file rule decides
-	                             * (the summary key's present decisions): the walk
-	                             * runs only for these accesses */
+	__u32 subtree;              /* GUARD_ACCESS_* bits some subtree rule decides (the
+	                             * summary key's present decisions): the parent walk
+	                             * runs only for these accesses, exec included */
 };
 
-struct guard_inode_key {        /* guard_exec and guard_files */
+struct guard_inode_key {        /* guard_inodes: exec and file rules */
 	__u64 ino;
 	__u32 dev;                  /* the kernel's s_dev: (major << 20) | minor */
 	__u32 ruleset;              /* slot * GUARD_MAX_RULESETS + id */
@@ -189,9 +197,10 @@ struct guard_inode_key {        /* guard_exec and guard_files */
 	__u32 name_hash;            /* GUARD_MATCH_NAME only: FNV-1a 32 of the name */
 };
 
-struct guard_file_value {
-	struct guard_decision read;
+struct guard_inode_value {      /* guard_inodes: a decision per access */
+	struct guard_decision read;     /* file rules */
 	struct guard_decision write;
+	struct guard_decision exec;     /* exec rules */
 };
 
 struct guard_net4_key {         /* LPM trie: prefixlen counts ruleset bits too */

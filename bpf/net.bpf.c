@@ -2,8 +2,6 @@
 /*
  * net.bpf.c - outbound connection control.
  *
- * Compiled after guard_maps.h (the loader puts '#include "guard_maps.h"' first).
- *
  *   guard_connect4 / guard_connect6   cgroup/connect4|6: TCP connect, connected UDP
  *   guard_sendmsg4 / guard_sendmsg6   cgroup/sendmsg4|6: unconnected UDP datagrams
  *   guard_egress                      cgroup_skb/egress: every packet a local socket
@@ -13,7 +11,7 @@
  * One decision for all of them (guard_net_decide):
  *   slot    = guard_config[0].active_slot, read once
  *   ruleset = the deepest scoped cgroup of the actor (task, or the skb's socket),
- *             through the scope cache of guard_maps.h (one lookup per decision;
+ *             through the scope cache of guard_scope.h (one lookup per decision;
  *             the ancestor walk only for a cgroup not seen since the last reload)
  *   table   = LPM lookup {32 + addrbits, be32(ruleset), addr}   (one lookup, any
  *             number of prefixes)
@@ -51,6 +49,8 @@
  * counted in the fold map and in GUARD_STAT_SUPPRESSED, and the next event of
  * that key carries them in ``count``.
  */
+#include "guard_maps.h"
+#include "guard_scope.h"
 
 #define GUARD_AF_INET          2
 #define GUARD_AF_INET6         10
@@ -97,23 +97,14 @@ BPF_SK_STORAGE(guard_net_owners, struct guard_net_owner);
 BPF_TABLE("lru_hash", struct guard_net_fold_key, struct guard_net_fold, guard_net_folds,
 	  GUARD_NET_FOLD_ENTRIES);
 
-static __always_inline __u32 guard_be32(__u32 x)
-{
+/* Between host and network byte order (either way: the same swap). */
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-	return __builtin_bswap32(x);
+#define guard_be32(x) __builtin_bswap32(x)
+#define guard_be16(x) __builtin_bswap16(x)
 #else
-	return x;
+#define guard_be32(x) ((__u32)(x))
+#define guard_be16(x) ((__u16)(x))
 #endif
-}
-
-static __always_inline __u16 guard_be16(__u16 x)
-{
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-	return __builtin_bswap16(x);
-#else
-	return x;
-#endif
-}
 
 /* ::ffff:a.b.c.d becomes a.b.c.d; words are in network order. */
 static __always_inline void guard_net_dest6(struct guard_net_dest *d, __u32 w0, __u32 w1,
@@ -320,37 +311,6 @@ int guard_sendmsg6(struct bpf_sock_addr *ctx)
 }
 
 /* --- skb egress ---------------------------------------------------------- */
-
-/* guard_current_ruleset for the socket that sent a packet (a scope cache miss). */
-static __always_inline int guard_skb_ruleset(struct __sk_buff *skb, __u32 slot)
-{
-	struct guard_scope_key key = { .slot = slot };
-
-	for (int level = GUARD_MAX_CGROUP_DEPTH - 1; level >= 0; level--) {
-		__u64 id = bpf_skb_ancestor_cgroup_id(skb, level);
-		__u32 *ruleset;
-
-		if (!id)
-			continue;
-		key.cgroup_id = id;
-		ruleset = guard_scopes.lookup(&key);
-		if (ruleset)
-			return (int)(slot * GUARD_MAX_RULESETS + *ruleset);
-	}
-	return -1;
-}
-
-/* guard_current_scope for the socket that sent a packet: its cgroup's scope. */
-static __always_inline void guard_skb_scope(struct __sk_buff *skb, struct guard_scope *s)
-{
-	__u64 cgroup;
-
-	guard_scope_begin(s);
-	cgroup = bpf_skb_cgroup_id(skb);
-	if (guard_scope_cache_get(cgroup, s))
-		return;
-	guard_scope_cache_put(cgroup, s, guard_skb_ruleset(skb, s->slot));
-}
 
 /*
  * The destination of an outgoing packet (data starts at the network header).

@@ -21,12 +21,16 @@
  *   sb_umount            unmounting a bpffs (the pins go with its last mount).
  *
  * Cheap checks first: a kill or ptrace of another process, or a name change
- * outside bpffs, costs one comparison; only then is the scope looked up.
+ * outside bpffs, costs one comparison; only then is the scope looked up,
+ * through guard_scope.h's cache like every family's (the cached entry keeps
+ * the scoped cgroup that matched, which tells a whole-host scope).
  *
  * These hooks are only this family's: another family needing one of them
  * must share it (one LSM_PROBE per hook and compile unit).
  */
 #include "guard_maps.h"
+#include "guard_scope.h"
+#include "guard_actor.h"
 
 #include <linux/dcache.h>
 #include <linux/fs.h>
@@ -47,63 +51,36 @@ static __always_inline struct guard_tamper_config *guard_tamper_config(void)
 
 /*
  * 1 when the current task is protected, with the slot-qualified ruleset of its
- * deepest scope in *ruleset. The walk is guard_current_ruleset's, keeping the
- * cgroup it stopped at.
+ * deepest scope in *ruleset.
  */
 static __always_inline int guard_tamper_protected(struct guard_tamper_config *cfg,
 						  __u32 *ruleset)
 {
-	struct guard_scope_key key = {};
+	struct guard_scope scope = {};
 
 	if ((__u32)(bpf_get_current_pid_tgid() >> 32) == cfg->daemon_tgid)
 		return 0;
-	key.slot = guard_active_slot();
-	for (int level = GUARD_MAX_CGROUP_DEPTH - 1; level >= 0; level--) {
-		__u64 id = bpf_get_current_ancestor_cgroup_id(level);
-		__u32 *found;
-
-		if (!id)
-			continue;
-		key.cgroup_id = id;
-		found = guard_scopes.lookup(&key);
-		if (found) {
-			if (id == cfg->host_cgroup_id)
-				return 0;   /* only a whole-host policy covers it */
-			*ruleset = key.slot * GUARD_MAX_RULESETS + *found;
-			return 1;
-		}
-	}
-	return 0;
+	guard_current_scope(&scope);
+	if (scope.ruleset < 0 || scope.scope_cgroup == cfg->host_cgroup_id)
+		return 0;   /* no policy, or only a whole-host policy, covers it */
+	*ruleset = (__u32)scope.ruleset;
+	return 1;
 }
 
 /* The event of a refused attempt; detail, target and name as guard.h documents. */
 static __always_inline int guard_tamper_deny(__u32 ruleset, __u8 hook, __u32 detail,
 					     __u32 target, const char *name)
 {
-	struct task_struct *task;
 	struct guard_event *e;
-	struct file *exe;
 
 	guard_stat_add(GUARD_STAT_DENIED, 1);
 	guard_stat_add(GUARD_STAT_TAMPER, 1);
-	e = guard_event_reserve();
+	e = guard_actor_event(GUARD_KIND_TAMPER, hook, GUARD_DENY, 0, ruleset);
 	if (e) {
-		guard_event_fill_task(e);
-		task = bpf_get_current_task_btf();
-		e->ppid = task->real_parent->tgid;
-		e->kind = GUARD_KIND_TAMPER;
-		e->hook = hook;
-		e->verdict = GUARD_DENY;
-		e->ruleset = ruleset;
-		e->count = 1;
 		e->port = (__u16)detail;
 		__builtin_memcpy(e->addr, &target, sizeof(target));
 		if (name)
 			bpf_probe_read_kernel_str(e->path, sizeof(e->path), name);
-		exe = task->mm->exe_file;
-		if (exe)
-			bpf_probe_read_kernel_str(e->exe, sizeof(e->exe),
-						  exe->f_path.dentry->d_name.name);
 		guard_event_submit(e);
 	}
 	return -EPERM;

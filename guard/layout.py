@@ -21,8 +21,7 @@ PATH_LEN = 256
 COMM_LEN = 16
 MAX_SCOPES = 8192
 MAX_RULESETS = 1024
-MAX_EXEC_ENTRIES = 524288
-MAX_FILE_ENTRIES = 524288
+MAX_INODE_ENTRIES = 1048576  # guard_inodes: exec and file rules' keys
 MAX_NET_ENTRIES = 262144
 MAX_PORT_TABLES = 16384
 MAX_RULES = 262144
@@ -63,7 +62,7 @@ HOOK_BPF, HOOK_TASK_KILL, HOOK_PTRACE = 11, 12, 13
 HOOK_BPFFS_UNLINK, HOOK_BPFFS_RENAME, HOOK_BPFFS_RMDIR, HOOK_BPFFS_UMOUNT = 14, 15, 16, 17
 
 MATCH_EXACT, MATCH_SUBTREE, MATCH_NAME = 1, 2, 3
-ACCESS_READ, ACCESS_WRITE = 1, 2
+ACCESS_READ, ACCESS_WRITE, ACCESS_EXEC = 1, 2, 4
 EVENT_UNDECIDED = 1
 
 STAT_EVENTS, STAT_EVENTS_LOST, STAT_UNDECIDED = 0, 1, 2
@@ -105,7 +104,7 @@ class RulesetC(ctypes.Structure):
         ("exec_default", DecisionC),
         ("egress_default", DecisionC),
         ("has_files", ctypes.c_uint32),
-        ("files_subtree", ctypes.c_uint32),  # ACCESS_* bits some subtree file rule decides
+        ("subtree", ctypes.c_uint32),  # ACCESS_* bits some subtree rule decides
     ]
 
 
@@ -119,8 +118,10 @@ class InodeKey(ctypes.Structure):
     ]
 
 
-class FileValue(ctypes.Structure):
-    _fields_ = [("read", DecisionC), ("write", DecisionC)]
+class InodeValue(ctypes.Structure):
+    """guard_inodes' value: a decision per access (read, write: file rules; exec)."""
+
+    _fields_ = [("read", DecisionC), ("write", DecisionC), ("exec", DecisionC)]
 
 
 class Net4Key(ctypes.Structure):
@@ -190,7 +191,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "guard_scope_key": ScopeKey,
     "guard_ruleset": RulesetC,
     "guard_inode_key": InodeKey,
-    "guard_file_value": FileValue,
+    "guard_inode_value": InodeValue,
     "guard_net4_key": Net4Key,
     "guard_net6_key": Net6Key,
     "guard_port_line": PortLine,

@@ -22,13 +22,17 @@ back to its rule: ``Applier.rule_for``.
 Capacity: both slots live in the same maps during a reload, so one slot may use
 at most half of each map's entries (``validate``).
 
+Exec and file rules share one map, ``guard_inodes``: one entry per key, a
+decision per access (read, write, exec); entries of the two that have the same
+key are merged into one (``inode_entries``).
+
 The file filter (``guard_file_filter``, bpf/guard.h) is derived from the
-guard_files keys of a slot: three bits in one 64-bit word per (ino, dev) they
-name, a Bloom filter in an array, both slots' words in one map. It goes
-through the same fill, flip and clear as every other entry: a word is an entry
-(only nonzero words are kept, an array element is zeroed rather than deleted),
-so a fill writes only the words that changed and the clear zeroes the old
-slot's words after the flip.
+guard_inodes keys of a slot, exec and file rules alike: three bits in one
+64-bit word per (ino, dev) they name, a Bloom filter in an array, both slots'
+words in one map. It goes through the same fill, flip and clear as every
+other entry: a word is an entry (only nonzero words are kept, an array element
+is zeroed rather than deleted), so a fill writes only the words that changed
+and the clear zeroes the old slot's words after the flip.
 """
 
 from __future__ import annotations
@@ -53,14 +57,13 @@ log = logging.getLogger(__name__)
 
 SCOPES = "guard_scopes"
 RULESETS = "guard_rulesets"
-EXEC = "guard_exec"
-FILES = "guard_files"
+INODES = "guard_inodes"
 NET4 = "guard_net4"
 NET6 = "guard_net6"
 PORT_TABLES = "guard_port_tables"
 FILE_FILTER = "guard_file_filter"
 CONFIG = "guard_config"
-MAP_NAMES = (SCOPES, RULESETS, EXEC, FILES, FILE_FILTER, NET4, NET6, PORT_TABLES)
+MAP_NAMES = (SCOPES, RULESETS, INODES, FILE_FILTER, NET4, NET6, PORT_TABLES)
 ARRAY_MAPS = frozenset({RULESETS, FILE_FILTER})  # entries cannot be deleted, only zeroed
 DERIVED_MAPS = frozenset({FILE_FILTER})  # computed from other maps' entries: not rule entries
 
@@ -68,8 +71,7 @@ DERIVED_MAPS = frozenset({FILE_FILTER})  # computed from other maps' entries: no
 SLOT_CAPACITY = {
     SCOPES: layout.MAX_SCOPES // layout.SLOTS,
     RULESETS: layout.MAX_RULESETS,
-    EXEC: layout.MAX_EXEC_ENTRIES // layout.SLOTS,
-    FILES: layout.MAX_FILE_ENTRIES // layout.SLOTS,
+    INODES: layout.MAX_INODE_ENTRIES // layout.SLOTS,
     NET4: layout.MAX_NET_ENTRIES // layout.SLOTS,
     NET6: layout.MAX_NET_ENTRIES // layout.SLOTS,
     PORT_TABLES: layout.MAX_PORT_TABLES,
@@ -128,23 +130,28 @@ def _is_summary(item: InodeEntry | FileInodeEntry) -> bool:
     return item.key.ino == 0 and item.key.dev == 0 and item.key.match == layout.MATCH_SUBTREE
 
 
-def files_subtree(file_items: Iterable[FileInodeEntry]) -> dict[int, int]:
+def subtree_bits(file_items: Iterable[FileInodeEntry],
+                 exec_items: Iterable[InodeEntry] = ()) -> dict[int, int]:
     """Slot-local ruleset id -> the ACCESS_* bits its subtree summary has a decision for:
-    the accesses for which file programs walk the parents (guard_ruleset.files_subtree)."""
+    the accesses for which exec and file programs walk the parents
+    (guard_ruleset.subtree)."""
     out: dict[int, int] = {}
     for item in file_items:
         if _is_summary(item):
             bits = (layout.ACCESS_READ if item.read is not None else 0) | (
                 layout.ACCESS_WRITE if item.write is not None else 0)
             out[item.key.ruleset] = out.get(item.key.ruleset, 0) | bits
+    for exec_item in exec_items:
+        if _is_summary(exec_item):
+            out[exec_item.key.ruleset] = out.get(exec_item.key.ruleset, 0) | layout.ACCESS_EXEC
     return out
 
 
-def ruleset_entries(plan: Plan, slot: int,
-                    file_items: Iterable[FileInodeEntry] = ()) -> dict[bytes, bytes]:
-    """guard_rulesets[slot * MAX_RULESETS + id]: the defaults, has_files and files_subtree."""
+def ruleset_entries(plan: Plan, slot: int, file_items: Iterable[FileInodeEntry] = (),
+                    exec_items: Iterable[InodeEntry] = ()) -> dict[bytes, bytes]:
+    """guard_rulesets[slot * MAX_RULESETS + id]: the defaults, has_files and subtree."""
     with_files = {entry.ruleset for entry in plan.files}
-    subtree = files_subtree(file_items)
+    subtree = subtree_bits(file_items, exec_items)
     defaults = {d.ruleset: d for d in plan.defaults}
     out: dict[bytes, bytes] = {}
     for ruleset in plan.rulesets:
@@ -153,7 +160,7 @@ def ruleset_entries(plan: Plan, slot: int,
             exec_default=decision_c(d.exec if d else None),
             egress_default=decision_c(d.egress if d else None),
             has_files=1 if ruleset.id in with_files else 0,
-            files_subtree=subtree.get(ruleset.id, 0),
+            subtree=subtree.get(ruleset.id, 0),
         )
         out[_u32(qualified_ruleset(slot, ruleset.id))] = bytes(value)
     return out
@@ -211,43 +218,44 @@ def _stronger(a: Decision | None, b: Decision | None) -> Decision | None:
     return a if (a.verdict, -a.rule) >= (b.verdict, -b.rule) else b
 
 
-def exec_inode_entries(items: Iterable[InodeEntry], slot: int) -> dict[bytes, bytes]:
-    merged: dict[bytes, Decision] = {}
-    for item in items:
+def inode_entries(exec_items: Iterable[InodeEntry], file_items: Iterable[FileInodeEntry],
+                  slot: int) -> dict[bytes, bytes]:
+    """guard_inodes: one value per key, with the exec decision of the exec items and the
+    read and write decisions of the file items of that key (each the stronger of two
+    items of one key: hard links)."""
+    merged: dict[bytes, tuple[Decision | None, Decision | None, Decision | None]] = {}
+    for exec_item in exec_items:
+        key = _inode_key(slot, exec_item)
+        read, write, run = merged.get(key, (None, None, None))
+        merged[key] = (read, write, _stronger(run, exec_item.decision))
+    for item in file_items:
         key = _inode_key(slot, item)
-        best = _stronger(merged.get(key), item.decision)
-        assert best is not None
-        merged[key] = best
-    return {k: bytes(decision_c(d)) for k, d in merged.items()}
-
-
-def file_inode_entries(items: Iterable[FileInodeEntry], slot: int) -> dict[bytes, bytes]:
-    merged: dict[bytes, tuple[Decision | None, Decision | None]] = {}
-    for item in items:
-        key = _inode_key(slot, item)
-        read, write = merged.get(key, (None, None))
-        merged[key] = (_stronger(read, item.read), _stronger(write, item.write))
+        read, write, run = merged.get(key, (None, None, None))
+        merged[key] = (_stronger(read, item.read), _stronger(write, item.write), run)
     return {
-        k: bytes(layout.FileValue(read=decision_c(r), write=decision_c(w)))
-        for k, (r, w) in merged.items()
+        k: bytes(layout.InodeValue(read=decision_c(r), write=decision_c(w),
+                                   exec=decision_c(x)))
+        for k, (r, w, x) in merged.items()
     }
 
 
-def file_filter_words(file_items: Iterable[FileInodeEntry]) -> dict[int, int]:
-    """Word index within a slot -> word: the bits of every (ino, dev) of a guard_files key,
-    the summary excepted; words without a bit are left out (zero in the array)."""
+def file_filter_words(items: Iterable[InodeEntry | FileInodeEntry]) -> dict[int, int]:
+    """Word index within a slot -> word: the bits of every (ino, dev) of a guard_inodes
+    key (exec and file items alike), the summary excepted; words without a bit are left
+    out (zero in the array)."""
     words: dict[int, int] = {}
-    for ino, dev in {(i.key.ino, i.key.dev) for i in file_items if not _is_summary(i)}:
+    for ino, dev in {(i.key.ino, i.key.dev) for i in items if not _is_summary(i)}:
         index, mask = layout.file_filter_word_mask(ino, dev)
         words[index] = words.get(index, 0) | mask
     return words
 
 
-def file_filter_entries(file_items: Iterable[FileInodeEntry], slot: int) -> dict[bytes, bytes]:
+def file_filter_entries(items: Iterable[InodeEntry | FileInodeEntry],
+                        slot: int) -> dict[bytes, bytes]:
     """guard_file_filter[slot * FILE_FILTER_WORDS + word] = the word, nonzero words only."""
     base = slot * layout.FILE_FILTER_WORDS
     return {_u32(base + index): bytes(ctypes.c_uint64(word))
-            for index, word in file_filter_words(file_items).items()}
+            for index, word in file_filter_words(items).items()}
 
 
 def slot_entries(
@@ -261,10 +269,9 @@ def slot_entries(
     v4, v6 = net_entries(plan, slot)
     return {
         SCOPES: scope_entries(plan, slot, scope_ids),
-        RULESETS: ruleset_entries(plan, slot, file_items),
-        EXEC: exec_inode_entries(exec_items, slot),
-        FILES: file_inode_entries(file_items, slot),
-        FILE_FILTER: file_filter_entries(file_items, slot),
+        RULESETS: ruleset_entries(plan, slot, file_items, exec_items),
+        INODES: inode_entries(exec_items, file_items, slot),
+        FILE_FILTER: file_filter_entries([*exec_items, *file_items], slot),
         NET4: v4,
         NET6: v6,
         PORT_TABLES: port_table_entries(plan, slot),
@@ -296,12 +303,13 @@ def validate(plan: Plan) -> list[str]:
 
 
 def over_capacity(entries: SlotEntries) -> list[str]:
-    """The inode maps that one slot's entries would overfill. Known only once paths
-    are resolved (an exact path is two keys, a subtree one per mount below it), so
-    apply checks it after resolving, still before any write."""
+    """The inode map (guard_inodes) when one slot's entries would overfill it. Known
+    only once paths are resolved (an exact path is two keys, a subtree one per mount
+    below it; an exec and a file rule of one path share them), so apply checks it
+    after resolving, still before any write."""
     return [f"{len(entries[name]):,} {name} entries, more than one slot's "
             f"{SLOT_CAPACITY[name]:,}"
-            for name in (EXEC, FILES) if len(entries.get(name, {})) > SLOT_CAPACITY[name]]
+            for name in (INODES,) if len(entries.get(name, {})) > SLOT_CAPACITY[name]]
 
 
 def scope_ids(

@@ -1,11 +1,12 @@
 """The kernel edge: compile guard's BPF programs with bcc, attach them, detach them.
 
 ``Kernel`` compiles the requested program families as ONE bcc unit, so the
-shared maps of bpf/guard_maps.h exist once and every program sees the same
-ones::
+shared maps of bpf/guard_maps.h (and of the other shared headers) exist once
+and every program sees the same ones::
 
-    bpf/guard_maps.h (pasted in), then those of bpf/net.bpf.c, bpf/exec.bpf.c,
-    bpf/files.bpf.c and bpf/tamper.bpf.c that are requested and present
+    those of bpf/net.bpf.c, bpf/exec.bpf.c, bpf/files.bpf.c and
+    bpf/tamper.bpf.c that are requested and present, each header of bpf/
+    pasted in where it is first included
 
 The network programs are attached to the host cgroup (the cgroup2 root by
 default) through bpf_links (BPF_LINK_CREATE), so they run for every process
@@ -125,21 +126,39 @@ def family_source(family: str, bpf_dir: Path = BPF_DIR) -> Path:
     return bpf_dir / f"{family}.bpf.c"
 
 
-def program_text(families: Iterable[str], bpf_dir: Path = BPF_DIR) -> str:
-    """The one C unit bcc compiles: the shared maps, then each family's file.
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"(?P<name>[^"/]+)"')
 
-    guard_maps.h is pasted in rather than included: bcc rewrites map method
-    calls (``guard_config.lookup(&k)``) only in the main file, and left
-    unrewritten in a header they compile to calls through a null pointer that
-    the verifier rejects ("unknown opcode 8d"). Its include guard then makes
-    any ``#include "guard_maps.h"`` in a family file a no-op.
+
+def program_text(families: Iterable[str], bpf_dir: Path = BPF_DIR) -> str:
+    """The one C unit bcc compiles: each family's file, with the headers of bpf/
+    it includes (``#include "guard_maps.h"``, and those they include) pasted in
+    where they are first included, and left out where they are included again.
+
+    Pasted in rather than included: bcc rewrites map method calls
+    (``guard_config.lookup(&k)``) only in the main file, and left unrewritten
+    in a header they compile to calls through a null pointer that the verifier
+    rejects ("unknown opcode 8d"). ``#line`` markers keep every diagnostic's
+    file and line those of the file that has the code.
     """
-    maps = bpf_dir / "guard_maps.h"
-    parts = [f'#line 1 "{maps.name}"\n{maps.read_text()}\n']
-    for family in sorted(set(families), key=FAMILIES.index):
-        source = family_source(family, bpf_dir)
-        parts.append(f'#line 1 "{source.name}"\n{source.read_text()}\n')
-    return "".join(parts)
+    pasted: set[str] = set()
+
+    def paste(path: Path) -> str:
+        out = [f'#line 1 "{path.name}"\n']
+        for number, line in enumerate(path.read_text().splitlines(keepends=True), 1):
+            match = _LOCAL_INCLUDE.match(line)
+            if match is None or not (bpf_dir / match["name"]).is_file():
+                out.append(line)
+                continue
+            if match["name"] not in pasted:
+                pasted.add(match["name"])
+                out.append(paste(bpf_dir / match["name"]))
+            out.append(f'#line {number + 1} "{path.name}"\n')
+        if out[-1] and not out[-1].endswith("\n"):
+            out.append("\n")
+        return "".join(out)
+
+    return "".join(paste(family_source(family, bpf_dir))
+                   for family in sorted(set(families), key=FAMILIES.index))
 
 
 def cflags(bpf_dir: Path = BPF_DIR) -> list[str]:
@@ -206,7 +225,8 @@ def _compile_errors(output: str, owners: Owners) -> list[tuple[str | None, str]]
 
     An error inside a header is the family's whose file included it (clang
     prints the include chain, outermost first, just above the error); an error
-    in guard_maps.h or a header only it includes belongs to no family.
+    in a shared header of bpf/ (pasted in, so no chain names a family) belongs
+    to no family.
     """
     found: list[tuple[str | None, str]] = []
     chain: list[str] = []

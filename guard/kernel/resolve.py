@@ -99,7 +99,8 @@ class InodeKey:
 
 @dataclass(frozen=True, order=True)
 class InodeEntry:
-    """One guard_exec map entry: key -> decision. ``path`` is the entry that produced it."""
+    """One exec entry of guard_inodes: key -> its exec decision. ``path`` is the entry
+    that produced it."""
 
     key: InodeKey
     decision: Decision
@@ -108,7 +109,8 @@ class InodeEntry:
 
 @dataclass(frozen=True, order=True)
 class FileInodeEntry:
-    """One guard_files map entry: key -> read and write decisions (None: no decision)."""
+    """One file entry of guard_inodes: key -> read and write decisions (None: no
+    decision)."""
 
     key: InodeKey
     read: Decision | None
@@ -395,7 +397,7 @@ def _resolve_paths(
 def resolve_exec(
     plan: Plan, resolver: Resolver | None = None,
 ) -> tuple[tuple[InodeEntry, ...], tuple[ResolveWarning, ...]]:
-    """The guard_exec entries of a plan on this machine, and what could not be resolved."""
+    """The exec entries of a plan on this machine, and what could not be resolved."""
     resolver = resolver if resolver is not None else Resolver()
     return exec_items(plan.exec, resolver)
 
@@ -419,7 +421,7 @@ def exec_items(
 def resolve_files(
     plan: Plan, resolver: Resolver | None = None,
 ) -> tuple[tuple[FileInodeEntry, ...], tuple[ResolveWarning, ...]]:
-    """The guard_files entries of a plan: the same keys, a decision per access.
+    """The file entries of a plan: the same keys, a decision per access.
 
     Read and write are merged separately: a key's read decision comes from the
     most specific entry that has one, independently of its write decision. The

@@ -91,7 +91,7 @@ def test_apply_writes_and_clears_the_filter_words_without_the_file_programs(
     assert words_in_kernel(k, set(want1) | {i + layout.FILE_FILTER_WORDS for i in want2}) == want1
     rs = layout.RulesetC.from_buffer_copy(bytes(k.map(apply.RULESETS)[ctypes.c_int(
         layout.MAX_RULESETS)]))
-    assert (rs.has_files, rs.files_subtree) == (1, layout.ACCESS_WRITE)
+    assert (rs.has_files, rs.subtree) == (1, layout.ACCESS_WRITE)
 
     result = applier.apply(plan2)
     assert result.slot == 0

@@ -118,9 +118,11 @@ def test_owners_are_read_from_the_sources() -> None:
     assert programs["lsm__file_open"] == "files" and programs["lsm__path_unlink"] == "files"
     assert programs["lsm__bprm_check_security"] == "exec" and programs["lsm__bpf"] == "tamper"
     assert programs["guard_egress"] == "net" and programs["guard_connect6"] == "net"
-    assert maps["guard_net_folds"] == "net" and maps["guard_files_scopes"] == "files"
+    assert maps["guard_net_folds"] == "net" and maps["guard_files_scratches"] == "files"
     assert maps["guard_tamper"] == "tamper"
-    assert "guard_scopes" not in maps  # guard_maps.h's maps are everyone's
+    # the shared headers' maps are everyone's: guard_maps.h, guard_scope.h, guard_inode.h
+    for shared in ("guard_scopes", "guard_inodes", "guard_scope_cache", "guard_inode_names"):
+        assert shared not in maps, shared
     assert files == {"net.bpf.c": "net", "exec.bpf.c": "exec", "files.bpf.c": "files",
                      "tamper.bpf.c": "tamper"}
     # multi-line and table-style declarations

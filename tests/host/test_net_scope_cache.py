@@ -1,4 +1,4 @@
-"""The scope cache of the network programs (bpf/guard_maps.h), in the host kernel.
+"""The scope cache (bpf/guard_scope.h) as the network programs use it, in the host kernel.
 
 connect4/6, sendmsg4/6 and skb egress find the actor's ruleset through
 ``guard_scope_cache``: per cgroup id, the ruleset computed for one (generation,

@@ -11,7 +11,7 @@ from guard import layout
 from guard.errors import Location
 from guard.kernel import apply
 from guard.kernel.cgroups import CgroupIndex, cgroup_depth, parse_mountinfo, walk_cgroups
-from guard.kernel.loader import FAMILIES, program_text
+from guard.kernel.loader import BPF_DIR, FAMILIES, program_text
 from guard.policy.plan import (
     Decision,
     NetEntry,
@@ -124,11 +124,13 @@ def test_validate_names_what_does_not_fit() -> None:
 
 
 def test_inode_maps_hold_100000_exact_paths_per_slot_and_say_when_they_are_full() -> None:
-    keys = {i.to_bytes(24, "little"): b"" for i in range(200_000)}  # two per exact path
-    assert apply.over_capacity({apply.FILES: keys, apply.EXEC: keys}) == []
-    too_many = {i.to_bytes(24, "little"): b"" for i in range(apply.SLOT_CAPACITY[apply.FILES] + 1)}
-    (problem,) = apply.over_capacity({apply.FILES: too_many, apply.EXEC: {}})
-    assert problem.startswith(f"{len(too_many):,} guard_files entries, more than one slot's")
+    # two keys per exact path: 100,000 exec paths and 100,000 other file paths
+    keys = {i.to_bytes(24, "little"): b"" for i in range(400_000)}
+    assert apply.over_capacity({apply.INODES: keys}) == []
+    too_many = {i.to_bytes(24, "little"): b""
+                for i in range(apply.SLOT_CAPACITY[apply.INODES] + 1)}
+    (problem,) = apply.over_capacity({apply.INODES: too_many})
+    assert problem.startswith(f"{len(too_many):,} guard_inodes entries, more than one slot's")
 
 
 class FakeMaps:
@@ -146,10 +148,25 @@ def test_validation_fails_before_any_map_is_touched() -> None:
         applier.apply(bad)
 
 
-def test_program_text_pastes_the_shared_maps_first() -> None:
-    text = program_text({"net"})
+def test_program_text_pastes_each_shared_header_once_where_first_included() -> None:
+    # bcc rewrites map calls only in its main file: no header of bpf/ may stay an #include
+    text = program_text(FAMILIES)
+    assert '#include "guard' not in text
+    for header in ("guard.h", "guard_maps.h", "guard_scope.h", "guard_inode.h",
+                   "guard_actor.h"):
+        assert text.count(f'#line 1 "{header}"') == 1, header
+    assert text.count("BPF_ARRAY(guard_config,") == 1
     assert text.index("BPF_ARRAY(guard_config") < text.index("int guard_connect4(")
-    assert '#include "guard_maps.h"' not in text.split("\n", 2)[1]
+    assert text.index("guard_scope_cache,") < text.index("int guard_connect4(")
+    # a family alone gets what it includes, and only that
+    net = program_text({"net"})
+    assert "guard_scope_cache," in net and "guard_inodes," in net
+    assert "guard_inode_decide" not in net and "task_struct *task" not in net
+    # after a pasted header, the includer's own line numbers go on
+    exec_text = program_text({"exec"})
+    lines = (BPF_DIR / "exec.bpf.c").read_text().splitlines()
+    number = next(i for i, line in enumerate(lines, 1) if line == '#include "guard_actor.h"')
+    assert f'#line {number + 1} "exec.bpf.c"\n{lines[number]}\n' in exec_text
     assert set(FAMILIES) == {"net", "exec", "files", "tamper"}
 
 

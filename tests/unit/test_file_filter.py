@@ -1,6 +1,6 @@
 """The file filter's entries (guard_file_filter, bpf/guard.h): pure, no kernel.
 
-The kernel tests an inode's bits before every guard_files lookup and skips
+The kernel tests an inode's bits before every guard_inodes lookup and skips
 the lookup when one is clear, so the filter must hold the bits of every inode
 a key names, in the slot of the key, computed exactly as the kernel computes
 them. The hash, word and mask are checked against guard.h itself, compiled by
@@ -23,7 +23,7 @@ from support import need
 from guard import layout
 from guard.errors import Location
 from guard.kernel import apply
-from guard.kernel.resolve import FileInodeEntry, InodeKey, Match, summary_key
+from guard.kernel.resolve import FileInodeEntry, InodeEntry, InodeKey, Match, summary_key
 from guard.policy.plan import Decision, FileEntry, Plan, RuleRef, Ruleset, ScopeEntry, Verdict
 
 AUDIT = Decision(Verdict.AUDIT, 1)
@@ -166,13 +166,39 @@ def test_a_first_fill_writes_at_most_one_word_per_inode() -> None:
     assert all(hits(words, ino, DEV) for ino in [*inodes, 2, 3, 4])
 
 
-def test_files_subtree_names_the_accesses_of_the_summary() -> None:
+def test_subtree_bits_name_the_accesses_of_the_summary() -> None:
     items = [item(5), FileInodeEntry(summary_key(0), AUDIT, None, "s"),
              FileInodeEntry(summary_key(1), None, DENY, "s"),
              FileInodeEntry(summary_key(2), AUDIT, DENY, "s")]
-    assert apply.files_subtree(items) == {
+    assert apply.subtree_bits(items) == {
         0: layout.ACCESS_READ, 1: layout.ACCESS_WRITE,
         2: layout.ACCESS_READ | layout.ACCESS_WRITE}
+    # an exec summary adds exec; an exec rule's EXACT key does not
+    runs = [InodeEntry(summary_key(2), DENY, "s"), InodeEntry(summary_key(3), AUDIT, "s"),
+            InodeEntry(InodeKey(5, DEV, 4, Match.EXACT, 0), DENY, "/x")]
+    assert apply.subtree_bits(items, runs) == {
+        0: layout.ACCESS_READ, 1: layout.ACCESS_WRITE,
+        2: layout.ACCESS_READ | layout.ACCESS_WRITE | layout.ACCESS_EXEC,
+        3: layout.ACCESS_EXEC}
+
+
+def test_exec_keys_are_in_the_filter_and_share_entries_with_file_keys() -> None:
+    shared = InodeKey(70, DEV, 0, Match.EXACT, 0)
+    runs = [InodeEntry(shared, DENY, "/x"), InodeEntry(InodeKey(71, DEV, 0, Match.NAME, 9),
+                                                       AUDIT, "/y"),
+            InodeEntry(summary_key(0), DENY, "(subtree summary)")]
+    files = [FileInodeEntry(shared, AUDIT, None, "/x")]
+    words = apply.file_filter_words([*runs, *files])
+    assert hits(words, 70, DEV) and hits(words, 71, DEV)
+    assert words == apply.file_filter_words([item(70), item(71)])  # the summary: no bit
+    entries = apply.inode_entries(runs, files, 1)
+    assert len(entries) == 3
+    value = layout.InodeValue.from_buffer_copy(entries[bytes(shared.to_c(1))])
+    assert (value.read.present, value.read.verdict, value.read.rule_id) == (1, 1, 1)
+    assert (value.write.present, value.exec.present, value.exec.verdict) == (0, 1, 3)
+    name = layout.InodeValue.from_buffer_copy(
+        entries[bytes(InodeKey(71, DEV, 0, Match.NAME, 9).to_c(1))])
+    assert (name.read.present, name.write.present, name.exec.verdict) == (0, 0, 1)
 
 
 HERE = Location("t.yaml", 1, 1)
@@ -191,13 +217,13 @@ def files_plan(rulesets: int = 3) -> Plan:
     )
 
 
-def test_ruleset_entries_carry_files_subtree() -> None:
+def test_ruleset_entries_carry_the_subtree_bits() -> None:
     items = [item(5), FileInodeEntry(summary_key(1), None, DENY, "s")]
     entries = apply.slot_entries(files_plan(), 1, {}, file_items=items)
     got = {int.from_bytes(k, "little"): layout.RulesetC.from_buffer_copy(v)
            for k, v in entries[apply.RULESETS].items()}
     base = layout.MAX_RULESETS
-    assert [(got[base + i].has_files, got[base + i].files_subtree) for i in range(3)] == [
+    assert [(got[base + i].has_files, got[base + i].subtree) for i in range(3)] == [
         (1, 0), (1, layout.ACCESS_WRITE), (0, 0)]
     assert entries[apply.FILE_FILTER] == apply.file_filter_entries(items, 1)
 
