@@ -40,6 +40,7 @@ from guard.errors import ExitCode
 from guard.kernel.cgroups import cgroup_of_pid
 from guard.kernel.pin import describe_pinned, pinned_summary, process_gone, remove_all
 from guard.service import memory
+from guard.service.report import format_families, format_policies
 
 STATUS_SOCKET = "status.sock"
 READ_ONLY = frozenset({"status"})  # every other command changes something
@@ -338,19 +339,8 @@ def format_status(body: Mapping[str, Any]) -> str:
         f"revision: {body['revision']}  generation {body['generation']}  "
         f"({len(body['policies'])} policies, {body['rules']} rules) from {body['policies_dir']}",
     ]
-    fam = body["families"]
-    lines.append(f"enforced: {', '.join(fam['enforced']) or 'nothing'}")
-    for name, why in sorted(fam["unavailable"].items()):
-        lines.append(f"unavailable: {name}: {why}")
-    for message in fam["unenforced"]:
-        lines.append(f"ERROR: {message}")
-    if body["policies"]:
-        lines.append("policies:")
-        width = max(len(p["name"]) for p in body["policies"])
-        for p in body["policies"]:
-            lines.append(f"  {p['name']:<{width}}  {p['mode']:<7}  rules {p['rules']:<4} "
-                         f"{','.join(p['sections']) or '-':<18} scope {','.join(p['scope'])}"
-                         f"  ({p['file']})")
+    lines.extend(format_families(body))
+    lines.extend(format_policies(body))
     ev = body["events"]
     lost = ev["lost"]
     lines.append(f"events: received {ev['received']}, lines {ev['lines']}, "

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import logging
 import os
 import select
@@ -64,7 +63,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +93,7 @@ from guard.kernel.loader import (
     probe_features,
     unenforced,
 )
+from guard.kernel.lsm import LsmReport
 from guard.kernel.pin import Manifest, Persistence, PinError, Retired
 from guard.kernel.tamper import configure as configure_tamper
 from guard.policy.evaluate import ruleset_for
@@ -101,8 +101,9 @@ from guard.policy.load import PolicyLoad, load_policies
 from guard.policy.model import PolicySet
 from guard.policy.revision import rule_changes
 from guard.policy.units import normalize_cgroup
-from guard.service import memory, notify
+from guard.service import memory, notify, startup
 from guard.service.control import Caller, ControlServer
+from guard.service.report import daemon_status, iso
 from guard.service.watch import PolicyWatcher
 
 log = logging.getLogger("guard")
@@ -189,6 +190,8 @@ class Daemon:
                                        fail_open=fail_open)
         self.tamper_error = ""
         self.memory_release: memory.Release | None = None
+        self.lsm_report: LsmReport | None = None
+        self.progress = startup.Progress(self.stderr)
         self._unload = False
 
     # -- messages ------------------------------------------------------------------
@@ -196,8 +199,7 @@ class Daemon:
     def say(self, severity: int, msgid: str, message: str,
             params: tuple[tuple[str, ParamValue], ...] = ()) -> None:
         """A line about the daemon itself: to stderr (the journal) and to syslog."""
-        label = {SEV_ERR: "error: ", SEV_WARNING: "warning: "}.get(severity, "")
-        print(f"guard: {label}{message}", file=self.stderr, flush=True)
+        print(startup.stderr_line(severity, message), file=self.stderr, flush=True)
         self.sink.submit(log_record(severity, msgid, f"guard: {message}", params))
 
     # -- start ---------------------------------------------------------------------
@@ -207,7 +209,10 @@ class Daemon:
         # Watch before the first read: a change made while we read and compile
         # is then a reload right after start, never a change we missed.
         self._start_watcher()
-        loaded = load_policies(self.policies, self.host_cgroup, unit_lookup=systemd_unit_cgroups)
+        with self.progress.stage("compile") as done:
+            loaded = load_policies(self.policies, self.host_cgroup,
+                                   unit_lookup=systemd_unit_cgroups)
+            done(startup.compiled(loaded))
         if not isinstance(loaded, PolicyLoad):
             for diagnostic in loaded:
                 print(diagnostic, file=self.stderr)
@@ -228,16 +233,23 @@ class Daemon:
 
         features = self._probe()
         load, self.unavailable = families_to_load(features)
+        self.lsm_report = startup.lsm_report(self.unavailable)
         self.unenforced = unenforced(loaded.policy_set, self.unavailable)
         for message in self.unenforced:
             self.say(SEV_ERR, "unenforced", message)
+        if self.lsm_report is not None:
+            for line in self.lsm_report.lines():
+                self.say(SEV_WARNING, "lsm", line.strip())
         if not load:
             self.say(SEV_ERR, "start", "no program family can run on this kernel: "
                      + "; ".join(f"{f}: {why}" for f, why in sorted(self.unavailable.items())))
             return ExitCode.RUNTIME
 
         try:
-            self.kernel = self._make_kernel(load)
+            with self.progress.stage("load", f"compiling and loading the "
+                                     f"{', '.join(sorted(load))} programs (bcc)") as done:
+                self.kernel = self._make_kernel(load)
+                done(f"{', '.join(sorted(self.kernel.families))} loaded and attached")
         except (LoadError, OSError) as error:
             self.say(SEV_ERR, "start", f"loading the programs failed: {error}")
             return ExitCode.RUNTIME
@@ -247,7 +259,9 @@ class Daemon:
 
         self.applier = Applier(self.kernel)
         try:
-            result = self.applier.apply(loaded.plan)
+            with self.progress.stage("apply") as done:
+                result = self.applier.apply(loaded.plan)
+                done(f"{result.written} map writes, generation {result.generation}")
         except (ApplyError, OSError) as error:
             self.say(SEV_ERR, "start", f"applying the policies failed: {error}")
             self._close_kernel()
@@ -270,6 +284,9 @@ class Daemon:
         if self.watch_error:
             self.say(SEV_WARNING, "watch", f"not watching {self.policies} "
                      f"({self.watch_error}); reload with SIGHUP")
+        unreachable = startup.target_unreachable(self.sink)
+        if unreachable:
+            print(f"guard: warning: {unreachable}", file=self.stderr, flush=True)
         return ExitCode.OK
 
     def _start_watcher(self) -> None:
@@ -279,9 +296,7 @@ class Daemon:
             watcher = PolicyWatcher(Path(self.policies), lambda: self.request_reload("watch"))
             watcher.start()
         except Exception as error:  # no inotify, limits: SIGHUP still works
-            self.watch_error = f"{type(error).__name__}: {error}"
-            print(f"guard: warning: cannot watch {self.policies} ({self.watch_error}); "
-                  "reload with SIGHUP", file=self.stderr, flush=True)
+            self.watch_error = f"{type(error).__name__}: {error}"  # said once started
             return
         self.watcher = watcher
 
@@ -358,7 +373,7 @@ class Daemon:
         assert self.kernel is not None
         try:
             pinned = keep.pin(self.kernel, Manifest(
-                instance=keep.instance, pid=os.getpid(), started=_iso(self.started_ns),
+                instance=keep.instance, pid=os.getpid(), started=iso(self.started_ns),
                 revision=str(loaded.revision), policies_dir=self.policies,
                 host_cgroup=self.host_cgroup, families=tuple(self.enforced),
                 pin_dir=str(keep.pin_dir)))
@@ -666,77 +681,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """Everything ``guard status`` shows; safe to call from the status thread."""
         with self._lock:
-            current = self.current
-            policies = []
-            rules: dict[str, int] = {}
-            if current is not None:
-                for rule in current.plan.rules:
-                    rules[rule.policy] = rules.get(rule.policy, 0) + 1
-                for policy in current.policy_set.policies:
-                    policies.append({
-                        "name": policy.name,
-                        "mode": str(policy.mode),
-                        "file": policy.location.file,
-                        "sections": [s for s in ("exec", "files", "egress")
-                                     if getattr(policy, s) is not None],
-                        "scope": (list(policy.scope.cgroups) + list(policy.scope.units))
-                        or ["(host)"],
-                        "rules": rules.get(policy.name, 0),
-                    })
-            reader = self.events
-            agg = reader.folder.stats()
-            sink = self.sink.stats()
-            kernel = {name: self.kernel_stat(index) for name, index in (
-                ("events", layout.STAT_EVENTS), ("lost", layout.STAT_EVENTS_LOST),
-                ("undecided", layout.STAT_UNDECIDED), ("denied", layout.STAT_DENIED),
-                ("audited", layout.STAT_AUDITED), ("suppressed", layout.STAT_SUPPRESSED),
-                ("tamper", layout.STAT_TAMPER))}
-            return {
-                "pid": os.getpid(),
-                "uptime_s": round(time.monotonic() - self.started, 3),
-                "started": _iso(self.started_ns),
-                "policies_dir": self.policies,
-                "host_cgroup": self.host_cgroup,
-                "revision": str(current.revision) if current else None,
-                "revision_detail": current.revision.as_dict() if current else None,
-                "generation": self.generation,
-                "active_slot": self.active_slot,
-                "policies": policies,
-                "rules": len(current.plan.rules) if current else 0,
-                "families": {"enforced": self.enforced, "unavailable": self.unavailable,
-                             "unenforced": self.unenforced},
-                "events": {
-                    "received": reader.received,
-                    "lines": reader.lines,
-                    "aggregated": agg.aggregated,
-                    "pending": agg.pending,
-                    "delivered": sink.delivered,
-                    "lost": {"ringbuf": reader.losses.kernel_lost,
-                             "reader": reader.losses.reader_lost,
-                             "malformed": reader.malformed,
-                             "sink": sink.overflow},
-                },
-                "kernel": kernel,
-                "sink": asdict(sink),
-                "reloads": self.reloads,
-                "last_reload": _outcome(self.last_reload),
-                "last_reload_error": _outcome(self.last_reload_error),
-                "watch": self._watch_status(),
-                "pins": self.persistence.status(),
-                "tamper": {"enabled": "tamper" in self.enforced, "error": self.tamper_error,
-                           "denied": kernel["tamper"]},
-                "rule_hits": dict(sorted(reader.rule_hits.items())),
-                "memory": memory.status_body(self.memory_release),
-            }
-
-    def _watch_status(self) -> dict[str, Any]:
-        watcher = self.watcher
-        return {
-            "enabled": watcher is not None,
-            "error": self.watch_error,
-            "bursts": watcher.bursts if watcher is not None else 0,
-            "rearms": watcher.rearms if watcher is not None else 0,
-        }
+            return daemon_status(self)
 
     # -- control (guard.service.control) ---------------------------------------------
 
@@ -784,19 +729,6 @@ def _capped(errors: list[str]) -> list[str]:
     return [*errors[:MAX_ERROR_LINES], f"... and {len(errors) - MAX_ERROR_LINES} more errors"]
 
 
-def _iso(time_ns: int) -> str:
-    return datetime.datetime.fromtimestamp(time_ns / 1e9, datetime.UTC).isoformat(
-        timespec="seconds").replace("+00:00", "Z")
-
-
-def _outcome(outcome: ReloadOutcome | None) -> dict[str, Any] | None:
-    if outcome is None:
-        return None
-    body = asdict(outcome)
-    body["time"] = _iso(body.pop("time_ns"))
-    return body
-
-
 # --- entry points ------------------------------------------------------------------------
 
 
@@ -818,6 +750,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"guard run: --policies {args.policies}: not a directory", file=sys.stderr)
         return ExitCode.USAGE
     logging.basicConfig(level=logging.WARNING, format="guard: %(message)s", stream=sys.stderr)
+    startup.quiet_repeated_loggers()
     sink = Sink(target, queue_size=int(_setting(args, "syslog_queue", "GUARD_SYSLOG_QUEUE",
                                                 10_000)))
     daemon = Daemon(args.policies, args.host_cgroup, args.state_dir, sink,
