@@ -57,6 +57,8 @@ class EventReader:
         self.dropped = 0
         self.lines = 0
         self.rule_hits: dict[str, int] = {}  # rule label -> reported decisions
+        # also given every event sent (guard events, the live tail); must not block
+        self.tap: Callable[[AuditEvent], None] | None = None
         self.last_busy = 0.0  # monotonic time of the last round that read or sent
         self.next_lost_check = 0.0
 
@@ -195,6 +197,8 @@ class EventReader:
         """Queue the line; the loop delivers it before it waits again."""
         self.lines += 1
         self.sink.queue_event(event)
+        if self.tap is not None:
+            self.tap(event)
 
     def check_losses(self, kernel_lost: int | None) -> int:
         """Report what was lost since the last check; the kernel's total when

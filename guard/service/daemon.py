@@ -104,6 +104,7 @@ from guard.policy.units import normalize_cgroup
 from guard.service import memory, notify, startup
 from guard.service.control import Caller, ControlServer
 from guard.service.report import daemon_status, iso
+from guard.service.tail import EventHub
 from guard.service.watch import PolicyWatcher
 
 log = logging.getLogger("guard")
@@ -180,9 +181,12 @@ class Daemon:
         self.watch_error = ""
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.hub = EventHub(sink.hostname, os.getpid())
+        self.events.tap = self.hub.publish
         self.control = ControlServer(self.state_dir, {"status": self._on_status,
                                                       "stop": self._on_stop},
-                                     authorize=self._authorize, on_refused=self._refused)
+                                     authorize=self._authorize, on_refused=self._refused,
+                                     streams={"events": self.hub.serve})
         self._ring: Any = None
         self._stats: Any = None
         self._ringbuf_fd = -1
@@ -653,6 +657,7 @@ class Daemon:
         self.say(SEV_INFO, "stop", f"stopped; enforcement stays pinned in {kept} (fail-closed; "
                  "`guard stop --unload` removes it)" if kept else "stopped; every program detached")
         self.sink.close(timeout=2.0)
+        self.hub.close()
         self.control.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
@@ -746,8 +751,9 @@ def run(args: argparse.Namespace) -> int:
     except TargetError as error:
         print(f"guard run: {error}", file=sys.stderr)
         return ExitCode.USAGE
-    if not Path(args.policies).is_dir():
-        print(f"guard run: --policies {args.policies}: not a directory", file=sys.stderr)
+    problem = startup.policies_dir_problem(args.policies)
+    if problem:
+        print(f"guard run: {problem}", file=sys.stderr)
         return ExitCode.USAGE
     logging.basicConfig(level=logging.WARNING, format="guard: %(message)s", stream=sys.stderr)
     startup.quiet_repeated_loggers()

@@ -225,6 +225,7 @@ def daemon_status(d: Any, exists: Callable[[str], bool] = cgroup_exists) -> dict
                    "denied": kernel["tamper"]},
         "rule_hits": dict(sorted(reader.rule_hits.items())),
         "memory": memory.status_body(d.memory_release),
+        "tail": d.hub.stats(),
     }
 
 

@@ -104,11 +104,27 @@ def lsm_report(unavailable: Mapping[str, str]) -> LsmReport | None:
     return diagnose(probe_refused=any("EPERM" in why or "refused" in why for why in reasons))
 
 
+def policies_dir_problem(path: str) -> str:
+    """Why ``guard run --policies PATH`` cannot run, or "": it takes a directory,
+    watched and re-read as a whole; a single file is refused with what to do."""
+    from pathlib import Path
+
+    given = Path(path)
+    if given.is_dir():
+        return ""
+    if given.is_file():
+        return (f"--policies {path}: is a file; guard run takes a directory (it watches it "
+                f"and re-reads it as a whole): put the file in a directory of its own, e.g. "
+                f"mkdir -p /etc/guard/policies && cp {path} /etc/guard/policies/, and run "
+                f"with --policies /etc/guard/policies")
+    return f"--policies {path}: no such directory"
+
+
 def quiet_repeated_loggers() -> None:
     """guard.kernel.apply logs each resolver warning; the daemon reports the same
     warnings itself (stderr and syslog), so its copy would say each one twice."""
     logging.getLogger("guard.kernel.apply").setLevel(logging.ERROR)
 
 
-__all__ = ["Progress", "compiled", "lsm_report", "quiet_repeated_loggers", "stderr_line",
-           "target_unreachable"]
+__all__ = ["Progress", "compiled", "lsm_report", "policies_dir_problem",
+           "quiet_repeated_loggers", "stderr_line", "target_unreachable"]
