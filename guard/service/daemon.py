@@ -97,6 +97,7 @@ from guard.kernel.lsm import LsmReport
 from guard.kernel.pin import Manifest, Persistence, PinError, Retired
 from guard.kernel.tamper import configure as configure_tamper
 from guard.policy.evaluate import ruleset_for
+from guard.policy.hits import carry_hits
 from guard.policy.load import PolicyLoad, load_policies
 from guard.policy.model import PolicySet
 from guard.policy.revision import rule_changes
@@ -602,6 +603,10 @@ class Daemon:
                                + (f"; {changes.summary()}" if changes else ""))
         with self._lock:  # the status thread sees the old state or the new, not a mix
             self.generation, self.active_slot = result.generation, result.slot
+            # counts follow what a rule says: a changed rule starts from zero
+            self.events.rule_hits = carry_hits(
+                self.current.policy_set if self.current else None, loaded.policy_set,
+                self.events.rule_hits)
             self.current = loaded
             self.unenforced = unenforced(loaded.policy_set, self.unavailable)
             self.last_reload = outcome

@@ -209,7 +209,7 @@ def test_run_refuses_a_missing_policy_directory(tmp_path: Path,
 
     missing = str(tmp_path / "nope")
     assert run(run_args(missing, "/dev/log", str(tmp_path / "state"))) == 2
-    assert "not a directory" in capsys.readouterr().err
+    assert "no such directory" in capsys.readouterr().err
 
 
 # --- the event path of the loop, without a kernel ------------------------------------------
