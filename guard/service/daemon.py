@@ -278,6 +278,9 @@ class Daemon:
 
         self._open_events()
         self._persist(loaded)
+        unreachable = startup.target_unreachable(self.sink)
+        if unreachable:  # before READY=1: who waits for it has read this line
+            print(f"guard: warning: {unreachable}", file=self.stderr, flush=True)
         summary = self._summary(loaded)
         notify.ready(summary)
         self.say(SEV_INFO, "start", summary,
@@ -289,9 +292,6 @@ class Daemon:
         if self.watch_error:
             self.say(SEV_WARNING, "watch", f"not watching {self.policies} "
                      f"({self.watch_error}); reload with SIGHUP")
-        unreachable = startup.target_unreachable(self.sink)
-        if unreachable:
-            print(f"guard: warning: {unreachable}", file=self.stderr, flush=True)
         return ExitCode.OK
 
     def _start_watcher(self) -> None:
