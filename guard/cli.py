@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "to, as in /proc/self/cgroup (default /)")
     run.add_argument("--state-dir", default="/run/guard", metavar="DIR",
                      help="where the status socket lives (default /run/guard)")
+    run.add_argument("--metrics", default=None, metavar="ADDR:PORT",
+                     help="serve Prometheus metrics over HTTP there (e.g. 127.0.0.1:9464; "
+                          "guard_policy_events_total and more, see docs/service.md)")
     run.add_argument("--no-watch", action="store_true",
                      help="do not watch the policy directory; reload on SIGHUP only")
     run.add_argument("--pin-dir", default=None, metavar="DIR",

@@ -58,6 +58,8 @@ class EventReader:
         self.dropped = 0
         self.lines = 0
         self.rule_hits: dict[str, int] = {}  # rule label -> reported decisions
+        # (policy, rule label, action, kind) -> events sent (the metrics endpoint)
+        self.event_counts: dict[tuple[str, str, str, str], int] = {}
         # fold key -> (ppid, exe) of the window's first line (``_same_actor``)
         self._actors: dict[Hashable, tuple[int, str]] = {}
         # also given every event sent (guard events, the live tail); must not block
@@ -217,6 +219,8 @@ class EventReader:
     def send(self, event: AuditEvent) -> None:
         """Queue the line; the loop delivers it before it waits again."""
         self.lines += 1
+        key = (event.policy, event.rule, event.action, event.kind)
+        self.event_counts[key] = self.event_counts.get(key, 0) + event.count
         self.sink.queue_event(event)
         if self.tap is not None:
             self.tap(event)

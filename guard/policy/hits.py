@@ -36,18 +36,41 @@ def _contents(policy_set: PolicySet | None) -> dict[str, tuple[str, str, object]
     return found
 
 
+def relabel(old: PolicySet | None, new: PolicySet) -> dict[str, str]:
+    """old label -> new label, for every rule of ``old`` that ``new`` still has
+    (same policy, section and content); a rule missing here changed or is gone."""
+    before, after = _contents(old), _contents(new)
+    where = {content: label for label, content in after.items()}
+    return {label: where[content] for label, content in before.items() if content in where}
+
+
 def carry_hits(old: PolicySet | None, new: PolicySet, hits: Mapping[str, int]
                ) -> dict[str, int]:
     """The counts of ``hits`` (labels of ``old``'s rules) that hold for ``new``."""
-    before, after = _contents(old), _contents(new)
-    where = {content: label for label, content in after.items()}
+    moves = relabel(old, new)
     carried: dict[str, int] = {}
     for label, count in hits.items():
-        content = before.get(label)
-        target = where.get(content) if content is not None else None
+        target = moves.get(label)
         if target is not None:
             carried[target] = carried.get(target, 0) + count
     return carried
 
 
-__all__ = ["carry_hits"]
+EventKey = tuple[str, str, str, str]  # (policy, rule label, action, kind)
+
+
+def carry_event_counts(old: PolicySet | None, new: PolicySet,
+                       counts: Mapping[EventKey, int]) -> dict[EventKey, int]:
+    """Per-(policy, rule, action, kind) counts carried as ``carry_hits`` does; the
+    counts of events without a rule (lost events) are kept."""
+    moves = relabel(old, new)
+    carried: dict[EventKey, int] = {}
+    for (policy, rule, action, kind), count in counts.items():
+        target = rule if not rule else moves.get(rule)
+        if target is not None:
+            key = (policy, target, action, kind)
+            carried[key] = carried.get(key, 0) + count
+    return carried
+
+
+__all__ = ["EventKey", "carry_event_counts", "carry_hits", "relabel"]

@@ -97,7 +97,7 @@ from guard.kernel.lsm import LsmReport
 from guard.kernel.pin import Manifest, Persistence, PinError, Retired
 from guard.kernel.tamper import configure as configure_tamper
 from guard.policy.evaluate import ruleset_for
-from guard.policy.hits import carry_hits
+from guard.policy.hits import carry_event_counts, carry_hits
 from guard.policy.load import PolicyLoad, load_policies
 from guard.policy.model import PolicySet
 from guard.policy.revision import rule_changes
@@ -172,6 +172,7 @@ class Daemon:
         self.reloads = 0
         self.last_reload: ReloadOutcome | None = None
         self.last_reload_error: ReloadOutcome | None = None
+        self.reload_errors = 0
         self._stop = False
         # reload requests, from the signal handler and the watcher thread: deque
         # appends and pops are atomic, so no lock (a lock in a signal handler can
@@ -604,9 +605,11 @@ class Daemon:
         with self._lock:  # the status thread sees the old state or the new, not a mix
             self.generation, self.active_slot = result.generation, result.slot
             # counts follow what a rule says: a changed rule starts from zero
-            self.events.rule_hits = carry_hits(
-                self.current.policy_set if self.current else None, loaded.policy_set,
-                self.events.rule_hits)
+            before = self.current.policy_set if self.current else None
+            self.events.rule_hits = carry_hits(before, loaded.policy_set,
+                                               self.events.rule_hits)
+            self.events.event_counts = carry_event_counts(before, loaded.policy_set,
+                                                          self.events.event_counts)
             self.current = loaded
             self.unenforced = unenforced(loaded.policy_set, self.unavailable)
             self.last_reload = outcome
@@ -642,6 +645,7 @@ class Daemon:
         with self._lock:
             self.last_reload = self.last_reload_error = outcome
             self.reloads += 1
+            self.reload_errors += 1
         self.say(SEV_ERR, "reload", f"reload ({outcome.reason}) {outcome.summary}",
                  (("revision", kept), ("errors", len(outcome.errors)),
                   ("reason", outcome.reason)))
@@ -770,13 +774,21 @@ def run(args: argparse.Namespace) -> int:
                     watch=not getattr(args, "no_watch", False),
                     pin_dir=getattr(args, "pin_dir", None),
                     fail_open=getattr(args, "fail_open", False))
+    metrics = startup.metrics_server(getattr(args, "metrics", None), daemon, sys.stderr)
+    if metrics is False:
+        daemon.abort()
+        return ExitCode.USAGE
     # Signals first: a SIGTERM during the (slow) compile must still end cleanly.
     daemon.install_signals()
-    code = daemon.start()
-    if code != ExitCode.OK:
-        daemon.abort()
-        return code
-    return daemon.serve()  # returns at once, cleanly, if SIGTERM came during the start
+    try:
+        code = daemon.start()
+        if code != ExitCode.OK:
+            daemon.abort()
+            return code
+        return daemon.serve()  # returns at once, cleanly, if SIGTERM came during the start
+    finally:
+        if metrics:
+            metrics.close()
 
 
 __all__ = ["Daemon", "ReloadOutcome", "run"]

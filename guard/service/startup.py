@@ -30,7 +30,7 @@ from guard.kernel.loader import LSM_FAMILIES
 from guard.kernel.lsm import LsmReport, diagnose
 from guard.policy.load import PolicyLoad
 
-_LABELLED = re.compile(r"^\S.*?: (error|warning): ")
+_LABELLED = re.compile(r"^\S+: (error|warning): ")
 
 
 def stderr_line(severity: int, message: str) -> str:
@@ -120,11 +120,32 @@ def policies_dir_problem(path: str) -> str:
     return f"--policies {path}: no such directory"
 
 
+def metrics_server(address: str | None, daemon: object, stream: Any) -> Any:
+    """The --metrics endpoint (guard.service.metrics), bound before anything is
+    loaded; None without --metrics, False (said on ``stream``) when it cannot be."""
+    if not address:
+        return None
+    try:
+        from guard.service.metrics import MetricsError, MetricsServer
+    except ImportError as error:  # pragma: no cover - depends on the machine
+        print(f"guard run: --metrics needs prometheus_client (Debian: "
+              f"python3-prometheus-client): {error}", file=stream)
+        return False
+    try:
+        server = MetricsServer(address, daemon)
+    except MetricsError as error:
+        print(f"guard run: {error}", file=stream)
+        return False
+    print(f"guard: metrics: serving http://{address.rsplit(':', 1)[0] or '0.0.0.0'}:"
+          f"{server.port}/metrics", file=stream, flush=True)
+    return server
+
+
 def quiet_repeated_loggers() -> None:
     """guard.kernel.apply logs each resolver warning; the daemon reports the same
     warnings itself (stderr and syslog), so its copy would say each one twice."""
     logging.getLogger("guard.kernel.apply").setLevel(logging.ERROR)
 
 
-__all__ = ["Progress", "compiled", "lsm_report", "policies_dir_problem",
+__all__ = ["Progress", "compiled", "lsm_report", "metrics_server", "policies_dir_problem",
            "quiet_repeated_loggers", "stderr_line", "target_unreachable"]

@@ -110,3 +110,14 @@ def test_status_json_without_a_daemon_is_json(capsys: pytest.CaptureFixture[str]
 def test_events_without_a_daemon(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["events", "--state-dir", str(tmp_path)]) == ExitCode.RUNTIME
     assert "no daemon is running" in capsys.readouterr().err
+
+
+def test_metrics_address() -> None:
+    from guard.service.metrics import MetricsError, parse_address
+
+    assert parse_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert parse_address("[::1]:9464") == ("::1", 9464)
+    assert parse_address(":9464") == ("0.0.0.0", 9464)
+    for bad in ("9464", "localhost:http", "127.0.0.1:70000"):
+        with pytest.raises(MetricsError, match="ADDR:PORT"):
+            parse_address(bad)

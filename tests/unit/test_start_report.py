@@ -190,3 +190,8 @@ def test_a_shared_reason_is_said_once(tmp_path: Path) -> None:
     assert text.count(why) == 1, text
     assert text.count("bpf is not in the active LSM list") == 1
     assert "  fix: run update-grub" in text
+
+
+def test_a_label_inside_the_message_is_not_its_own() -> None:
+    message = "the exec programs failed: compiling failed: exec.bpf.c:3:1: error: x"
+    assert stderr_line(SEV_ERR, message) == f"guard: error: {message}"
