@@ -760,7 +760,8 @@ def run(args: argparse.Namespace) -> int:
     except TargetError as error:
         print(f"guard run: {error}", file=sys.stderr)
         return ExitCode.USAGE
-    problem = startup.policies_dir_problem(args.policies)
+    problem = (startup.policies_dir_problem(args.policies)
+               or startup.host_cgroup_problem(args.host_cgroup))
     if problem:
         print(f"guard run: {problem}", file=sys.stderr)
         return ExitCode.USAGE

@@ -141,11 +141,27 @@ def metrics_server(address: str | None, daemon: object, stream: Any) -> Any:
     return server
 
 
+def host_cgroup_problem(path: str) -> str:
+    """Why --host-cgroup cannot be used, or "": it must exist before guard starts
+    (its programs attach there), said before anything is compiled."""
+    from guard.kernel.cgroups import CgroupError, cgroup_dir
+
+    try:
+        directory = cgroup_dir(path)
+    except (CgroupError, ValueError) as error:
+        return f"--host-cgroup {path}: {error}"
+    if directory.is_dir():
+        return ""
+    return (f"--host-cgroup {path}: no such cgroup ({directory} does not exist); "
+            f"create it first (mkdir {directory}) or name an existing one")
+
+
 def quiet_repeated_loggers() -> None:
     """guard.kernel.apply logs each resolver warning; the daemon reports the same
     warnings itself (stderr and syslog), so its copy would say each one twice."""
     logging.getLogger("guard.kernel.apply").setLevel(logging.ERROR)
 
 
-__all__ = ["Progress", "compiled", "lsm_report", "metrics_server", "policies_dir_problem",
-           "quiet_repeated_loggers", "stderr_line", "target_unreachable"]
+__all__ = ["Progress", "compiled", "host_cgroup_problem", "lsm_report", "metrics_server",
+           "policies_dir_problem", "quiet_repeated_loggers", "stderr_line",
+           "target_unreachable"]

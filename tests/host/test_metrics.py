@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import re
-import textwrap
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,24 +21,13 @@ import pytest
 from support import need, need_root
 from support.cgroup import TestCgroup
 from support.daemon import ConnectProbe, GuardDaemon, running_daemon
+from support.policies import egress, policy_text, tcp_rule
 
 pytestmark = pytest.mark.host
 
 
 def policy(port: int) -> str:
-    return textwrap.dedent(f"""\
-        apiVersion: guard/v1
-        kind: Policy
-        metadata:
-          name: lock
-        spec:
-          mode: enforce
-          network:
-            egress:
-              default: allow
-              rules:
-                - {{action: deny, to: [127.0.0.1/32], ports: [{port}], protocol: tcp}}
-        """)
+    return policy_text("lock", egress(tcp_rule("deny", port)))
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -20,7 +20,6 @@ import json
 import socket
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import pytest
 from support import need, need_root
 from support.cgroup import TestCgroup
 from support.daemon import ConnectProbe, GuardDaemon, running_daemon
+from support.policies import egress, exec_section, policy_text, tcp_rule
 from support.sdnotify import REPO
 
 pytestmark = pytest.mark.host
@@ -45,38 +45,11 @@ class Lab:
 
 def policies(directory: Path, inside: str, port: int) -> None:
     directory.mkdir()
-    (directory / "lock.yaml").write_text(textwrap.dedent(f"""\
-        apiVersion: guard/v1
-        kind: Policy
-        metadata:
-          name: lock
-        spec:
-          mode: enforce
-          scope:
-            cgroups: [{inside}]
-          network:
-            egress:
-              default: allow
-              rules:
-                - {{action: deny, to: [127.0.0.1/32], ports: [{port}], protocol: tcp}}
-          exec:
-            rules:
-              - {{action: deny, paths: [/usr/bin/wget]}}
-        """))
-    (directory / "later.yaml").write_text(textwrap.dedent(f"""\
-        apiVersion: guard/v1
-        kind: Policy
-        metadata:
-          name: later
-        spec:
-          mode: audit
-          scope:
-            cgroups: [{inside}-not-yet]
-          network:
-            egress:
-              rules:
-                - {{action: deny, to: [127.0.0.1/32], ports: [{port}], protocol: tcp}}
-        """))
+    (directory / "lock.yaml").write_text(policy_text(
+        "lock", egress(tcp_rule("deny", port)) + exec_section(
+            "{action: deny, paths: [/usr/bin/wget]}", default=None), scope=inside))
+    (directory / "later.yaml").write_text(policy_text(
+        "later", egress(tcp_rule("deny", port)), scope=f"{inside}-not-yet", mode="audit"))
 
 
 @pytest.fixture(scope="module")

@@ -121,3 +121,18 @@ def test_metrics_address() -> None:
     for bad in ("9464", "localhost:http", "127.0.0.1:70000"):
         with pytest.raises(MetricsError, match="ADDR:PORT"):
             parse_address(bad)
+
+
+def test_a_missing_host_cgroup_is_refused_before_the_compile(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from guard.kernel.cgroups import CgroupError, cgroup2_mount
+
+    try:
+        cgroup2_mount()
+    except CgroupError:
+        pytest.skip("no cgroup2 mount on this machine")
+    assert main(["run", "--policies", str(tmp_path), "--host-cgroup", "/guard-no-such-cgroup",
+                 "--state-dir", str(tmp_path / "s")]) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert "--host-cgroup /guard-no-such-cgroup: no such cgroup" in err and "mkdir" in err
+    assert not (tmp_path / "s").exists()
