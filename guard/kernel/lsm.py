@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ LOCKDOWN_FILE = Path("/sys/kernel/security/lockdown")
 PROC_CONFIG = Path("/proc/config.gz")
 CMDLINE = Path("/proc/cmdline")
 GRUB_DEFAULT = Path("/etc/default/grub")
+BPF_ACTIVE = "bpf is in the active LSM list (no boot option is missing)"
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,58 @@ def diagnose(machine: Machine | None = None, probe_refused: bool = False) -> Lsm
                          ("no boot option fixes this: run guard where the kernel attaches "
                           "trampolines (bare metal or an ordinary VM); the network family "
                           "is enforced meanwhile",))
-    return LsmReport(("the LSM probe program did not load",))
+    return LsmReport((BPF_ACTIVE,))
 
 
-__all__ = ["LsmReport", "Machine", "boot_steps", "diagnose", "kernel_config", "lsm_value"]
+_GRUB_LINE = re.compile(r'^(GRUB_CMDLINE_LINUX(?:_DEFAULT)?)="(.*)"\s*$')
+
+
+def grub_with_lsm(text: str, value: str) -> str:
+    """/etc/default/grub's text with ``lsm=VALUE`` in GRUB_CMDLINE_LINUX, and no
+    other lsm= argument in it or in GRUB_CMDLINE_LINUX_DEFAULT (the kernel would
+    take the last one). Pure; ``./scripts/setup --enable-bpf-lsm`` writes it."""
+    lines = text.splitlines()
+    found = False
+    for number, line in enumerate(lines):
+        match = _GRUB_LINE.match(line)
+        if match is None:
+            continue
+        name, args = match[1], [a for a in match[2].split() if not a.startswith("lsm=")]
+        if name == "GRUB_CMDLINE_LINUX":
+            args.append(f"lsm={value}")
+            found = True
+        lines[number] = f'{name}="{" ".join(args)}"'
+    if not found:
+        lines.append(f'GRUB_CMDLINE_LINUX="lsm={value}"')
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    """``python -m guard.kernel.lsm value``: the lsm= value that fixes this machine
+    (exit 1 and the reasons on stderr when no boot option does); ``... grub FILE
+    VALUE``: FILE's text with that value, on stdout. Used by scripts/setup."""
+    import sys
+
+    if argv[:1] == ["value"]:
+        report = diagnose(probe_refused=False)
+        if report.lsm_list:
+            print(report.lsm_list)
+            return 0
+        for reason in report.reasons:
+            print(f"guard: {reason}", file=sys.stderr)
+        return 1
+    if len(argv) == 3 and argv[0] == "grub":
+        sys.stdout.write(grub_with_lsm(Path(argv[1]).read_text(), argv[2]))
+        return 0
+    print("usage: python -m guard.kernel.lsm value | grub FILE VALUE", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
+
+
+__all__ = ["LsmReport", "Machine", "boot_steps", "diagnose", "grub_with_lsm", "kernel_config",
+           "lsm_value"]

@@ -195,3 +195,23 @@ def test_a_shared_reason_is_said_once(tmp_path: Path) -> None:
 def test_a_label_inside_the_message_is_not_its_own() -> None:
     message = "the exec programs failed: compiling failed: exec.bpf.c:3:1: error: x"
     assert stderr_line(SEV_ERR, message) == f"guard: error: {message}"
+
+
+def test_grub_gets_the_lsm_list_once() -> None:
+    from guard.kernel.lsm import grub_with_lsm
+
+    text = ('# a comment\nGRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX_DEFAULT="quiet lsm=old"\n'
+            'GRUB_CMDLINE_LINUX="console=ttyS0 lsm=capability"\n')
+    assert grub_with_lsm(text, "capability,apparmor,bpf") == (
+        '# a comment\nGRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX_DEFAULT="quiet"\n'
+        'GRUB_CMDLINE_LINUX="console=ttyS0 lsm=capability,apparmor,bpf"\n')
+    assert grub_with_lsm("GRUB_DEFAULT=0\n", "capability,bpf") == (
+        'GRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX="lsm=capability,bpf"\n')
+    assert grub_with_lsm('GRUB_CMDLINE_LINUX=""\n', "a,bpf") == 'GRUB_CMDLINE_LINUX="lsm=a,bpf"\n'
+
+
+def test_bpf_already_active_needs_no_boot_change(tmp_path: Path) -> None:
+    from guard.kernel.lsm import BPF_ACTIVE
+
+    report = diagnose(machine(tmp_path, "lockdown,capability,bpf"))
+    assert report.reasons == (BPF_ACTIVE,) and not report.lsm_list
