@@ -58,6 +58,7 @@
 #define GUARD_ETH_P_IPV6       0x86DD
 #define GUARD_IPPROTO_TCP      6
 #define GUARD_IPPROTO_UDP      17
+#define GUARD_SOCK_STREAM      1
 #define GUARD_NET_FOLD_NS      1000000000ULL  /* one egress event per key per second */
 #define GUARD_NET_FOLD_ENTRIES 16384
 #define GUARD_NET_IPV6_EXT_MAX 4              /* IPv6 extension headers skipped */
@@ -495,8 +496,17 @@ int guard_egress(struct __sk_buff *skb)
 	if (scope.ruleset < 0 || !(scope.flags & GUARD_SCOPE_EGRESS))
 		return 1;
 	owner = guard_net_owners.sk_storage_get(sk, 0, 0);
-	if (sk->protocol == GUARD_IPPROTO_TCP && (!owner || !owner->outbound))
-		return 1;   /* accepted, listening, or connected before guard loaded */
+	/*
+	 * Only a TCP stream socket can be told apart by its mark: one that did not
+	 * connect outbound through guard_connect4/6 is accepted, listening, or
+	 * connected before guard loaded. Every other socket has each packet judged
+	 * by the headers it really carries, raw sockets included whatever protocol
+	 * they were opened with (with IP_HDRINCL a raw IPPROTO_TCP socket writes
+	 * any header it likes).
+	 */
+	if (sk->type == GUARD_SOCK_STREAM && sk->protocol == GUARD_IPPROTO_TCP &&
+	    (!owner || !owner->outbound))
+		return 1;
 	if (!guard_skb_dest(skb, &d))
 		return 1;
 	if (!guard_net_decide(scope.slot, scope.ruleset, &d, &dec) || dec.verdict != GUARD_DENY)

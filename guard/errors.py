@@ -21,6 +21,7 @@ class ExitCode(IntEnum):
     INVALID = 1  # invalid policy input (or a failed ``guard test`` case)
     USAGE = 2  # the command line itself is wrong
     RUNTIME = 3  # the machine or the daemon failed the request
+    CHANGED = 4  # guard replay / guard diff: recorded operations (or the policies) change
 
 
 class Severity(StrEnum):
@@ -87,7 +88,7 @@ class Code(StrEnum):
     EMPTY_LIST = "empty-list", Stage.CHECK, "an empty list where at least one item is needed"
     # values
     BAD_API_VERSION = "bad-api-version", Stage.CHECK, "apiVersion is not guard/v1"
-    BAD_KIND = "bad-kind", Stage.CHECK, "kind is not Policy"
+    BAD_KIND = "bad-kind", Stage.CHECK, "kind is not Policy (or PolicyTest)"
     BAD_NAME = "bad-name", Stage.CHECK, "metadata.name is not a DNS label"
     DUPLICATE_NAME = "duplicate-name", Stage.CHECK, "two policies have the same name"
     BAD_VALUE = ("bad-value", Stage.CHECK,
@@ -104,6 +105,9 @@ class Code(StrEnum):
                 "not a systemd unit name of a type that runs processes")
     BAD_NETWORK = "bad-network", Stage.CHECK, "not an IP address or network, or host bits set"
     BAD_PORT = "bad-port", Stage.CHECK, "not a port (1..65535) or a FIRST-LAST range"
+    SHADOWED_RULE = ("shadowed-rule", Stage.CHECK,
+                     "a rule, or a path of it, that can never decide: an equal rule of the same "
+                     "section decides first", Severity.WARNING)
     # compiling a valid policy set
     SCOPE_CGROUP = ("scope-cgroup", Stage.COMPILE,
                     "a scope cgroup or the host cgroup is not a usable cgroup path")
@@ -144,6 +148,12 @@ class Diagnostic:
 
     def __str__(self) -> str:
         return f"{self.location}: {self.severity}: {self.message}"
+
+    def to_dict(self) -> dict[str, object]:
+        """The fields ``--json`` outputs carry (stable: docs/policy.md)."""
+        where = self.location
+        return {"file": where.file, "line": where.line, "col": where.col,
+                "severity": self.severity, "code": str(self.code), "message": self.message}
 
 
 class PolicyError(Exception):

@@ -1,7 +1,8 @@
 """Event lines: one formatter for syslog (RFC 5424) and JSON lines.
 
 Formatting happens in one place (``format_rfc5424`` and ``format_json`` over a
-``Record``), whatever the target. A line looks like::
+``Record``), whatever the target. The JSON-lines form is the recording format
+guard.policy.recording defines and reads (``guard replay``). A line looks like::
 
     <84>1 2026-11-25T09:41:00.123456Z host guard 4242 exec [guard@32473
     action="deny" kind="exec" hook="bprm_check" policy="web" rule="web/exec.rules[0]"
@@ -30,6 +31,7 @@ import re
 from dataclasses import dataclass
 
 from guard.events.records import ACTION_LOST, UNSAFE_CHARS, AuditEvent, escape_char
+from guard.policy.recording import operation_of
 
 # --- records and formatting -------------------------------------------------------
 
@@ -55,6 +57,10 @@ class Record:
     msgid: str
     params: tuple[tuple[str, ParamValue], ...]
     message: str
+    # fields only the JSON form carries (a decision's ``op``, see guard.policy.recording):
+    # what machines need to decide the operation again, which a syslog reader has
+    # in kind and hook already
+    json_params: tuple[tuple[str, ParamValue], ...] = ()
 
 
 def _severity(event: AuditEvent) -> int:
@@ -124,8 +130,9 @@ def _remarks(event: AuditEvent) -> str:
 
 
 def event_record(event: AuditEvent) -> Record:
+    op = operation_of(event.kind, event.hook)
     return Record(event.time_ns, _severity(event), event.kind, event_params(event),
-                  event_message(event))
+                  event_message(event), (("op", op),) if op else ())
 
 
 def log_record(severity: int, msgid: str, message: str,
@@ -205,7 +212,7 @@ def format_json(record: Record, hostname: str, procid: int,
         "msgid": record.msgid,
     }
     body.update((name, _one_line(value) if isinstance(value, str) else value)
-                for name, value in record.params)
+                for name, value in record.params + record.json_params)
     body["message"] = _one_line(record.message)
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 

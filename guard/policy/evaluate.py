@@ -12,9 +12,13 @@ prints their answers, so what explain says is what the kernel does:
 - connect: IPv4-mapped IPv6 is IPv4; the longest-prefix net entry of the
   ruleset, then the first line of its port table that matches.
 
-The kernel matches inodes, the evaluator paths: a path is taken as given and
-normalized lexically (``.``, ``..``, ``//``); resolving symlinks is the
-caller's business.
+The kernel matches inodes, the evaluator paths. Alone, a path is taken as
+given and normalized lexically (``.``, ``..``, ``//``). A caller on a machine
+(``guard explain``) resolves it as apply resolves rules and passes what it
+found as a ``ResolvedPath`` of plain values: then the file's entries are
+those whose EXACT or NAME identity is the file's, and the subtree entries
+those whose directory is one of the file's real parent directories, as the
+kernel finds them; evaluate itself never touches the file system.
 """
 
 from __future__ import annotations
@@ -116,6 +120,21 @@ def _unscoped(operation: str, target: str, cgroup: str, plan: Plan) -> Explanati
 # --- paths ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ResolvedPath:
+    """How the kernel would see an asked path on one machine, worked out by the caller
+    (guard.kernel.identity) with apply's own resolution of the plan's paths.
+
+    ``real`` is None when no file exists at the path: the decision is then by the
+    path as written (what a file created there later would meet, by its NAME key).
+    """
+
+    real: str | None  # the file's path with every symlink resolved
+    same_file: frozenset[str] = frozenset()  # exact plan paths whose identity is the file's
+    # per real parent directory, nearest first: the subtree plan paths that are it
+    parents: tuple[frozenset[str], ...] = ()
+
+
 def normalize_path(path: str) -> str:
     """Lexical normalization of an absolute path; ValueError for a relative one."""
     if not path.startswith("/"):
@@ -143,21 +162,57 @@ class _PathHit:
 PathEntry = ExecEntry | FileEntry
 
 
-def _walk(path: str, entries: list[PathEntry], access: str | None) -> list[_PathHit]:
-    """Every entry on the kernel's walk for ``path``: the exact one, then subtrees nearest first.
+def _walk(path: str, entries: list[PathEntry], access: str | None,
+          resolved: ResolvedPath | None = None) -> list[_PathHit]:
+    """Every entry on the kernel's walk for ``path``: the file's, then subtrees nearest first.
 
     ``access`` picks a FileEntry's read or write decision; None for exec entries.
+    With a ``resolved`` file, entries are matched by identity: several exact
+    paths can name the file (a symlink and its target), and the kernel takes the
+    strongest of their decisions, as for any tie.
     """
     exact = {e.path: e for e in entries if not e.subtree}
     subtree = {e.path: e for e in entries if e.subtree}
     found: list[tuple[str, PathEntry, int]] = []
-    if path in exact:
-        found.append((path, exact[path], 0))
-    for depth, directory in enumerate(parent_dirs(path), start=1):
-        if directory in subtree:
-            found.append((pattern_text(directory, True), subtree[directory], depth))
+    if resolved is None or resolved.real is None:
+        if path in exact:
+            found.append((path, exact[path], 0))
+        directories = [frozenset({d}) for d in parent_dirs(path)]
+    else:
+        same = [exact[p] for p in sorted(resolved.same_file) if p in exact]
+        decided = [e for e in same if _decision_of(e, access) is not None]
+        if decided or same:
+            best = max(decided or same, key=lambda e: _strength(_decision_of(e, access)))
+            found.append((best.path, best, 0))
+        directories = list(resolved.parents)
+    for depth, names in enumerate(directories, start=1):
+        there = [subtree[d] for d in names if d in subtree]
+        if there:  # two plan directories that are one: the deeper one's key, then the stronger
+            entry = max(there, key=lambda e: (len(parent_dirs(e.path)),
+                                              _strength(_decision_of(e, access))))
+            found.append((pattern_text(entry.path, True), entry, depth))
     return [_PathHit(pattern, _decision_of(entry, access), entry, depth)
             for pattern, entry, depth in found]
+
+
+def _strength(decision: Decision | None) -> tuple[int, int]:
+    """The tie-break of plan.py rule 3 as a sort key: the stronger verdict, the lower rule."""
+    return (-1, 0) if decision is None else (int(decision.verdict), -decision.rule)
+
+
+def _resolved_notes(asked: str, resolved: ResolvedPath | None, hit: str | None) -> list[str]:
+    if resolved is None:
+        return []
+    if resolved.real is None:
+        return [f"{asked} does not exist here: decided by the path as written (the kernel "
+                f"matches a file created there later by its name)"]
+    notes = []
+    if resolved.real != asked:
+        notes.append(f"{asked} resolves to {resolved.real}: decided by that file's identity, "
+                     f"as the kernel does")
+    if hit is not None and hit not in (asked, resolved.real):
+        notes.append(f"{hit} names the same file (matched by identity)")
+    return notes
 
 
 def _decision_of(entry: PathEntry, access: str | None) -> Decision | None:
@@ -168,9 +223,9 @@ def _decision_of(entry: PathEntry, access: str | None) -> Decision | None:
 
 def _path_explanation(
     plan: Plan, operation: str, target: str, cgroup: str, ruleset: Ruleset, scope: ScopeEntry,
-    walk: list[_PathHit], default: Decision | None, what: str,
+    walk: list[_PathHit], default: Decision | None, what: str, path_notes: list[str],
 ) -> Explanation:
-    notes = list(_scope_notes(cgroup))
+    notes = list(_scope_notes(cgroup)) + path_notes
     hits = [h for h in walk if h.decision is not None]
     passed = [h.pattern for h in walk[: walk.index(hits[0]) if hits else len(walk)]]
     if passed:
@@ -217,8 +272,16 @@ def _path_explanation(
         tuple(notes))
 
 
-def decide_exec(plan: Plan, cgroup: str, path: str) -> Explanation:
-    """Running the file ``path`` from a process in ``cgroup``."""
+def _walk_notes(path: str, entries: list[PathEntry], access: str | None,
+                resolved: ResolvedPath | None) -> tuple[list[_PathHit], list[str]]:
+    walk = _walk(path, entries, access, resolved)
+    file_hit = next((h.entry.path for h in walk if h.depth == 0), None)
+    return walk, _resolved_notes(path, resolved, file_hit)
+
+
+def decide_exec(plan: Plan, cgroup: str, path: str,
+                resolved: ResolvedPath | None = None) -> Explanation:
+    """Running the file ``path`` from a process in ``cgroup``; by identity when ``resolved``."""
     cgroup = normalize_cgroup(cgroup)
     path = normalize_path(path)
     found = ruleset_for(plan, cgroup)
@@ -226,12 +289,15 @@ def decide_exec(plan: Plan, cgroup: str, path: str) -> Explanation:
         return _unscoped("exec", path, cgroup, plan)
     ruleset, scope = found
     entries: list[PathEntry] = [e for e in plan.exec if e.ruleset == ruleset.id]
-    return _path_explanation(plan, "exec", path, cgroup, ruleset, scope,
-                             _walk(path, entries, None), _defaults(plan, ruleset).exec, "exec")
+    walk, notes = _walk_notes(path, entries, None, resolved)
+    return _path_explanation(plan, "exec", path, cgroup, ruleset, scope, walk,
+                             _defaults(plan, ruleset).exec, "exec", notes)
 
 
-def decide_open(plan: Plan, cgroup: str, path: str, access: str) -> Explanation:
-    """Opening ``path`` for ``access`` ("read" or "write") from a process in ``cgroup``."""
+def decide_open(plan: Plan, cgroup: str, path: str, access: str,
+                resolved: ResolvedPath | None = None) -> Explanation:
+    """Opening ``path`` for ``access`` ("read" or "write") from a process in ``cgroup``;
+    by identity when ``resolved``."""
     if access not in ("read", "write"):
         raise ValueError(f"access must be read or write, not {access!r}")
     cgroup = normalize_cgroup(cgroup)
@@ -242,8 +308,9 @@ def decide_open(plan: Plan, cgroup: str, path: str, access: str) -> Explanation:
         return _unscoped("open", target, cgroup, plan)
     ruleset, scope = found
     entries: list[PathEntry] = [e for e in plan.files if e.ruleset == ruleset.id]
-    return _path_explanation(plan, "open", target, cgroup, ruleset, scope,
-                             _walk(path, entries, access), None, "files")
+    walk, notes = _walk_notes(path, entries, access, resolved)
+    return _path_explanation(plan, "open", target, cgroup, ruleset, scope, walk, None,
+                             "files", notes)
 
 
 def _defaults(plan: Plan, ruleset: Ruleset) -> RulesetDefaults:
@@ -353,6 +420,7 @@ def _line_origin(plan: Plan, ruleset: Ruleset, addr: Address, line: PortMatch) -
 
 __all__ = [
     "Explanation",
+    "ResolvedPath",
     "decide_connect",
     "decide_exec",
     "decide_open",

@@ -22,6 +22,7 @@ from guard.errors import Location
 
 API_VERSION = "guard/v1"
 KIND = "Policy"
+TEST_KIND = "PolicyTest"  # a document of policy tests (guard.policy.policytest)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -39,15 +39,16 @@ import os
 import posixpath
 import re
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from yaml.nodes import Node, ScalarNode
+from yaml.nodes import MappingNode, Node, ScalarNode
 
 from guard.errors import Code, Diagnostic, Location
 from guard.policy.model import (
     API_VERSION,
     KIND,
+    TEST_KIND,
     Access,
     Action,
     Default,
@@ -112,6 +113,7 @@ class LoadResult:
     policy_set: PolicySet | None
     diagnostics: tuple[Diagnostic, ...]
     files: tuple[str, ...]
+    tests: tuple[object, ...] = ()  # what the test reader made of PolicyTest documents
 
     @property
     def errors(self) -> tuple[Diagnostic, ...]:
@@ -125,27 +127,45 @@ class _Document:
     name: str | None
     name_location: Location | None
     policy: Policy | None  # None when the document has an error
+    kind: str = KIND
+    test: object | None = None  # a PolicyTest document, as the test reader made it
+
+
+# Reads a PolicyTest document (guard.policy.policytest, which builds on this module):
+# given its fields, returns its name, the name's node and the test (None on an error).
+TestReader = Callable[[Context, Mapping[str, Node]], tuple[str | None, Node | None, object]]
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load_policy_paths(paths: Sequence[str]) -> LoadResult:
+STDIN_PATH = "-"  # a path argument that means standard input
+STDIN_NAME = "<stdin>"  # how diagnostics name it
+
+
+def load_policy_paths(paths: Sequence[str], *, stdin: bytes | None = None,
+                      tests: TestReader | None = None) -> LoadResult:
     """Read every policy file named or found below the given paths, and validate all of it.
 
     A directory contributes every ``*.yaml``/``*.yml`` below it, recursively, in
     sorted order, skipping dot-names and editor droppings; an explicitly named
-    file is always read, whatever its name.
+    file is always read, whatever its name. The path ``-`` is ``stdin`` (the
+    caller reads standard input), named ``<stdin>`` in diagnostics. Documents of
+    kind PolicyTest are read by ``tests`` when given (``guard check``, ``guard
+    test``), and skipped unread otherwise: enforcement ignores them.
     """
     diagnostics: list[Diagnostic] = []
     documents: list[_Document] = []
     files = _collect_files(paths, diagnostics)
     for name in files:
-        text, problem = _read_text(name)
+        if name == STDIN_NAME:
+            text, problem = _decode(stdin or b"", name)
+        else:
+            text, problem = _read_text(name)
         if problem is not None:
             diagnostics.append(problem)
             continue
-        file_documents, file_diagnostics = _parse_documents(text, name)
+        file_documents, file_diagnostics = _parse_documents(text, name, tests)
         documents.extend(file_documents)
         diagnostics.extend(file_diagnostics)
     diagnostics.extend(_duplicate_names(documents))
@@ -155,7 +175,8 @@ def load_policy_paths(paths: Sequence[str]) -> LoadResult:
         policies = sorted((d.policy for d in documents if d.policy is not None),
                           key=lambda p: p.name)
         policy_set = PolicySet(tuple(policies))
-    return LoadResult(policy_set, tuple(sorted(diagnostics)), tuple(files))
+    found = tuple(d.test for d in documents if d.test is not None)
+    return LoadResult(policy_set, tuple(sorted(diagnostics)), tuple(files), found)
 
 
 def parse_text(text: str, filename: str) -> tuple[list[Policy], list[Diagnostic]]:
@@ -182,7 +203,11 @@ def _collect_files(paths: Sequence[str], diagnostics: list[Diagnostic]) -> list[
             files.append(name)
 
     for path in paths:
-        if os.path.isdir(path):
+        if path == STDIN_PATH:
+            if STDIN_NAME not in seen:
+                seen.add(STDIN_NAME)
+                files.append(STDIN_NAME)
+        elif os.path.isdir(path):
             for name in _directory_files(path, diagnostics):
                 add(name)
         elif os.path.lexists(path):
@@ -237,8 +262,13 @@ def _read_text(name: str) -> tuple[str, Diagnostic | None]:
             data = handle.read(MAX_FILE_BYTES + 1)
     except OSError as error:
         return "", Diagnostic(at_start, Code.READ_ERROR, f"cannot read: {error.strerror or error}")
+    return _decode(data, name)
+
+
+def _decode(data: bytes, name: str) -> tuple[str, Diagnostic | None]:
+    """A file's bytes (at most MAX_FILE_BYTES + 1 of them) as text, or why they are not."""
     if len(data) > MAX_FILE_BYTES:
-        return "", Diagnostic(at_start, Code.FILE_TOO_LARGE,
+        return "", Diagnostic(Location(name, 1, 1), Code.FILE_TOO_LARGE,
                               f"file is larger than {MAX_FILE_BYTES} bytes")
     try:
         # utf-8-sig: a leading byte-order mark is dropped, so columns match editors.
@@ -254,7 +284,8 @@ def _read_text(name: str) -> tuple[str, Diagnostic | None]:
 # --------------------------------------------------------------------------- documents
 
 
-def _parse_documents(text: str, filename: str) -> tuple[list[_Document], list[Diagnostic]]:
+def _parse_documents(text: str, filename: str, tests: TestReader | None = None,
+                     ) -> tuple[list[_Document], list[Diagnostic]]:
     ctx = Context(filename, text)
     documents: list[_Document] = []
     seen_any = False
@@ -269,7 +300,7 @@ def _parse_documents(text: str, filename: str) -> tuple[list[_Document], list[Di
         elif isinstance(root, ScalarNode) and root.tag == TAG_NULL and root.value == "":
             ctx.warning(root, Code.EMPTY_DOCUMENT, "empty document: it contains no policy")
         else:
-            documents.append(_read_document(ctx, root, errors_before))
+            documents.append(_read_document(ctx, root, errors_before, tests))
         errors_before = ctx.error_count
     if not seen_any and ctx.error_count == 0:
         ctx.warning(None, Code.EMPTY_FILE, "no policy in this file")
@@ -277,18 +308,19 @@ def _parse_documents(text: str, filename: str) -> tuple[list[_Document], list[Di
 
 
 def _duplicate_names(documents: Iterable[_Document]) -> list[Diagnostic]:
-    first: dict[str, Location] = {}
+    first: dict[tuple[str, str], Location] = {}
     found: list[Diagnostic] = []
     for document in documents:
         if document.name is None or document.name_location is None:
             continue
-        if document.name in first:
+        key = (document.kind, document.name)
+        what = "policy" if document.kind == KIND else "test"
+        if key in first:
             found.append(Diagnostic(
                 document.name_location, Code.DUPLICATE_NAME,
-                f"duplicate policy name {_q(document.name)}: first defined at "
-                f"{first[document.name]}"))
+                f"duplicate {what} name {_q(document.name)}: first defined at {first[key]}"))
         else:
-            first[document.name] = document.name_location
+            first[key] = document.name_location
     return found
 
 
@@ -326,15 +358,44 @@ _NET_RULE_HINTS = {
 }
 
 
-def _read_document(ctx: Context, root: Node, errors_before: int) -> _Document:
-    """The document's policy, built only when nothing in it (since errors_before) was wrong."""
+def _kind(root: Node) -> str | None:
+    """The document's kind when it is written as a plain string, else None."""
+    if not isinstance(root, MappingNode):
+        return None
+    for key, value in root.value:
+        if isinstance(key, ScalarNode) and key.value == "kind" and \
+                isinstance(value, ScalarNode) and value.tag in STRING_TAGS:
+            return str(value.value)
+    return None
+
+
+def _read_document(ctx: Context, root: Node, errors_before: int,
+                   tests: TestReader | None = None) -> _Document:
+    """The document's policy, built only when nothing in it (since errors_before) was wrong.
+    A PolicyTest document goes to ``tests``, or is skipped unread without one."""
+    if _kind(root) == TEST_KIND:
+        if tests is None:
+            return _Document(None, None, None, TEST_KIND)
+        fields = mapping_fields(ctx, root, "a test document", _ROOT_KEYS, _ROOT_KEYS)
+        if fields is None:
+            return _Document(None, None, None, TEST_KIND)
+        if "apiVersion" in fields:
+            exact(ctx, fields["apiVersion"], "apiVersion", API_VERSION, Code.BAD_API_VERSION)
+        name, name_node, test = tests(ctx, fields)
+        name_location = ctx.location(name_node) if name is not None else None
+        return _Document(name, name_location, None, TEST_KIND,
+                         test if ctx.error_count == errors_before else None)
     fields = mapping_fields(ctx, root, "a policy document", _ROOT_KEYS, _ROOT_KEYS)
     if fields is None:
         return _Document(None, None, None)
     if "apiVersion" in fields:
         exact(ctx, fields["apiVersion"], "apiVersion", API_VERSION, Code.BAD_API_VERSION)
     if "kind" in fields:
-        exact(ctx, fields["kind"], "kind", KIND, Code.BAD_KIND)
+        kind = node_string(ctx, fields["kind"], "kind")
+        if kind is not None and kind != KIND:
+            ctx.error(fields["kind"], Code.BAD_KIND,
+                      f"unsupported kind {_q(kind)}: expected {KIND!r} (or {TEST_KIND!r} for "
+                      f"a test document)")
     name, name_node, description = None, None, ""
     metadata = mapping_fields(ctx, fields["metadata"], "metadata", ("name",), _METADATA_KEYS) \
         if "metadata" in fields else None

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guard.policy.model import PolicySet
+from guard.errors import Location
+from guard.policy.model import ExecRule, FileRule, NetRule, Policy, PolicySet
 
 
 @dataclass(frozen=True)
@@ -107,23 +108,50 @@ class RuleChanges:
         return f"+{len(self.added)} -{len(self.removed)} rules ({'; '.join(parts)})"
 
 
-def _rule_meanings(policy_set: PolicySet | None) -> Iterator[tuple[object, str]]:
-    """(what the rule means, its label) for every rule and section default."""
+SectionRule = ExecRule | FileRule | NetRule
+
+
+@dataclass(frozen=True)
+class SectionItem:
+    """A rule, or a section's default (``rule`` None), of one policy, with its label."""
+
+    policy: Policy
+    section: str  # exec | files | egress
+    label: str  # POLICY/SECTION.rules[I] or POLICY/SECTION.default
+    rule: SectionRule | None
+    default: str  # the section's default (allow | deny) for a default item, else ""
+    location: Location
+
+
+def section_items(policy_set: PolicySet | None) -> Iterator[SectionItem]:
+    """Every rule and section default of a policy set, policy by policy."""
     if policy_set is None:
         return
     for policy in policy_set.policies:
-        # mode and scope change what every rule of the policy does
-        context = (policy.name, policy.mode, policy.scope)
         for name in ("exec", "files", "egress"):
             section = getattr(policy, name)
             if section is None:
                 continue
             default = getattr(section, "default", None)
             if default is not None:
-                yield (context, name, "default", default), f"{policy.name}/{name}.default"
+                yield SectionItem(policy, name, f"{policy.name}/{name}.default", None,
+                                  str(default), section.location)
             for rule in section.rules:
-                yield ((context, name, dataclasses.replace(rule, index=0)),
-                       f"{policy.name}/{name}.rules[{rule.index}]")
+                yield SectionItem(policy, name, f"{policy.name}/{name}.rules[{rule.index}]",
+                                  rule, "", rule.location)
+
+
+def _rule_meanings(policy_set: PolicySet | None) -> Iterator[tuple[object, str]]:
+    """(what the rule means, its label) for every rule and section default."""
+    for item in section_items(policy_set):
+        # mode and scope change what every rule of the policy does
+        policy = item.policy
+        context = (policy.name, policy.mode, policy.scope)
+        if item.rule is None:
+            yield (context, item.section, "default", item.default), item.label
+        else:
+            yield ((context, item.section, dataclasses.replace(item.rule, index=0)),
+                   item.label)
 
 
 def rule_changes(old: PolicySet | None, new: PolicySet | None) -> RuleChanges:

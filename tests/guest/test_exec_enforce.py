@@ -378,7 +378,10 @@ def test_too_deep_to_walk_is_denied_and_counted(
 def test_kernel_agrees_with_the_evaluator(
     guard: GuestGuard, cgroup: Cgroup, tmp_path: Path
 ) -> None:
-    """A table of cases over nested scopes, exact and subtree rules, ties, modes, defaults."""
+    """A table of cases over nested scopes, exact and subtree rules, ties, modes, defaults,
+    and paths through symlinks (explain resolves them as the kernel does)."""
+    from guard.kernel.identity import plan_paths, resolve_question
+
     base = tmp_path / "t"
     files = [
         "bin/tool-a", "bin/tool-b", "bin/tool-c", "jail/x", "jail/ok/y", "jail/ok/deep/z",
@@ -386,6 +389,13 @@ def test_kernel_agrees_with_the_evaluator(
     ]
     for name in files:
         copy_binary(TRUE, base / name)
+    # Symlinks: the kernel decides the file they lead to, and so must explain.
+    links = {"link/tool-a": "../bin/tool-a", "link/tool-b": "../bin/tool-b", "link/jail": "../jail",
+             "link/ok": "../jail/ok"}
+    (base / "link").mkdir()
+    for name, target in links.items():
+        (base / name).symlink_to(target)
+    asked = [*files, "link/tool-a", "link/tool-b", "link/jail/x", "link/jail/ok/y", "link/ok/bad"]
     b = str(base)
     child = cgroup.child("child")
     allowlisted = cgroup.child("allowlisted")
@@ -410,13 +420,13 @@ def test_kernel_agrees_with_the_evaluator(
     assert guard.last_warnings == ()
     assert {s.cgroup for s in plan.scopes} == set(scoped)
 
-    cases = [(cg, f"{b}/{name}") for cg in (child, allowlisted) for name in files]
+    cases = [(cg, f"{b}/{name}") for cg in (child, allowlisted) for name in asked]
     cases += [(outside, f"{b}/bin/tool-a"), (parent, f"{b}/jail/x")]
     assert len(cases) >= 15
     seen: set[Verdict] = set()
     mismatches = []
     for cg, path in cases:
-        expected = decide_exec(plan, cg.path, path)
+        expected = decide_exec(plan, cg.path, path, resolve_question(plan_paths(plan), path))
         seen.add(expected.verdict)
         start = len(guard.log.for_cgroup(cg.id, settle_s=0))
         try:

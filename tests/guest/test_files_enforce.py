@@ -657,7 +657,10 @@ def test_kernel_agrees_with_the_evaluator(
     guard: GuestGuard, cgroup: TestCgroup, tmp_path: Path
 ) -> None:
     """A table of opens over nested scopes, exact and subtree rules, rules for one
-    access only (the walk passes them over for the other), ties, audit mode."""
+    access only (the walk passes them over for the other), ties, audit mode, and
+    paths through symlinks (explain resolves them as the kernel does)."""
+    from guard.kernel.identity import plan_paths, resolve_question
+
     b = tmp_path / "t"
     names = [
         "etc/shadow", "etc/passwd", "etc/public", "etc/ssh/sshd_config",
@@ -666,6 +669,12 @@ def test_kernel_agrees_with_the_evaluator(
     ]
     for name in names:
         make(b / name)
+    (b / "link").mkdir()
+    for name, target in {"shadow": "../etc/shadow", "public": "../etc/public",
+                         "ssh": "../etc/ssh", "trial": "../trial/sub"}.items():
+        (b / "link" / name).symlink_to(target)
+    asked = [*names, "link/shadow", "link/public", "link/ssh/sshd_config",
+             "link/ssh/keys/host_key", "link/trial/y"]
     child, other = cgroup.child("child"), cgroup.child("other")
     outside = cgroup.child("outside")
     p1 = files_policy("p1", [child.path, other.path], [
@@ -687,10 +696,11 @@ def test_kernel_agrees_with_the_evaluator(
     mismatches: list[str] = []
     try:
         for cg, probe in probes.values():
-            for name in names:
+            for name in asked:
                 for access, flags in (("read", os.O_RDONLY), ("write", os.O_WRONLY)):
                     path = b / name
-                    expected = decide_open(plan, cg.path, str(path), access)
+                    expected = decide_open(plan, cg.path, str(path), access,
+                                           resolve_question(plan_paths(plan), str(path)))
                     seen.add(expected.verdict)
                     start = len(guard.log.for_cgroup(cg.id, settle_s=0))
                     code = probe.call("open", path, flags)

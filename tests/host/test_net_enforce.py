@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import secrets
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -166,6 +170,64 @@ def test_udp_to_denied_destination_is_not_delivered(env: Env) -> None:
     # bounded wait: the allowed datagram arrived, the denied one never does
     assert env.lab.wait_received(allowed)
     assert not env.lab.wait_received(denied, timeout=1.0)
+
+
+# A datagram sent through a raw socket: with IP_HDRINCL the process writes the
+# whole IPv4 header itself, whatever protocol the socket was opened with.
+RAW_SEND = textwrap.dedent("""\
+    import json, socket, struct, sys
+    proto, hdrincl, dst, port, token = sys.argv[1], sys.argv[2] == "1", sys.argv[3], \\
+        int(sys.argv[4]), sys.argv[5].encode()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, getattr(socket, proto))
+    udp = struct.pack("!HHHH", 40000, port, 8 + len(token), 0) + token
+    if hdrincl:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+        src = socket.inet_aton("198.51.100.1")
+        packet = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64,
+                             socket.IPPROTO_UDP, 0, src, socket.inet_aton(dst)) + udp
+    else:
+        packet = udp
+    try:
+        sock.sendto(packet, (dst, 0))
+        print(json.dumps({"result": "ok"}))
+    except OSError as error:
+        print(json.dumps({"result": "error", "errno": error.errno}))
+    """)
+
+
+def raw_send(env: Env, proto: str, hdrincl: bool, dst: str, port: int, token: str
+             ) -> dict[str, Any]:
+    proc = env.inside.spawn([sys.executable, "-c", RAW_SEND, proto, "1" if hdrincl else "0",
+                             dst, str(port), token], netns=env.lab.client_ns,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+@pytest.mark.parametrize(("proto", "hdrincl"), [
+    ("IPPROTO_TCP", True),   # opened as TCP, writes a UDP header: the socket's protocol lies
+    ("IPPROTO_RAW", True),
+    ("IPPROTO_UDP", False),  # the kernel writes the IP header, the process the UDP one
+])
+def test_raw_sockets_are_judged_by_the_headers_they_send(env: Env, proto: str,
+                                                         hdrincl: bool) -> None:
+    env.enforce("""\
+        default: allow
+        rules:
+          - {action: deny, to: [198.51.100.2/32], ports: [7002], protocol: udp}
+        """)
+    denied, allowed = env.token("raw-deny"), env.token("raw-allow")
+    # the same crafted datagram reaches an allowed destination: raw sends work here
+    assert raw_send(env, proto, hdrincl, "198.51.100.3", 7002, allowed)["result"] == "ok"
+    assert env.lab.wait_received(allowed)
+    result = raw_send(env, proto, hdrincl, "198.51.100.2", 7002, denied)
+    assert result == {"result": "error", "errno": errno.EPERM}, result
+    assert not env.lab.wait_received(denied, timeout=1.0)
+    skb_egress = 10  # bpf/guard.h GUARD_HOOK_SKB_EGRESS
+    found = env.tap.wait_for(lambda e: e.hook == skb_egress and e.port == 7002)
+    assert found and found[0].proto == 17 and found[0].verdict == Verdict.DENY, found
 
 
 def test_ipv6_is_enforced_the_same_way(env: Env) -> None:

@@ -127,7 +127,7 @@ def test_compile_port_table_limit_exits_1(tmp_path: Path,
 
 @pytest.mark.parametrize(("argv", "lines"), [
     (["--policies", "tests/golden/web-tier.yaml", "--unit", "nginx.service",
-      "exec", "/usr/bin/curl"], [
+      "--as-written", "exec", "/usr/bin/curl"], [
         "deny: exec /usr/bin/curl from /system.slice/nginx.service",
         "  decided by web-tier/exec.rules[0] (tests/golden/web-tier.yaml:15:9): deny /usr/bin/curl",
         "  why: exact path match; more specific than the ruleset's default "

@@ -25,6 +25,8 @@ def test_exit_codes_and_targets_are_in_the_help() -> None:
     for line in ("0  success", "1  invalid policy input", "2  usage error",
                  "3  runtime failure"):
         assert line in text
+    for code in ExitCode:  # every code a command can exit with is listed
+        assert f"\n  {int(code)}  " in text, code
     run = build_parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
     for target in ("/dev/log", "unix:PATH", "udp://HOST:PORT", "tcp://HOST:PORT", "file:PATH",
                    "authpriv", "/var/log/auth.log", "journal", "guard events"):
