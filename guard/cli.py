@@ -11,6 +11,7 @@
     guard replay --policies DIR REC  recorded operations decided again; those that change
     guard diff OLD NEW               what a policy change changes: rules, map entries, events
     guard suggest --events REC ...   an allowlist policy learned from a recording
+    guard events [--json]            the running daemon's events, live
 
 Exit codes (guard.errors.ExitCode): 0 success, 1 invalid policy input, 2 usage
 error, 3 runtime failure, 4 replay or diff found changes. Each subcommand's
@@ -72,15 +73,84 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _compile_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host-cgroup", default="/", metavar="CGROUP",
+    parser.add_argument("--host-cgroup", default="/", metavar="CGROUP", type=_host_cgroup_arg,
                         help="the cgroup whole-host policies cover (default: /, the cgroup2 root)")
     parser.add_argument("--unit-cgroup", action="append", default=[], metavar="UNIT=CGROUP",
+                        type=_unit_cgroup_arg,
                         help="resolve a systemd unit to this cgroup instead of asking systemd")
 
 
 def _unit_cgroups(args: argparse.Namespace) -> dict[str, str]:
-    """The --unit-cgroup UNIT=CGROUP mapping."""
-    return dict(item.split("=", 1) for item in args.unit_cgroup)
+    """The --unit-cgroup UNIT=CGROUP mapping (each item checked by _unit_cgroup_arg)."""
+    return dict(args.unit_cgroup)
+
+
+# --- operator options: checked at once, with a hint (guard.policy.arguments) -----------
+
+
+def _host_cgroup_arg(text: str) -> str:
+    from guard.policy.arguments import cgroup_argument
+
+    try:
+        return cgroup_argument(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _unit_cgroup_arg(text: str) -> tuple[str, str]:
+    from guard.policy.arguments import unit_cgroup_argument
+
+    try:
+        return unit_cgroup_argument(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+EXIT_CODES = """exit codes (every command):
+  0  success (check: the policies are valid; explain: answered, whatever the verdict)
+  1  invalid policy input: positioned errors FILE:LINE:COL on stderr
+  2  usage error: the command line itself is wrong
+  3  runtime failure: no daemon answers, the kernel or the daemon refused, a stop timed out
+  4  replay or diff found changes (their --fail-on gate)
+  130  interrupted (Ctrl-C)"""
+
+RUN_TARGETS = """event targets (--syslog TARGET):
+  /dev/log          the local syslog daemon (the default); RFC 5424 lines, facility authpriv,
+                    which rsyslog on Debian/Ubuntu writes to /var/log/auth.log and
+                    systemd-journald keeps in the journal (journalctl SYSLOG_FACILITY=10)
+  unix:PATH         another unix datagram or stream socket speaking syslog
+  udp://HOST:PORT   a remote syslog over UDP (RFC 5426)
+  tcp://HOST:PORT   a remote syslog over TCP, octet-counted frames (RFC 6587)
+  file:PATH         JSON lines appended to PATH, one event per line (for machines)
+An unreachable target is said on stderr at start; events are queued and counted when lost.
+`guard events` shows the events live over the control socket, with or without syslog.
+
+--policies takes a directory (it is watched and re-read as a whole); to run one
+file, put it in a directory of its own."""
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from guard.service.tail import events_command
+
+    return events_command(args)
+
+
+def _add_events(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ev = sub.add_parser("events", help="the running daemon's events, live",
+                        description="Follow the running daemon's events over its control "
+                        "socket: readable lines, or --json (the file: target's JSON lines). "
+                        "Works without any syslog daemon. A client that reads too slowly "
+                        "is told how many events it missed; the daemon never waits for it.")
+    ev.add_argument("--json", action="store_true", help="one JSON object per event")
+    ev.add_argument("--policy", default=None, help="only this policy's events")
+    ev.add_argument("--action", default=None,
+                    choices=["deny", "audit", "would-deny", "lost"], help="only this action")
+    ev.add_argument("--kind", default=None,
+                    choices=["exec", "file", "connect", "tamper", "lost"], help="only this kind")
+    ev.add_argument("--count", type=int, default=0, metavar="N",
+                    help="exit after N events (default: follow until the daemon stops)")
+    ev.add_argument("--state-dir", default="/run/guard", metavar="DIR")
+    ev.set_defaults(func=cmd_events)
 
 
 def _load_plan(args: argparse.Namespace) -> Plan | ExitCode:
@@ -408,7 +478,12 @@ def _add_replay_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="guard", description=__doc__.split("\n\n")[0])
+    from guard import __version__
+
+    parser = argparse.ArgumentParser(prog="guard", description=__doc__.split("\n\n")[0],
+                                     epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"guard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser("check", help="validate policy files and directories")
@@ -449,14 +524,22 @@ def build_parser() -> argparse.ArgumentParser:
     e_conn.add_argument("--protocol", choices=["tcp", "udp"], default="tcp")
     expl.set_defaults(func=cmd_explain)
 
-    run = sub.add_parser("run", help="the daemon: enforce, watch, stream events")
-    run.add_argument("--policies", required=True, metavar="DIR")
+    run = sub.add_parser("run", help="the daemon: enforce, watch, stream events",
+                         epilog=RUN_TARGETS + "\n\n" + EXIT_CODES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--policies", required=True, metavar="DIR",
+                     help="the policy directory (not a file: see below)")
     run.add_argument("--syslog", default="/dev/log", metavar="TARGET",
-                     help="/dev/log (default), unix:PATH, udp://HOST:PORT, tcp://HOST:PORT")
-    run.add_argument("--host-cgroup", default="/", metavar="CGROUP",
-                     help="the cgroup whole-host policies cover and network programs attach to")
+                     help="where events go: /dev/log (default), unix:PATH, udp://HOST:PORT, "
+                          "tcp://HOST:PORT, file:PATH (JSON lines); see below")
+    run.add_argument("--host-cgroup", default="/", metavar="CGROUP", type=_host_cgroup_arg,
+                     help="the cgroup whole-host policies cover and network programs attach "
+                          "to, as in /proc/self/cgroup (default /)")
     run.add_argument("--state-dir", default="/run/guard", metavar="DIR",
                      help="where the status socket lives (default /run/guard)")
+    run.add_argument("--metrics", default=None, metavar="ADDR:PORT",
+                     help="serve Prometheus metrics over HTTP there (e.g. 127.0.0.1:9464; "
+                          "guard_policy_events_total and more, see docs/service.md)")
     run.add_argument("--no-watch", action="store_true",
                      help="do not watch the policy directory; reload on SIGHUP only")
     run.add_argument("--pin-dir", default=None, metavar="DIR",
@@ -486,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     stop.set_defaults(func=cmd_stop)
 
     _add_replay_parsers(sub)
+    _add_events(sub)
     return parser
 
 

@@ -26,7 +26,7 @@ import contextlib
 import ctypes
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from guard.events.enrich import Enricher
@@ -40,6 +40,7 @@ GATHER_S = 0.001  # a busy ring buffer is read at most this often (``gather``)
 CONGESTED_READ_S = 0.005  # ... and at least this often while the syslog target is full
 LOST_CHECK_S = 1.0  # the kernel's lost counter is read this often
 MAX_WAIT_S = 1.0
+ACTORS_MAX = 4096  # windows whose first line's process is remembered
 
 
 class EventReader:
@@ -57,6 +58,12 @@ class EventReader:
         self.dropped = 0
         self.lines = 0
         self.rule_hits: dict[str, int] = {}  # rule label -> reported decisions
+        # (policy, rule label, action, kind) -> events sent (the metrics endpoint)
+        self.event_counts: dict[tuple[str, str, str, str], int] = {}
+        # fold key -> (ppid, exe) of the window's first line (``_same_actor``)
+        self._actors: dict[Hashable, tuple[int, str]] = {}
+        # also given every event sent (guard events, the live tail); must not block
+        self.tap: Callable[[AuditEvent], None] | None = None
         self.last_busy = 0.0  # monotonic time of the last round that read or sent
         self.next_lost_check = 0.0
 
@@ -187,14 +194,36 @@ class EventReader:
         if count:
             raw = raw._replace(count=count)
         event = enricher.enrich(raw)
+        event = self._same_actor(record_identity(data), event, count)
         if event.rule:  # hits as reported in lines: a window's count when it closes
             self.rule_hits[event.rule] = self.rule_hits.get(event.rule, 0) + event.count
         self.send(event)
 
+    def _same_actor(self, key: Hashable, event: AuditEvent, count: int) -> AuditEvent:
+        """A window's count=N line, made when the window closes, names the process
+        as its first line did: by then the process may have exited, and /proc no
+        longer gives its ppid and executable."""
+        actors = self._actors
+        if not count:
+            if event.ppid or event.exe:
+                actors.pop(key, None)
+                actors[key] = (event.ppid, event.exe)
+                if len(actors) > ACTORS_MAX:
+                    del actors[next(iter(actors))]
+            return event
+        known = actors.get(key)
+        if known is None or (event.ppid and event.exe):
+            return event
+        return event._replace(ppid=event.ppid or known[0], exe=event.exe or known[1])
+
     def send(self, event: AuditEvent) -> None:
         """Queue the line; the loop delivers it before it waits again."""
         self.lines += 1
+        key = (event.policy, event.rule, event.action, event.kind)
+        self.event_counts[key] = self.event_counts.get(key, 0) + event.count
         self.sink.queue_event(event)
+        if self.tap is not None:
+            self.tap(event)
 
     def check_losses(self, kernel_lost: int | None) -> int:
         """Report what was lost since the last check; the kernel's total when

@@ -161,8 +161,22 @@ def program_text(families: Iterable[str], bpf_dir: Path = BPF_DIR) -> str:
                    for family in sorted(set(families), key=FAMILIES.index))
 
 
+# Warnings clang gives about the kernel's own headers, never about guard's C: they
+# would bury the start-up lines under a hundred lines of noise (errors still show).
+QUIET_CFLAGS = (
+    "-Wno-unused-function",
+    "-Wno-ignored-attributes",  # 'nocf_check' attribute ignored (x86 ibt.h)
+    "-Wno-unknown-warning-option",
+    "-Wno-address-of-packed-member",
+    "-Wno-gnu-variable-sized-type-not-at-end",
+    "-Wno-compare-distinct-pointer-types",
+    "-Wno-unused-value",
+    "-Wno-pointer-sign",
+)
+
+
 def cflags(bpf_dir: Path = BPF_DIR) -> list[str]:
-    return [f"-I{bpf_dir}", "-Wno-unused-function"]
+    return [f"-I{bpf_dir}", *QUIET_CFLAGS]
 
 
 # --- which family a failed load belongs to ------------------------------------------
@@ -301,14 +315,17 @@ def attribute(error: str, output: str, owners: Owners, program: str = "") -> Fau
 
 
 @contextlib.contextmanager
-def captured_stderr() -> Iterator[list[str]]:
+def captured_stderr(echo: str = "failure") -> Iterator[list[str]]:
     """Collect what is written to fd 2 meanwhile (appended to the yielded list on exit).
 
     clang's diagnostics and the verifier's log are printed by bcc's C++ library
     to fd 2, not carried by the Python exception, so attribution needs them.
-    They are written back to the real fd 2 afterwards: the operator's journal
-    keeps them, as without the capture. Process-wide while it lasts: another
-    thread's stderr output of that moment is delayed, not lost.
+    ``echo`` says when they are written back to the real fd 2 afterwards:
+    "failure" (the default: when the block raised, the operator's journal keeps
+    the compiler's and verifier's words; a load that worked says nothing),
+    "always", or "never" (a probe expected to fail: its reason is reported by
+    guard in its own words). Process-wide while it lasts: another thread's
+    stderr output of that moment is delayed, not lost.
     """
     out: list[str] = []
     try:
@@ -321,16 +338,21 @@ def captured_stderr() -> Iterator[list[str]]:
     with contextlib.suppress(Exception):
         sys.stderr.flush()
     saved = os.dup(2)
+    failed = False
     try:
         os.dup2(sink, 2)
         try:
             yield out
+        except BaseException:
+            failed = True
+            raise
         finally:
             with contextlib.suppress(Exception):
                 sys.stderr.flush()
             os.dup2(saved, 2)
             data = _read_all(sink)
-            _write_all(2, data)
+            if echo == "always" or (echo == "failure" and failed):
+                _write_all(2, data)
             out.append(data.decode(errors="replace"))
     finally:
         os.close(saved)
@@ -579,16 +601,19 @@ def _try_load(text: str, prog_type: int | None, attach_type: int = -1) -> str | 
         return f"bcc is not importable: {error}"
     bpf: Any = None
     try:
-        bpf = BPF(text=text.encode())
-        if prog_type is not None:
-            bpf.load_func(b"guard_probe", prog_type, attach_type=attach_type)
+        # libbpf's "Failed to load program" of a probe expected to fail, and
+        # clang's header warnings, are not the operator's business: the reason
+        # is returned in guard's words
+        with captured_stderr(echo="never"):
+            bpf = BPF(text=text.encode(), cflags=list(QUIET_CFLAGS))
+            if prog_type is not None:
+                bpf.load_func(b"guard_probe", prog_type, attach_type=attach_type)
         return None
     except Exception as error:
         text = str(error).strip()
         last = text.splitlines()[-1] if text else repr(error)
         if "super-user" in last:  # bcc's words for EPERM from BPF_PROG_LOAD
-            return "the kernel refused to load it (EPERM; on this kind of host: no "\
-                   "trampolines for LSM programs)"
+            return "the kernel refused to load it (EPERM)"
         return last
     finally:
         if bpf is not None:
@@ -643,15 +668,21 @@ def needed_sections(policy_set: PolicySet) -> list[tuple[str, str, str]]:
 
 
 def unenforced(policy_set: PolicySet, unavailable: Mapping[str, str]) -> list[str]:
-    """One message per family a policy needs and the kernel cannot run."""
-    by_family: dict[str, list[str]] = {}
+    """One message per reason the kernel cannot run families a policy needs: the
+    families that share a reason (the LSM ones do) are named together, so a long
+    reason is said once."""
+    by_reason: dict[str, tuple[list[str], list[str]]] = {}
     for family, policy, where in needed_sections(policy_set):
         if family in unavailable:
-            by_family.setdefault(family, []).append(f"policy {policy} section {where}")
+            families, items = by_reason.setdefault(unavailable[family], ([], []))
+            if family not in families:
+                families.append(family)
+            items.append(f"policy {policy} section {where}")
     return [
-        f"the kernel cannot run the {family} programs ({unavailable[family]}); "
+        f"the kernel cannot run the {' and '.join(sorted(families))} programs ({reason}); "
         f"NOT ENFORCED: {'; '.join(items)}"
-        for family, items in sorted(by_family.items())
+        for reason, (families, items) in sorted(by_reason.items(),
+                                                key=lambda kv: sorted(kv[1][0]))
     ]
 
 

@@ -40,9 +40,10 @@ from guard.errors import ExitCode
 from guard.kernel.cgroups import cgroup_of_pid
 from guard.kernel.pin import describe_pinned, pinned_summary, process_gone, remove_all
 from guard.service import memory
+from guard.service.report import format_families, format_policies
 
 STATUS_SOCKET = "status.sock"
-READ_ONLY = frozenset({"status"})  # every other command changes something
+READ_ONLY = frozenset({"status", "events"})  # every other command changes something
 SO_PEERPIDFD = 77  # include/uapi/asm-generic/socket.h (Linux 6.5); not in Python 3.11
 REQUEST_LIMIT = 65_536
 
@@ -113,6 +114,8 @@ def _read(path: Path) -> str:
 
 
 Handler = Callable[[Mapping[str, Any], Caller], dict[str, Any]]
+# a command that streams: it takes the connection over (and closes it when done)
+StreamHandler = Callable[[socket.socket, Mapping[str, Any], Caller], None]
 Authorize = Callable[[Caller], str | None]  # a reason to refuse, or None
 OnRefused = Callable[[Caller, str, str], None]  # (caller, command, reason)
 
@@ -121,10 +124,12 @@ class ControlServer:
     """The daemon's end of the control socket."""
 
     def __init__(self, state_dir: Path, handlers: Mapping[str, Handler], *,
-                 authorize: Authorize, on_refused: OnRefused) -> None:
+                 authorize: Authorize, on_refused: OnRefused,
+                 streams: Mapping[str, StreamHandler] | None = None) -> None:
         self.state_dir = state_dir
         self.path = state_dir / STATUS_SOCKET
         self.handlers = dict(handlers)
+        self.streams = dict(streams or {})
         self.authorize = authorize
         self.on_refused = on_refused
         self._sock: socket.socket | None = None
@@ -166,14 +171,36 @@ class ControlServer:
                 conn, _ = sock.accept()
             except OSError:
                 return  # closed at shutdown
-            with conn:
+            handed_over = False
+            try:
                 conn.settimeout(2.0)
                 try:
-                    reply = self.answer(_read_line(conn), peer_of(conn))
+                    request, caller = _read_line(conn), peer_of(conn)
+                    stream = self._stream_for(request, caller)
+                    if stream is not None:
+                        stream[0](conn, stream[1], caller)
+                        handed_over = True
+                        continue
+                    reply = self.answer(request, caller)
                 except (OSError, ValueError) as error:
                     reply = {"ok": False, "error": str(error)}
                 with contextlib.suppress(OSError):
                     conn.sendall(json.dumps(reply, sort_keys=True).encode() + b"\n")
+            finally:
+                if not handed_over:
+                    conn.close()
+
+    def _stream_for(self, request: bytes, caller: Caller
+                    ) -> tuple[StreamHandler, Mapping[str, Any]] | None:
+        """The stream handler a request asks for and may have, with its body; None
+        for any other request (``answer`` replies to it, refusals included)."""
+        with contextlib.suppress(ValueError):
+            body = json.loads(request or b"{}")
+            command = body.get("command") if isinstance(body, dict) else None
+            handler = self.streams.get(command) if isinstance(command, str) else None
+            if handler is not None and (command in READ_ONLY or self.refusal(caller) is None):
+                return handler, body
+        return None
 
     def answer(self, request: bytes, caller: Caller) -> dict[str, Any]:
         """One request: {"command": NAME, ...}; the reply. Authorization first."""
@@ -182,6 +209,8 @@ class ControlServer:
             return {"ok": False, "error": "a request is one JSON object"}
         command = body.get("command", "status")
         handler = self.handlers.get(command) if isinstance(command, str) else None
+        if handler is None and command in self.streams:
+            handler = _not_a_stream
         if handler is None:
             return {"ok": False, "error": f"unknown command {command!r}"}
         if command not in READ_ONLY:
@@ -208,6 +237,10 @@ class ControlServer:
         sock.close()
         with contextlib.suppress(OSError):
             self.path.unlink()
+
+
+def _not_a_stream(_body: Mapping[str, Any], _caller: Caller) -> dict[str, Any]:
+    return {"ok": False, "error": "a streaming command (reached only for a refused caller)"}
 
 
 def _read_line(conn: socket.socket, limit: int = REQUEST_LIMIT) -> bytes:
@@ -252,14 +285,21 @@ def status(args: Any) -> int:
         reason = "no daemon is running" if isinstance(error, FileNotFoundError | \
             ConnectionRefusedError) else str(error)
         print(f"guard status: {reason} (state dir {args.state_dir})", file=sys.stderr)
-        for line in describe_pinned(Path(getattr(args, "pin_dir", "/sys/fs/bpf/guard")),
-                                    Path(args.state_dir)):
+        pin_dir = Path(getattr(args, "pin_dir", "/sys/fs/bpf/guard"))
+        pinned = describe_pinned(pin_dir, Path(args.state_dir))
+        for line in pinned:
             print(f"guard status: {line}", file=sys.stderr)
+        if getattr(args, "json", False):  # a script always gets JSON on stdout
+            print(json.dumps({"running": False, "error": reason, "state_dir": args.state_dir,
+                              "pin_dir": str(pin_dir), "pinned": pinned_summary(pin_dir)},
+                             indent=2, sort_keys=True))
         return ExitCode.RUNTIME
     if not reply.get("ok"):
         print(f"guard status: {reply.get('error')}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"running": True, "error": str(reply.get("error"))}))
         return ExitCode.RUNTIME
-    body = reply["status"]
+    body = {"running": True, **reply["status"]}
     if args.json:
         print(json.dumps(body, indent=2, sort_keys=True))
     else:
@@ -338,19 +378,8 @@ def format_status(body: Mapping[str, Any]) -> str:
         f"revision: {body['revision']}  generation {body['generation']}  "
         f"({len(body['policies'])} policies, {body['rules']} rules) from {body['policies_dir']}",
     ]
-    fam = body["families"]
-    lines.append(f"enforced: {', '.join(fam['enforced']) or 'nothing'}")
-    for name, why in sorted(fam["unavailable"].items()):
-        lines.append(f"unavailable: {name}: {why}")
-    for message in fam["unenforced"]:
-        lines.append(f"ERROR: {message}")
-    if body["policies"]:
-        lines.append("policies:")
-        width = max(len(p["name"]) for p in body["policies"])
-        for p in body["policies"]:
-            lines.append(f"  {p['name']:<{width}}  {p['mode']:<7}  rules {p['rules']:<4} "
-                         f"{','.join(p['sections']) or '-':<18} scope {','.join(p['scope'])}"
-                         f"  ({p['file']})")
+    lines.extend(format_families(body))
+    lines.extend(format_policies(body))
     ev = body["events"]
     lost = ev["lost"]
     lines.append(f"events: received {ev['received']}, lines {ev['lines']}, "

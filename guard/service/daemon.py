@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import logging
 import os
 import select
@@ -64,7 +63,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,15 +93,19 @@ from guard.kernel.loader import (
     probe_features,
     unenforced,
 )
+from guard.kernel.lsm import LsmReport
 from guard.kernel.pin import Manifest, Persistence, PinError, Retired
 from guard.kernel.tamper import configure as configure_tamper
 from guard.policy.evaluate import ruleset_for
+from guard.policy.hits import carry_event_counts, carry_hits
 from guard.policy.load import PolicyLoad, load_policies
 from guard.policy.model import PolicySet
 from guard.policy.revision import rule_changes
 from guard.policy.units import normalize_cgroup
-from guard.service import memory, notify
+from guard.service import memory, notify, startup
 from guard.service.control import Caller, ControlServer
+from guard.service.report import daemon_status, iso
+from guard.service.tail import EventHub
 from guard.service.watch import PolicyWatcher
 
 log = logging.getLogger("guard")
@@ -169,6 +172,7 @@ class Daemon:
         self.reloads = 0
         self.last_reload: ReloadOutcome | None = None
         self.last_reload_error: ReloadOutcome | None = None
+        self.reload_errors = 0
         self._stop = False
         # reload requests, from the signal handler and the watcher thread: deque
         # appends and pops are atomic, so no lock (a lock in a signal handler can
@@ -179,9 +183,12 @@ class Daemon:
         self.watch_error = ""
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.hub = EventHub(sink.hostname, os.getpid())
+        self.events.tap = self.hub.publish
         self.control = ControlServer(self.state_dir, {"status": self._on_status,
                                                       "stop": self._on_stop},
-                                     authorize=self._authorize, on_refused=self._refused)
+                                     authorize=self._authorize, on_refused=self._refused,
+                                     streams={"events": self.hub.serve})
         self._ring: Any = None
         self._stats: Any = None
         self._ringbuf_fd = -1
@@ -189,6 +196,8 @@ class Daemon:
                                        fail_open=fail_open)
         self.tamper_error = ""
         self.memory_release: memory.Release | None = None
+        self.lsm_report: LsmReport | None = None
+        self.progress = startup.Progress(self.stderr)
         self._unload = False
 
     # -- messages ------------------------------------------------------------------
@@ -196,8 +205,7 @@ class Daemon:
     def say(self, severity: int, msgid: str, message: str,
             params: tuple[tuple[str, ParamValue], ...] = ()) -> None:
         """A line about the daemon itself: to stderr (the journal) and to syslog."""
-        label = {SEV_ERR: "error: ", SEV_WARNING: "warning: "}.get(severity, "")
-        print(f"guard: {label}{message}", file=self.stderr, flush=True)
+        print(startup.stderr_line(severity, message), file=self.stderr, flush=True)
         self.sink.submit(log_record(severity, msgid, f"guard: {message}", params))
 
     # -- start ---------------------------------------------------------------------
@@ -207,7 +215,10 @@ class Daemon:
         # Watch before the first read: a change made while we read and compile
         # is then a reload right after start, never a change we missed.
         self._start_watcher()
-        loaded = load_policies(self.policies, self.host_cgroup, unit_lookup=systemd_unit_cgroups)
+        with self.progress.stage("compile") as done:
+            loaded = load_policies(self.policies, self.host_cgroup,
+                                   unit_lookup=systemd_unit_cgroups)
+            done(startup.compiled(loaded))
         if not isinstance(loaded, PolicyLoad):
             for diagnostic in loaded:
                 print(diagnostic, file=self.stderr)
@@ -228,16 +239,23 @@ class Daemon:
 
         features = self._probe()
         load, self.unavailable = families_to_load(features)
+        self.lsm_report = startup.lsm_report(self.unavailable)
         self.unenforced = unenforced(loaded.policy_set, self.unavailable)
         for message in self.unenforced:
             self.say(SEV_ERR, "unenforced", message)
+        if self.lsm_report is not None:
+            for line in self.lsm_report.lines():
+                self.say(SEV_WARNING, "lsm", line.strip())
         if not load:
             self.say(SEV_ERR, "start", "no program family can run on this kernel: "
                      + "; ".join(f"{f}: {why}" for f, why in sorted(self.unavailable.items())))
             return ExitCode.RUNTIME
 
         try:
-            self.kernel = self._make_kernel(load)
+            with self.progress.stage("load", f"compiling and loading the "
+                                     f"{', '.join(sorted(load))} programs (bcc)") as done:
+                self.kernel = self._make_kernel(load)
+                done(f"{', '.join(sorted(self.kernel.families))} loaded and attached")
         except (LoadError, OSError) as error:
             self.say(SEV_ERR, "start", f"loading the programs failed: {error}")
             return ExitCode.RUNTIME
@@ -247,7 +265,9 @@ class Daemon:
 
         self.applier = Applier(self.kernel)
         try:
-            result = self.applier.apply(loaded.plan)
+            with self.progress.stage("apply") as done:
+                result = self.applier.apply(loaded.plan)
+                done(f"{result.written} map writes, generation {result.generation}")
         except (ApplyError, OSError) as error:
             self.say(SEV_ERR, "start", f"applying the policies failed: {error}")
             self._close_kernel()
@@ -259,6 +279,9 @@ class Daemon:
 
         self._open_events()
         self._persist(loaded)
+        unreachable = startup.target_unreachable(self.sink)
+        if unreachable:  # before READY=1: who waits for it has read this line
+            print(f"guard: warning: {unreachable}", file=self.stderr, flush=True)
         summary = self._summary(loaded)
         notify.ready(summary)
         self.say(SEV_INFO, "start", summary,
@@ -279,9 +302,7 @@ class Daemon:
             watcher = PolicyWatcher(Path(self.policies), lambda: self.request_reload("watch"))
             watcher.start()
         except Exception as error:  # no inotify, limits: SIGHUP still works
-            self.watch_error = f"{type(error).__name__}: {error}"
-            print(f"guard: warning: cannot watch {self.policies} ({self.watch_error}); "
-                  "reload with SIGHUP", file=self.stderr, flush=True)
+            self.watch_error = f"{type(error).__name__}: {error}"  # said once started
             return
         self.watcher = watcher
 
@@ -358,7 +379,7 @@ class Daemon:
         assert self.kernel is not None
         try:
             pinned = keep.pin(self.kernel, Manifest(
-                instance=keep.instance, pid=os.getpid(), started=_iso(self.started_ns),
+                instance=keep.instance, pid=os.getpid(), started=iso(self.started_ns),
                 revision=str(loaded.revision), policies_dir=self.policies,
                 host_cgroup=self.host_cgroup, families=tuple(self.enforced),
                 pin_dir=str(keep.pin_dir)))
@@ -583,6 +604,12 @@ class Daemon:
                                + (f"; {changes.summary()}" if changes else ""))
         with self._lock:  # the status thread sees the old state or the new, not a mix
             self.generation, self.active_slot = result.generation, result.slot
+            # counts follow what a rule says: a changed rule starts from zero
+            before = self.current.policy_set if self.current else None
+            self.events.rule_hits = carry_hits(before, loaded.policy_set,
+                                               self.events.rule_hits)
+            self.events.event_counts = carry_event_counts(before, loaded.policy_set,
+                                                          self.events.event_counts)
             self.current = loaded
             self.unenforced = unenforced(loaded.policy_set, self.unavailable)
             self.last_reload = outcome
@@ -618,6 +645,7 @@ class Daemon:
         with self._lock:
             self.last_reload = self.last_reload_error = outcome
             self.reloads += 1
+            self.reload_errors += 1
         self.say(SEV_ERR, "reload", f"reload ({outcome.reason}) {outcome.summary}",
                  (("revision", kept), ("errors", len(outcome.errors)),
                   ("reason", outcome.reason)))
@@ -638,6 +666,7 @@ class Daemon:
         self.say(SEV_INFO, "stop", f"stopped; enforcement stays pinned in {kept} (fail-closed; "
                  "`guard stop --unload` removes it)" if kept else "stopped; every program detached")
         self.sink.close(timeout=2.0)
+        self.hub.close()
         self.control.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
@@ -666,77 +695,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """Everything ``guard status`` shows; safe to call from the status thread."""
         with self._lock:
-            current = self.current
-            policies = []
-            rules: dict[str, int] = {}
-            if current is not None:
-                for rule in current.plan.rules:
-                    rules[rule.policy] = rules.get(rule.policy, 0) + 1
-                for policy in current.policy_set.policies:
-                    policies.append({
-                        "name": policy.name,
-                        "mode": str(policy.mode),
-                        "file": policy.location.file,
-                        "sections": [s for s in ("exec", "files", "egress")
-                                     if getattr(policy, s) is not None],
-                        "scope": (list(policy.scope.cgroups) + list(policy.scope.units))
-                        or ["(host)"],
-                        "rules": rules.get(policy.name, 0),
-                    })
-            reader = self.events
-            agg = reader.folder.stats()
-            sink = self.sink.stats()
-            kernel = {name: self.kernel_stat(index) for name, index in (
-                ("events", layout.STAT_EVENTS), ("lost", layout.STAT_EVENTS_LOST),
-                ("undecided", layout.STAT_UNDECIDED), ("denied", layout.STAT_DENIED),
-                ("audited", layout.STAT_AUDITED), ("suppressed", layout.STAT_SUPPRESSED),
-                ("tamper", layout.STAT_TAMPER))}
-            return {
-                "pid": os.getpid(),
-                "uptime_s": round(time.monotonic() - self.started, 3),
-                "started": _iso(self.started_ns),
-                "policies_dir": self.policies,
-                "host_cgroup": self.host_cgroup,
-                "revision": str(current.revision) if current else None,
-                "revision_detail": current.revision.as_dict() if current else None,
-                "generation": self.generation,
-                "active_slot": self.active_slot,
-                "policies": policies,
-                "rules": len(current.plan.rules) if current else 0,
-                "families": {"enforced": self.enforced, "unavailable": self.unavailable,
-                             "unenforced": self.unenforced},
-                "events": {
-                    "received": reader.received,
-                    "lines": reader.lines,
-                    "aggregated": agg.aggregated,
-                    "pending": agg.pending,
-                    "delivered": sink.delivered,
-                    "lost": {"ringbuf": reader.losses.kernel_lost,
-                             "reader": reader.losses.reader_lost,
-                             "malformed": reader.malformed,
-                             "sink": sink.overflow},
-                },
-                "kernel": kernel,
-                "sink": asdict(sink),
-                "reloads": self.reloads,
-                "last_reload": _outcome(self.last_reload),
-                "last_reload_error": _outcome(self.last_reload_error),
-                "watch": self._watch_status(),
-                "pins": self.persistence.status(),
-                "tamper": {"enabled": "tamper" in self.enforced, "error": self.tamper_error,
-                           "denied": kernel["tamper"]},
-                "rule_hits": dict(sorted(reader.rule_hits.items())),
-                "memory": memory.status_body(self.memory_release),
-            }
-
-    def _watch_status(self) -> dict[str, Any]:
-        watcher = self.watcher
-        return {
-            "enabled": watcher is not None,
-            "error": self.watch_error,
-            "bursts": watcher.bursts if watcher is not None else 0,
-            "rearms": watcher.rearms if watcher is not None else 0,
-        }
+            return daemon_status(self)
 
     # -- control (guard.service.control) ---------------------------------------------
 
@@ -784,19 +743,6 @@ def _capped(errors: list[str]) -> list[str]:
     return [*errors[:MAX_ERROR_LINES], f"... and {len(errors) - MAX_ERROR_LINES} more errors"]
 
 
-def _iso(time_ns: int) -> str:
-    return datetime.datetime.fromtimestamp(time_ns / 1e9, datetime.UTC).isoformat(
-        timespec="seconds").replace("+00:00", "Z")
-
-
-def _outcome(outcome: ReloadOutcome | None) -> dict[str, Any] | None:
-    if outcome is None:
-        return None
-    body = asdict(outcome)
-    body["time"] = _iso(body.pop("time_ns"))
-    return body
-
-
 # --- entry points ------------------------------------------------------------------------
 
 
@@ -814,10 +760,13 @@ def run(args: argparse.Namespace) -> int:
     except TargetError as error:
         print(f"guard run: {error}", file=sys.stderr)
         return ExitCode.USAGE
-    if not Path(args.policies).is_dir():
-        print(f"guard run: --policies {args.policies}: not a directory", file=sys.stderr)
+    problem = (startup.policies_dir_problem(args.policies)
+               or startup.host_cgroup_problem(args.host_cgroup))
+    if problem:
+        print(f"guard run: {problem}", file=sys.stderr)
         return ExitCode.USAGE
     logging.basicConfig(level=logging.WARNING, format="guard: %(message)s", stream=sys.stderr)
+    startup.quiet_repeated_loggers()
     sink = Sink(target, queue_size=int(_setting(args, "syslog_queue", "GUARD_SYSLOG_QUEUE",
                                                 10_000)))
     daemon = Daemon(args.policies, args.host_cgroup, args.state_dir, sink,
@@ -826,13 +775,21 @@ def run(args: argparse.Namespace) -> int:
                     watch=not getattr(args, "no_watch", False),
                     pin_dir=getattr(args, "pin_dir", None),
                     fail_open=getattr(args, "fail_open", False))
+    metrics = startup.metrics_server(getattr(args, "metrics", None), daemon, sys.stderr)
+    if metrics is False:
+        daemon.abort()
+        return ExitCode.USAGE
     # Signals first: a SIGTERM during the (slow) compile must still end cleanly.
     daemon.install_signals()
-    code = daemon.start()
-    if code != ExitCode.OK:
-        daemon.abort()
-        return code
-    return daemon.serve()  # returns at once, cleanly, if SIGTERM came during the start
+    try:
+        code = daemon.start()
+        if code != ExitCode.OK:
+            daemon.abort()
+            return code
+        return daemon.serve()  # returns at once, cleanly, if SIGTERM came during the start
+    finally:
+        if metrics:
+            metrics.close()
 
 
 __all__ = ["Daemon", "ReloadOutcome", "run"]

@@ -327,7 +327,8 @@ def test_status_json_and_text(lab: Lab) -> None:
         assert status["revision"].startswith(("sha256:", "git:"))
         assert [p["name"] for p in status["policies"]] == ["lock"]
         assert status["policies"][0]["sections"] == ["egress"]
-        assert status["policies"][0]["rules"] == status["rules"] == 2  # the rule + default
+        assert status["policies"][0]["rules"] == status["rules"] == 1  # as written: no default
+        assert status["policies"][0]["enforced"] is True
         assert status["generation"] >= 1
         assert "net" in status["families"]["enforced"]
         assert status["events"]["received"] == 3

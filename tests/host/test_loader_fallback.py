@@ -368,8 +368,9 @@ def test_the_daemon_reports_a_family_that_failed_to_load_and_enforces_the_rest(
         assert f"guard: error: {daemon.unenforced[0]}" in said
         status = query(str(daemon.state_dir))["status"]
         shown = format_status(status)
-        assert "enforced: net\n" in shown and f"unavailable: exec: {why}\n" in shown
-        assert f"ERROR: {daemon.unenforced[0]}\n" in shown
+        assert "enforced: net\n" in shown and f"not available [R1]: exec: {why}\n" in shown
+        assert "exec: NOT enforced [R1]; egress: enforced" in shown
+        assert shown.count(why) == 1  # the reason once, the table refers to it
         # a reload keeps the reduced set, and says again what is left unenforced
         policy.write_text(egress_policy("web", inside.path, allowed, exec_rule=True))
         assert daemon.reload("test")

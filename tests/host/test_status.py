@@ -172,8 +172,12 @@ def test_status_json_field_by_field(lab: Lab) -> None:
         assert status["active_slot"] in (0, 1)
         [entry] = status["policies"]
         assert entry == {"name": "lock", "mode": "enforce", "file": str(policy_file),
-                         "sections": ["egress"], "scope": [lab.inside.path], "rules": 3}
-        assert status["rules"] == 3  # two rules and the default
+                         "sections": ["egress"], "scope": [lab.inside.path], "rules": 2,
+                         "enforced": True, "host_wide": False, "missing_scope": [],
+                         "enforcement": [{"section": "egress", "family": "net",
+                                          "state": "enforced", "enforced": True,
+                                          "reason": ""}]}
+        assert status["rules"] == 2  # the two rules as written (the default is not one)
         assert "net" in status["families"]["enforced"]
         # events: 5 denials, each its own line (different pids: nothing to fold)
         events = status["events"]
