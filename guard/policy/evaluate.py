@@ -4,7 +4,7 @@ The kernel programs are tested against these functions, and ``guard explain``
 prints their answers, so what explain says is what the kernel does:
 
 - scope: walk the cgroup's ancestors from the deepest; the first scope entry
-  found names the ruleset (guard_current_ruleset in bpf/guard_maps.h);
+  found names the ruleset (guard_scope_walk in bpf/guard_scope.h);
 - exec: the file's exact entry, else the nearest ancestor directory with a
   subtree entry, else the ruleset's exec default, else allow;
 - open: the same walk over file entries, skipping entries that have no
