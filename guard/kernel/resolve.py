@@ -308,8 +308,8 @@ class View:
     paths should have been resolved in the host's namespace and cannot be.
     """
 
-    def __init__(self, mountinfo: Path, root_fd: int | None = None, where: str = "own",
-                 problem: str = "") -> None:
+    def __init__(self, mountinfo: Path, root_fd: int | None = None,
+                 where: str = "guard's own mount namespace", problem: str = "") -> None:
         self.mountinfo = mountinfo
         self.root_fd = root_fd
         self.where = where
@@ -321,9 +321,10 @@ class View:
         return cls(proc_self / "mountinfo")
 
     @classmethod
-    def rooted(cls, root: str | Path, mountinfo: Path, where: str = "rooted") -> View:
+    def rooted(cls, root: str | Path, mountinfo: Path) -> View:
         """``root`` (opened here) as the root; ``mountinfo`` must be seen from it."""
-        return cls(mountinfo, os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), where)
+        fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return cls(mountinfo, fd, f"mount namespace seen from {root}")
 
     def read_mounts(self) -> tuple[Mount, ...]:
         return parse_mountinfo(self.mountinfo.read_text())
@@ -370,7 +371,7 @@ def host_view(proc: Path = Path("/proc")) -> View:
     root = proc / "1" / "root"
     try:
         if _same_mounts(own, init):
-            return View(own, where="host (guard shares PID 1's mount namespace)")
+            return View(own, where="host's mount namespace (guard shares PID 1's)")
         root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as error:
         why = f"cannot read {error.filename} ({error.strerror}"
@@ -384,7 +385,7 @@ def host_view(proc: Path = Path("/proc")) -> View:
         why = ("this kernel has no openat2 (Linux 5.6 or later)" if error.errno == errno.ENOSYS
                else f"openat2 in {root} failed ({error.strerror})")
         return View(own, problem=_fallback(why))
-    return View(init, root_fd, where=f"host (PID 1's mount namespace, through {root})")
+    return View(init, root_fd, where=f"host's mount namespace (PID 1's, through {root})")
 
 
 def _fallback(why: str) -> str:

@@ -88,10 +88,12 @@ from guard.kernel.loader import (
     unenforced,
 )
 from guard.kernel.pin import Manifest, Persistence, PinError, Retired
+from guard.kernel.resolve import paths_status
 from guard.kernel.tamper import configure as configure_tamper
 from guard.policy.evaluate import ruleset_for
 from guard.policy.load import PolicyLoad, load_policies
 from guard.policy.model import PolicySet
+from guard.policy.plan import Plan
 from guard.policy.revision import rule_changes
 from guard.policy.units import normalize_cgroup
 from guard.service import memory, notify
@@ -181,6 +183,7 @@ class Daemon:
         self.persistence = Persistence(Path(pin_dir) if pin_dir else None, self.state_dir,
                                        fail_open=fail_open)
         self.tamper_error = ""
+        self.paths: dict[str, str] = {}  # where policy paths are resolved (_check_paths)
         self.memory_release: memory.Release | None = None
         self._unload = False
 
@@ -239,6 +242,7 @@ class Daemon:
         self._protect()
 
         self.applier = Applier(self.kernel)
+        self._check_paths(loaded.plan)
         try:
             result = self.applier.apply(loaded.plan)
         except (ApplyError, OSError) as error:
@@ -264,6 +268,15 @@ class Daemon:
             self.say(SEV_WARNING, "watch", f"not watching {self.policies} "
                      f"({self.watch_error}); reload with SIGHUP")
         return ExitCode.OK
+
+    def _check_paths(self, plan: Plan) -> None:
+        """Where the plan's paths are about to be resolved (guard.kernel.resolve):
+        the host's mount namespace, or an error said now and shown by status."""
+        found = paths_status() if plan.exec or plan.files else {}
+        with self._lock:
+            self.paths = found
+        if found.get("error"):
+            self.say(SEV_ERR, "paths", found["error"])
 
     def _start_watcher(self) -> None:
         if not self.watch:
@@ -544,6 +557,7 @@ class Daemon:
             return False
         outcome.revision = str(loaded.revision)
         assert self.applier is not None
+        self._check_paths(loaded.plan)
         try:
             result = self.applier.apply(loaded.plan)
         except (ApplyError, OSError) as error:
@@ -716,6 +730,7 @@ class Daemon:
                 "last_reload_error": _outcome(self.last_reload_error),
                 "watch": self._watch_status(),
                 "pins": self.persistence.status(),
+                "paths": self.paths,
                 "tamper": {"enabled": "tamper" in self.enforced, "error": self.tamper_error,
                            "denied": kernel["tamper"]},
                 "rule_hits": dict(sorted(reader.rule_hits.items())),
