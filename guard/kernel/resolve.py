@@ -648,13 +648,19 @@ def resolve_files(
     most specific entry that has one, independently of its write decision. The
     summary key carries the strongest decision per access of the subtree entries.
     """
-    if resolver is None:
-        own = Resolver()
-        try:
-            return resolve_files(plan, own)
-        finally:
-            own.close()
-    entries = tuple(plan.files)
+    if resolver is not None:
+        return file_items(plan.files, resolver)
+    resolver = Resolver()
+    try:
+        return file_items(plan.files, resolver)
+    finally:
+        resolver.close()
+
+
+def file_items(
+    entries: Iterable[FileEntry], resolver: Resolver,
+) -> tuple[tuple[FileInodeEntry, ...], tuple[ResolveWarning, ...]]:
+    entries = tuple(entries)
     keys, warnings = _resolve_paths(resolver, ((e.ruleset, e.path, e.subtree) for e in entries))
     access: dict[str, Callable[[FileEntry], Decision | None]] = {
         "read": lambda e: e.read, "write": lambda e: e.write,
