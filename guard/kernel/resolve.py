@@ -33,10 +33,45 @@ the root (see bpf/exec.bpf.c).
 
 Resolution happens at load: a subtree's new mounts, a new symlink target or a
 directory moved after load are seen at the next reload, not before.
+
+Whose paths: the host's. A policy path means what it means to the processes
+it confines, i.e. in the host's mount namespace, PID 1's, whatever namespace
+guard itself runs in: the shipped unit's ``PrivateTmp=yes`` gives guard a
+/tmp of its own, and a container gives it a whole tree of its own (the
+container must share the host's PID namespace, so that PID 1 is the host's
+init). :func:`host_view` picks where paths are resolved:
+
+- guard's mount table is PID 1's (``/proc/self/mountinfo`` and
+  ``/proc/1/mountinfo`` read alike: same mount ids, same mount points, so same
+  namespace and same root): paths are opened as before, with open(2);
+- otherwise each path is opened with ``openat2(fd of /proc/1/root, path,
+  RESOLVE_IN_ROOT)``, and mount ids and devices come from
+  ``/proc/1/mountinfo``. The walk starts at PID 1's root and crosses PID 1's
+  mounts; an absolute symlink, and ``..``, resolve against that root, never
+  guard's (symlinks are also followed by hand, within that root, to find the
+  name the kernel will see: :func:`real_path_in`); the ``mnt_id`` that
+  /proc/self/fdinfo shows for such an fd is the id of a mount of PID 1's
+  namespace (mount ids are unique system-wide), so it is looked up in PID 1's
+  mountinfo, and so are the mounts below a subtree rule's directory;
+- when /proc/1/root cannot be opened (it needs ptrace-read access to PID 1:
+  ``CAP_SYS_PTRACE`` for a daemon whose capabilities are fewer than init's) or
+  the kernel has no openat2 (before 5.6), paths are resolved in guard's own
+  namespace and :attr:`View.problem` says so: the daemon reports it at start,
+  at each reload, and in ``guard status``.
+
+Why openat2 in PID 1's root, and not a helper that setns()es into
+``/proc/1/ns/mnt``: setns to a mount namespace needs ``CAP_SYS_ADMIN``, which
+the unit withholds, is refused by its ``RestrictNamespaces=yes`` and cannot be
+done by a multi-threaded process (so a fork per resolution, and results passed
+back). openat2 needs only the ptrace-read access that opening /proc/1/root
+takes, stays in the process, costs one system call a path, and leaves guard's
+own view untouched for everything else (its state directory, bpffs, /dev/log).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -139,7 +174,7 @@ def summary_key(ruleset: int) -> InodeKey:
 
 @dataclass(frozen=True)
 class Mount:
-    """One line of /proc/self/mountinfo."""
+    """One line of a mountinfo file (/proc/self/mountinfo, /proc/1/mountinfo)."""
 
     mnt_id: int
     parent_id: int
@@ -199,24 +234,201 @@ def parse_fdinfo(text: str) -> dict[str, int]:
     return found
 
 
-class Resolver:
-    """Kernel identities of paths, from this process's view of the file systems.
+# --- where paths are resolved: the host's mount namespace (module docstring) ----------
 
-    ``proc`` is where /proc/self lives (tests point it elsewhere only for error
-    paths: identity must come from the real kernel).
+SYS_OPENAT2 = 437  # the same number on x86-64, i386 and every asm-generic architecture
+RESOLVE_IN_ROOT = 0x10  # include/uapi/linux/openat2.h; also disables magic links
+MAX_SYMLINKS = 40  # the kernel's limit (MAXSYMLINKS): past it, ELOOP
+
+
+class _OpenHow(ctypes.Structure):
+    """struct open_how (include/uapi/linux/openat2.h)."""
+
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+    """openat2(2), which Python 3.11 does not wrap; OSError as os.open raises it."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    how = _OpenHow(flags=flags, mode=0, resolve=resolve)
+    raw = os.fsencode(path)
+    for _attempt in range(8):
+        fd = int(_libc.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dirfd),
+                               ctypes.c_char_p(raw), ctypes.byref(how),
+                               ctypes.c_size_t(ctypes.sizeof(how))))
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        if err != errno.EAGAIN:  # EAGAIN: a rename or mount raced the lookup; again
+            break
+    raise OSError(err, os.strerror(err), path)
+
+
+def real_path_in(path: str, readlink: Callable[[str], str | None]) -> str:
+    """``path`` with every symlink replaced by its target, within a root.
+
+    ``readlink(p)`` gives the target of ``p`` when its last component is a
+    symlink, else None (not a link, or missing). As the kernel does under
+    RESOLVE_IN_ROOT: an absolute target starts again at the root, ``..`` never
+    climbs above it. As os.path.realpath does: a missing component is kept as
+    written, and past MAX_SYMLINKS links the rest is taken as written.
+    """
+    pending = [part for part in reversed(path.split("/")) if part]
+    done: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop()
+        if part == ".":
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        target = readlink("/" + "/".join([*done, part])) if links < MAX_SYMLINKS else None
+        if target is None:
+            done.append(part)
+            continue
+        links += 1
+        if target.startswith("/"):
+            done = []
+        pending.extend(part for part in reversed(target.split("/")) if part)
+    return "/" + "/".join(done)
+
+
+class View:
+    """Where paths are opened: this process's root (``root_fd`` None), or a
+    directory fd taken as the root (openat2 with RESOLVE_IN_ROOT); with the
+    mount table as seen from that root.
+
+    ``where`` says which it is, for ``guard status``; ``problem`` is set when
+    paths should have been resolved in the host's namespace and cannot be.
     """
 
-    def __init__(self, proc_self: Path = Path("/proc/self")) -> None:
+    def __init__(self, mountinfo: Path, root_fd: int | None = None,
+                 where: str = "guard's own mount namespace", problem: str = "") -> None:
+        self.mountinfo = mountinfo
+        self.root_fd = root_fd
+        self.where = where
+        self.problem = problem
+
+    @classmethod
+    def own(cls, proc_self: Path = Path("/proc/self")) -> View:
+        """This process's root and mounts."""
+        return cls(proc_self / "mountinfo")
+
+    @classmethod
+    def rooted(cls, root: str | Path, mountinfo: Path) -> View:
+        """``root`` (opened here) as the root; ``mountinfo`` must be seen from it."""
+        fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return cls(mountinfo, fd, f"mount namespace seen from {root}")
+
+    def read_mounts(self) -> tuple[Mount, ...]:
+        return parse_mountinfo(self.mountinfo.read_text())
+
+    def open(self, path: str, follow: bool = True) -> int:
+        """An O_PATH fd of ``path``; OSError when it cannot be reached."""
+        flags = os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+        if self.root_fd is None:
+            return os.open(path, flags)
+        return openat2(self.root_fd, path, flags, RESOLVE_IN_ROOT)
+
+    def readlink(self, path: str) -> str | None:
+        """The target if the last component of ``path`` is a symlink, else None."""
+        try:
+            if self.root_fd is None:
+                return os.readlink(path)
+            fd = self.open(path, follow=False)
+        except OSError:
+            return None
+        try:
+            return os.readlink("", dir_fd=fd)  # readlinkat(fd, ""): the link fd itself
+        except OSError:
+            return None  # not a symlink
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        fd, self.root_fd = self.root_fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _same_mounts(own: Path, other: Path) -> bool:
+    """Both mount tables alike: one namespace, one root. Mount ids are unique
+    system-wide, so two namespaces never read alike; a mount made between the
+    two reads can make one namespace read unlike, hence a few tries."""
+    return any(own.read_bytes() == other.read_bytes() for _attempt in range(3))
+
+
+def host_view(proc: Path = Path("/proc")) -> View:
+    """The view plan paths are resolved in: the host's, i.e. PID 1's (module docstring)."""
+    own = proc / "self" / "mountinfo"
+    init = proc / "1" / "mountinfo"
+    root = proc / "1" / "root"
+    try:
+        if _same_mounts(own, init):
+            return View(own, where="host's mount namespace (guard shares PID 1's)")
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+        why = f"cannot read {error.filename} ({error.strerror}"
+        if error.filename == str(root):
+            why += "; it takes CAP_SYS_PTRACE when guard holds fewer capabilities than PID 1"
+        return View(own, problem=_fallback(why + ")"))
+    try:
+        os.close(openat2(root_fd, "/", os.O_PATH | os.O_CLOEXEC, RESOLVE_IN_ROOT))
+    except OSError as error:
+        os.close(root_fd)
+        why = ("this kernel has no openat2 (Linux 5.6 or later)" if error.errno == errno.ENOSYS
+               else f"openat2 in {root} failed ({error.strerror})")
+        return View(own, problem=_fallback(why))
+    return View(init, root_fd, where=f"host's mount namespace (PID 1's, through {root})")
+
+
+def _fallback(why: str) -> str:
+    return (f"policy paths are resolved in guard's own mount namespace, which is not the "
+            f"host's: {why}. Rules on paths the two do not share (a private /tmp, a "
+            f"container's tree) name files no confined process sees and protect nothing")
+
+
+def paths_status() -> dict[str, str]:
+    """Where plan paths are resolved now, as ``guard status`` shows it."""
+    view = host_view()
+    view.close()
+    return {"where": view.where, "error": view.problem}
+
+
+class Resolver:
+    """Kernel identities of paths, in the host's view of the file systems (host_view).
+
+    ``proc_self`` is where this process's fdinfo is read; a ``proc_self`` other
+    than /proc/self (tests, for error paths only: identity must come from the
+    real kernel) also means this process's own view, with that mountinfo.
+    """
+
+    def __init__(self, proc_self: Path = Path("/proc/self"), view: View | None = None) -> None:
+        if view is None:
+            view = host_view() if proc_self == Path("/proc/self") else View.own(proc_self)
+        self.view = view
         self.proc_self = proc_self
         self._fdinfo = f"{proc_self}/fdinfo/"
-        self.mounts = parse_mountinfo((proc_self / "mountinfo").read_text())
+        self.mounts = view.read_mounts()
         self._by_id: Mapping[int, Mount] = {m.mnt_id: m for m in self.mounts}
         self._cache: dict[str, tuple[Identity, int] | None] = {}
         self._real_dirs: dict[str, str] = {}
+        self._links: dict[str, str | None] = {}
         self._mounts_reloaded = False
 
+    def close(self) -> None:
+        self.view.close()
+
     def reload_mounts(self) -> None:
-        self.mounts = parse_mountinfo((self.proc_self / "mountinfo").read_text())
+        self.mounts = self.view.read_mounts()
         self._by_id = {m.mnt_id: m for m in self.mounts}
 
     def _read_fdinfo(self, fd: int) -> dict[str, int]:
@@ -231,7 +443,7 @@ class Resolver:
         if path in self._cache:
             return self._cache[path]
         try:
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            fd = self.view.open(path)
         except OSError:
             self._cache[path] = None
             return None
@@ -256,16 +468,22 @@ class Resolver:
         self._cache[path] = found
         return found
 
+    def _readlink(self, path: str) -> str | None:
+        if path not in self._links:
+            self._links[path] = self.view.readlink(path)
+        return self._links[path]
+
     def real_path(self, path: str) -> str:
-        """os.path.realpath, with each directory resolved once (10,000 rules in one
-        directory cost one resolution of it, plus one lstat each)."""
+        """os.path.realpath in the view (real_path_in), with each directory resolved
+        once (10,000 rules in one directory cost one resolution of it, plus one
+        readlink each)."""
         parent, name = os.path.split(path)
         real_parent = self._real_dirs.get(parent)
         if real_parent is None:
-            real_parent = self._real_dirs[parent] = os.path.realpath(parent)
+            real_parent = self._real_dirs[parent] = real_path_in(parent, self._readlink)
         joined = os.path.join(real_parent, name)
-        if name in ("", ".", "..") or os.path.islink(joined):
-            return os.path.realpath(joined)
+        if name in ("", ".", "..") or self._readlink(joined) is not None:
+            return real_path_in(joined, self._readlink)
         return joined
 
     def identity(self, path: str) -> Identity | None:
@@ -322,7 +540,7 @@ def path_keys(
             return keys, warnings
         keys.append(_Candidate(InodeKey(found.ino, found.dev, ruleset, Match.SUBTREE),
                                specificity, shown))
-        for point, root in resolver.mount_roots_below(os.path.realpath(path)):
+        for point, root in resolver.mount_roots_below(resolver.real_path(path)):
             keys.append(_Candidate(InodeKey(root.ino, root.dev, ruleset, Match.SUBTREE),
                                    specificity, f"{shown} (mount {point})"))
         return keys, warnings
@@ -398,8 +616,13 @@ def resolve_exec(
     plan: Plan, resolver: Resolver | None = None,
 ) -> tuple[tuple[InodeEntry, ...], tuple[ResolveWarning, ...]]:
     """The exec entries of a plan on this machine, and what could not be resolved."""
-    resolver = resolver if resolver is not None else Resolver()
-    return exec_items(plan.exec, resolver)
+    if resolver is not None:
+        return exec_items(plan.exec, resolver)
+    resolver = Resolver()
+    try:
+        return exec_items(plan.exec, resolver)
+    finally:
+        resolver.close()
 
 
 def exec_items(
@@ -427,8 +650,19 @@ def resolve_files(
     most specific entry that has one, independently of its write decision. The
     summary key carries the strongest decision per access of the subtree entries.
     """
-    resolver = resolver if resolver is not None else Resolver()
-    entries = tuple(plan.files)
+    if resolver is not None:
+        return file_items(plan.files, resolver)
+    resolver = Resolver()
+    try:
+        return file_items(plan.files, resolver)
+    finally:
+        resolver.close()
+
+
+def file_items(
+    entries: Iterable[FileEntry], resolver: Resolver,
+) -> tuple[tuple[FileInodeEntry, ...], tuple[ResolveWarning, ...]]:
+    entries = tuple(entries)
     keys, warnings = _resolve_paths(resolver, ((e.ruleset, e.path, e.subtree) for e in entries))
     access: dict[str, Callable[[FileEntry], Decision | None]] = {
         "read": lambda e: e.read, "write": lambda e: e.write,
@@ -470,10 +704,15 @@ __all__ = [
     "Mount",
     "ResolveWarning",
     "Resolver",
+    "View",
     "decision_c",
     "fnv1a32",
+    "host_view",
+    "openat2",
     "parse_fdinfo",
     "parse_mountinfo",
+    "paths_status",
+    "real_path_in",
     "resolve_exec",
     "resolve_files",
     "summary_key",

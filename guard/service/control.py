@@ -411,6 +411,10 @@ def format_status(body: Mapping[str, Any]) -> str:
     memory_line = memory.status_line(body.get("memory") or {})
     if memory_line:
         lines.append(memory_line)
+    paths = body.get("paths")
+    if paths:
+        lines.append(f"ERROR: {paths['error']}" if paths.get("error")
+                     else f"paths: resolved in the {paths['where']}")
     tamper = body.get("tamper")
     if tamper is not None:
         lines.append(f"tamper protection: {'on' if tamper['enabled'] else 'off'}"

@@ -95,11 +95,13 @@ from guard.kernel.loader import (
 )
 from guard.kernel.lsm import LsmReport
 from guard.kernel.pin import Manifest, Persistence, PinError, Retired
+from guard.kernel.resolve import paths_status
 from guard.kernel.tamper import configure as configure_tamper
 from guard.policy.evaluate import ruleset_for
 from guard.policy.hits import carry_event_counts, carry_hits
 from guard.policy.load import PolicyLoad, load_policies
 from guard.policy.model import PolicySet
+from guard.policy.plan import Plan
 from guard.policy.revision import rule_changes
 from guard.policy.units import normalize_cgroup
 from guard.service import memory, notify, startup
@@ -195,6 +197,7 @@ class Daemon:
         self.persistence = Persistence(Path(pin_dir) if pin_dir else None, self.state_dir,
                                        fail_open=fail_open)
         self.tamper_error = ""
+        self.paths: dict[str, str] = {}  # where policy paths are resolved (_check_paths)
         self.memory_release: memory.Release | None = None
         self.lsm_report: LsmReport | None = None
         self.progress = startup.Progress(self.stderr)
@@ -264,6 +267,7 @@ class Daemon:
         self._protect()
 
         self.applier = Applier(self.kernel)
+        self._check_paths(loaded.plan)
         try:
             with self.progress.stage("apply") as done:
                 result = self.applier.apply(loaded.plan)
@@ -294,6 +298,15 @@ class Daemon:
             self.say(SEV_WARNING, "watch", f"not watching {self.policies} "
                      f"({self.watch_error}); reload with SIGHUP")
         return ExitCode.OK
+
+    def _check_paths(self, plan: Plan) -> None:
+        """Where the plan's paths are about to be resolved (guard.kernel.resolve):
+        the host's mount namespace, or an error said now and shown by status."""
+        found = paths_status() if plan.exec or plan.files else {}
+        with self._lock:
+            self.paths = found
+        if found.get("error"):
+            self.say(SEV_ERR, "paths", found["error"])
 
     def _start_watcher(self) -> None:
         if not self.watch:
@@ -572,6 +585,7 @@ class Daemon:
             return False
         outcome.revision = str(loaded.revision)
         assert self.applier is not None
+        self._check_paths(loaded.plan)
         try:
             result = self.applier.apply(loaded.plan)
         except (ApplyError, OSError) as error:

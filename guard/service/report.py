@@ -221,6 +221,7 @@ def daemon_status(d: Any, exists: Callable[[str], bool] = cgroup_exists) -> dict
         "last_reload_error": outcome_body(d.last_reload_error),
         "watch": _watch_body(d),
         "pins": d.persistence.status(),
+        "paths": d.paths,
         "tamper": {"enabled": "tamper" in d.enforced, "error": d.tamper_error,
                    "denied": kernel["tamper"]},
         "rule_hits": dict(sorted(reader.rule_hits.items())),

@@ -17,12 +17,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import exec_fixtures
 import pytest
 from exec_fixtures import LOADER, Cgroup, GuestGuard, copy_binary, plan_from_yaml, policy_yaml
+from support.mountns import in_private_tmp
 
 from guard import layout
+from guard.kernel import resolve as kernel_resolve
 from guard.policy.compile import compile_policies
 from guard.policy.evaluate import decide_exec
 from guard.policy.model import PolicySet, Scope
@@ -512,6 +515,57 @@ def test_example_exec_policies_enforce(
             shutil.rmtree("/opt/batch")
         else:
             (job_dir / "guard-test-job").unlink(missing_ok=True)
+
+
+# --- paths are the host's, whatever mount namespace resolves them ------------------
+
+
+def test_paths_are_the_hosts_when_guard_resolves_them_with_a_private_tmp(
+    guard: GuestGuard, cgroup: Cgroup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unit's PrivateTmp=yes, as an attacker meets it: the policy is resolved
+    by a process with a tmpfs of its own on /tmp, where the same names exist
+    (other inodes). A deny of /tmp/** still refuses the host's /tmp binary to the
+    cgroup; resolved in that process's own namespace (what guard did before), the
+    same rule named the private /tmp and the binary ran."""
+    assert str(tmp_path).startswith("/tmp/"), tmp_path
+    tool = copy_binary(TRUE, tmp_path / "bin" / "tool")
+    assert_runs(cgroup, [tool])
+
+    def prepare() -> None:  # in the private /tmp: the same path, another inode
+        copy_binary(TRUE, tool)
+
+    real = kernel_resolve.resolve_exec
+    monkeypatch.setattr(kernel_resolve, "resolve_exec",
+                        lambda plan: in_private_tmp(lambda: real(plan), prepare))
+    guard.apply_yaml(deny_policy(cgroup, "/tmp/**", name="host-tmp"))
+    assert guard.last_warnings == ()
+    assert_denied(cgroup, [tool])
+    assert_runs(cgroup, [TRUE])
+    assert_runs(None, [tool])  # outside the scope
+
+    # What the child resolved, through PID 1's root and in its own namespace.
+    resolve = kernel_resolve
+
+    def both() -> tuple[str, list[Any], list[Any]]:
+        host, own = resolve.Resolver(), resolve.Resolver(view=resolve.View.own())
+        return (host.view.where, [host.identity(p) for p in ("/tmp", str(tool))],
+                [own.identity(p) for p in ("/tmp", str(tool))])
+
+    where, host_ids, own_ids = in_private_tmp(both, prepare)
+    here = resolve.Resolver()  # this test shares PID 1's mount namespace
+    assert here.view.root_fd is None and here.view.problem == ""
+    assert "/proc/1/root" in where
+    assert host_ids == [here.identity(p) for p in ("/tmp", str(tool))]
+    assert None not in own_ids and not set(own_ids) & set(host_ids)
+
+    # The old behaviour, shown: resolved in the child's own namespace, the rule
+    # names the private /tmp's inodes, which no process in the cgroup sees.
+    monkeypatch.setattr(kernel_resolve, "resolve_exec", lambda plan: in_private_tmp(
+        lambda: real(plan, resolve.Resolver(view=resolve.View.own())), prepare))
+    guard.apply_yaml(deny_policy(cgroup, "/tmp/**", name="own-tmp"))
+    assert guard.last_warnings == ()
+    assert_runs(cgroup, [tool])
 
 
 # --- routes that identity cannot see, and what closes them -------------------------

@@ -31,11 +31,13 @@ from typing import IO
 import pytest
 from exec_fixtures import GuestGuard, loaded, plan_from_yaml
 from support.cgroup import TestCgroup
+from support.mountns import in_private_tmp
 
 from guard import layout
 from guard.events.enrich import Enricher
 from guard.events.fold import Aggregator
 from guard.events.records import RawEvent
+from guard.kernel import resolve as kernel_resolve
 from guard.policy.evaluate import decide_open
 from guard.policy.plan import Verdict
 
@@ -569,6 +571,43 @@ def test_a_burst_is_delivered_whole_and_aggregates_to_its_count(
     lines += aggregator.flush(force=True)
     assert [(line.count, line.kind, line.action, line.access, line.path) for line in lines] == [
         (1, "file", "audit", "read", str(f)), (count - 1, "file", "audit", "read", str(f))]
+
+
+# --- paths are the host's, whatever mount namespace resolves them ------------------
+
+
+def test_paths_are_the_hosts_when_guard_resolves_them_with_a_private_tmp(
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As the exec test of the same name: deny write under /tmp/x/**, resolved by
+    a process with a tmpfs of its own on /tmp where /tmp/x exists too. Writes to
+    the host's /tmp/x are refused in the cgroup; resolved in that process's own
+    namespace (what guard did before), the rule named the private /tmp/x."""
+    assert str(tmp_path).startswith("/tmp/"), tmp_path
+    x = tmp_path / "x"
+    f = make(x / "f")
+
+    def prepare() -> None:  # in the private /tmp: the same names, other inodes
+        make(f)
+
+    real = kernel_resolve.resolve_files
+    monkeypatch.setattr(kernel_resolve, "resolve_files",
+                        lambda plan: in_private_tmp(lambda: real(plan), prepare))
+    guard.apply_yaml(files_policy("host-tmp", [cgroup.path], [("deny", ["write"], [tree(x)])]))
+    assert guard.last_warnings == ()
+    assert probe.write(f) == EPERM
+    assert probe.call("open", x / "new", os.O_WRONLY | os.O_CREAT) == EPERM
+    assert probe.call("mkdir", x / "d") == EPERM
+    assert probe.read(f) == 0
+    assert probe.call("open", tmp_path / "beside", os.O_WRONLY | os.O_CREAT) == 0  # not under x
+    f.write_text("outside the scope\n")  # this test is outside the scope
+
+    monkeypatch.setattr(kernel_resolve, "resolve_files", lambda plan: in_private_tmp(
+        lambda: real(plan, kernel_resolve.Resolver(view=kernel_resolve.View.own())), prepare))
+    guard.apply_yaml(files_policy("own-tmp", [cgroup.path], [("deny", ["write"], [tree(x)])]))
+    assert guard.last_warnings == ()
+    assert probe.write(f) == 0  # the old behaviour: the private /tmp/x was denied
 
 
 # --- the inode filter (guard_file_filter) ---------------------------------------------

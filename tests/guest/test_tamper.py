@@ -191,6 +191,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             status = guard.status()
             assert {"exec", "tamper"} <= set(status["families"]["enforced"]), status
             assert status["tamper"] == {"enabled": True, "error": "", "denied": 0}
+            # A mount namespace of its own, the unit's capabilities (CAP_SYS_PTRACE):
+            # policy paths are resolved in the host's, through PID 1's root.
+            assert status["paths"] == {
+                "where": "host's mount namespace (PID 1's, through /proc/1/root)",
+                "error": ""}, status["paths"]
             instance = pin_dir / status["pins"]["instance"]
             yield Site(top, inside, syslog, guard, pin_dir, state_dir, denied, instance)
     finally:

@@ -106,8 +106,8 @@ def capability_names(settings: Mapping[str, list[str]]) -> list[str]:
     return [c for v in settings.get("CapabilityBoundingSet", []) for c in v.split()]
 
 
-CAP_NUMBERS = {"CAP_DAC_READ_SEARCH": 2, "CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21,
-               "CAP_SYS_RESOURCE": 24, "CAP_PERFMON": 38, "CAP_BPF": 39}
+CAP_NUMBERS = {"CAP_DAC_READ_SEARCH": 2, "CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19,
+               "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_PERFMON": 38, "CAP_BPF": 39}
 
 
 def capability_mask(names: Iterable[str]) -> int:

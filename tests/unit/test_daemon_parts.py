@@ -180,6 +180,20 @@ def test_format_status() -> None:
     assert "syslog: unix:/dev/log NOT connected, delivered 3, queued 5" in text
     assert "last reload: REJECTED" in text
     assert "  /etc/guard/policies/m.yaml:3:1: error: bad" in text
+    assert "paths:" not in text  # no path rules: nothing resolved
+
+
+def test_format_status_says_where_paths_are_resolved() -> None:
+    body = status_body()
+    body["paths"] = {"where": "host's mount namespace (PID 1's, through /proc/1/root)",
+                     "error": ""}
+    assert ("paths: resolved in the host's mount namespace (PID 1's, through /proc/1/root)\n"
+            in format_status(body))
+    body["paths"] = {"where": "guard's own mount namespace",
+                     "error": "policy paths are resolved in guard's own mount namespace, "
+                              "which is not the host's: cannot read /proc/1/root"}
+    assert ("ERROR: policy paths are resolved in guard's own mount namespace, which is not "
+            "the host's: cannot read /proc/1/root\n" in format_status(body))
 
 
 # --- guard run: refusals before anything is touched -------------------------------------------

@@ -23,9 +23,12 @@ from guard.kernel.resolve import (
     InodeKey,
     Match,
     Resolver,
+    View,
     fnv1a32,
+    host_view,
     parse_fdinfo,
     parse_mountinfo,
+    real_path_in,
     resolve_exec,
     resolve_files,
     summary_key,
@@ -274,3 +277,162 @@ def test_file_entries_merge_read_and_write_separately(tmp_path: Path) -> None:
     assert (exact.read, exact.write) == (AUDIT, None)
     summary = by_key[summary_key(0)]
     assert (summary.read, summary.write) == (None, DENY)
+
+
+# --- whose paths: the host's (PID 1's root), whatever namespace guard is in ----------------
+
+# A file system as a table of symlinks: path -> target; every other path is not a link.
+LINKS = {
+    "/usr/bin/python3": "python3.11",  # relative: beside the link
+    "/bin": "usr/bin",  # relative, at the root
+    "/etc/alternatives/py": "/usr/bin/python3",  # absolute: from the root
+    "/opt/up": "../usr/./bin",
+    "/opt/escape": "../../../../etc",  # .. never climbs above the root
+    "/loop/a": "b",
+    "/loop/b": "a",
+    "/dangling": "/nowhere/x",
+}
+
+
+def fake_readlink(path: str) -> str | None:
+    return LINKS.get(path)
+
+
+@pytest.mark.parametrize(("path", "real"), [
+    ("/usr/bin/python3", "/usr/bin/python3.11"),
+    ("/bin/python3", "/usr/bin/python3.11"),
+    ("/etc/alternatives/py", "/usr/bin/python3.11"),
+    ("/opt/up/python3", "/usr/bin/python3.11"),
+    ("/opt/escape/passwd", "/etc/passwd"),
+    ("/../../bin/../etc/./x", "/usr/etc/x"),  # .. of a link: the parent of its target
+    ("/", "/"),
+    ("//usr///lib/", "/usr/lib"),
+    ("/dangling", "/nowhere/x"),  # missing: kept as written, as os.path.realpath does
+    ("/missing/../usr", "/usr"),
+])
+def test_real_path_in_follows_symlinks_within_the_root(path: str, real: str) -> None:
+    assert real_path_in(path, fake_readlink) == real
+
+
+def test_real_path_in_stops_following_a_loop() -> None:
+    calls: list[str] = []
+
+    def counting(path: str) -> str | None:
+        calls.append(path)
+        return fake_readlink(path)
+
+    assert real_path_in("/loop/a/x", counting).startswith("/loop/")
+    assert len(calls) <= 45  # MAX_SYMLINKS links followed, then taken as written
+
+
+def test_real_path_in_agrees_with_os_path_realpath(tmp_path: Path) -> None:
+    """With this process's root: what os.path.realpath gives, link by link."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "rel").symlink_to("real/sub")
+    (tmp_path / "abs").symlink_to(tmp_path / "rel")
+    (tmp_path / "real" / "up").symlink_to("..")
+    for path in ("abs/f", "rel/../x", "real/up/up/abs", "abs/../../y", "missing/../abs"):
+        full = f"{tmp_path}/{path}"
+        assert real_path_in(full, View.own().readlink) == os.path.realpath(full)
+
+
+def test_a_rooted_view_resolves_absolute_symlinks_inside_its_root(tmp_path: Path) -> None:
+    """openat2(RESOLVE_IN_ROOT): a symlink to /etc/target, and a walk up past the
+    top, stay inside the root (as /proc/1/root: PID 1's /, not guard's)."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "target").write_text("x")
+    (root / "link").symlink_to("/etc/target")
+    (root / "etcdir").symlink_to("/etc")
+    view = View.rooted(root, Path("/proc/self/mountinfo"))
+    resolver = Resolver(view=view)
+    try:
+        inside = Resolver(view=View.own()).identity(str(root / "etc" / "target"))
+        assert inside is not None
+        assert resolver.identity("/link") == inside
+        assert resolver.identity("/../../../etc/target") == inside
+        assert resolver.identity("/etc/passwd") is None  # the host's /etc is outside
+        assert resolver.real_path("/link") == "/etc/target"
+        assert resolver.real_path("/etcdir/target") == "/etc/target"
+        items, warnings = resolve_exec(plan_of((ExecEntry(0, "/link", False, DENY),)), resolver)
+        assert warnings == ()
+        etc = Resolver(view=View.own()).identity(str(root / "etc"))
+        assert etc is not None
+        assert {i.key for i in items} == {
+            InodeKey(inside.ino, inside.dev, 0, Match.EXACT),
+            InodeKey(etc.ino, etc.dev, 0, Match.NAME, fnv1a32(b"target")),
+        }
+    finally:
+        resolver.close()
+    assert view.root_fd is None
+
+
+def test_rooted_at_slash_gives_the_keys_of_the_own_view(tmp_path: Path) -> None:
+    """The openat2 path, rooted at this process's / , changes no key: what guard
+    resolves through /proc/1/root is what it resolved before, in one namespace."""
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "f").write_text("x")
+    (tmp_path / "abs").symlink_to(tmp_path / "d")
+    (tmp_path / "rel").symlink_to("d/f")
+    plan = plan_of(
+        (ExecEntry(0, f"{tmp_path}/abs/f", False, DENY), ExecEntry(0, f"{tmp_path}/rel", False,
+                                                                    AUDIT),
+         ExecEntry(1, f"{tmp_path}/abs", True, DENY), ExecEntry(1, "/", True, ALLOW),
+         ExecEntry(0, f"{tmp_path}/abs/later", False, DENY)),
+        (FileEntry(0, f"{tmp_path}/rel", False, AUDIT, DENY),
+         FileEntry(0, "/proc", True, None, DENY)))
+    rooted = Resolver(view=View.rooted("/", Path("/proc/self/mountinfo")))
+    try:
+        assert resolve_exec(plan, rooted) == resolve_exec(plan, Resolver(view=View.own()))
+        assert resolve_files(plan, rooted) == resolve_files(plan, Resolver(view=View.own()))
+    finally:
+        rooted.close()
+
+
+def fake_proc(tmp_path: Path, own: str, init: str) -> Path:
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "1").mkdir()
+    (proc / "self" / "mountinfo").write_text(own)
+    (proc / "1" / "mountinfo").write_text(init)
+    return proc
+
+
+def test_host_view_is_the_own_view_when_the_mount_tables_agree(tmp_path: Path) -> None:
+    view = host_view(fake_proc(tmp_path, MOUNTINFO, MOUNTINFO))
+    assert view.root_fd is None and view.problem == ""
+    assert view.mountinfo == tmp_path / "proc" / "self" / "mountinfo"
+    assert "shares PID 1's" in view.where
+
+
+def test_host_view_opens_pid1s_root_when_the_tables_differ(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, MOUNTINFO, MOUNTINFO.replace("23 1 ", "99 1 "))
+    host_root = tmp_path / "host"
+    (host_root / "tmp").mkdir(parents=True)
+    (proc / "1" / "root").symlink_to(host_root)
+    view = host_view(proc)
+    try:
+        assert view.root_fd is not None and view.problem == ""
+        assert view.mountinfo == proc / "1" / "mountinfo"
+        assert view.read_mounts()[0].mnt_id == 99
+        assert f"through {proc}/1/root" in view.where
+        fd = view.open("/tmp")
+        try:
+            assert os.fstat(fd).st_ino == os.stat(host_root / "tmp").st_ino
+        finally:
+            os.close(fd)
+    finally:
+        view.close()
+
+
+def test_host_view_says_why_it_cannot_be_the_hosts(tmp_path: Path) -> None:
+    """No access to /proc/1/root (here: none at all): the own view, and a problem
+    that says whose paths these are and what it takes."""
+    proc = fake_proc(tmp_path, MOUNTINFO, "")
+    view = host_view(proc)
+    assert view.root_fd is None and view.mountinfo == proc / "self" / "mountinfo"
+    assert view.where == "guard's own mount namespace"
+    assert "not the host's" in view.problem
+    assert f"cannot read {proc}/1/root" in view.problem and "CAP_SYS_PTRACE" in view.problem
+    (proc / "1" / "mountinfo").unlink()
+    assert f"cannot read {proc}/1/mountinfo" in host_view(proc).problem
