@@ -228,7 +228,7 @@ static __always_inline void guard_files_path(char *dst, struct vfsmount *vfsmnt,
 		len = 0;
 		GUARD_FILES_READ(name, cur->d_name.name);
 		GUARD_FILES_READ(len, cur->d_name.len);
-		len &= GUARD_NAME_BUF - 1;        /* NAME_MAX is 255 */
+		len &= GUARD_NAME_LEN - 1;        /* NAME_MAX is 255 */
 		pos = s->pos & GUARD_FILES_PATH_MASK;
 		/* keep room for "...": the string must start at or after GUARD_PATH_LEN */
 		if (!name || len + 1 + 3 + GUARD_PATH_LEN > pos)
@@ -236,7 +236,7 @@ static __always_inline void guard_files_path(char *dst, struct vfsmount *vfsmnt,
 		pos -= len;
 		/* a fresh mask the compiler cannot drop: the verifier wants the size bounded here */
 		asm volatile("" : "+r"(len));
-		len &= GUARD_NAME_BUF - 1;
+		len &= GUARD_NAME_LEN - 1;
 		bpf_probe_read_kernel(&s->path[pos & GUARD_FILES_PATH_MASK], len, name);
 		pos = (pos - 1) & GUARD_FILES_PATH_MASK;
 		s->path[pos] = '/';

@@ -11,7 +11,8 @@
  * that access, no key at all. Most specific first (guard_inode_decide):
  *   1. the file itself: its EXACT key (inode number + the kernel's s_dev;
  *      absent for a name being created) and its NAME key (parent directory
- *      inode + FNV-1a 32 of the dentry name). Both are "this exact path"
+ *      inode + FNV-1a 64 of the dentry name, the name itself compared with
+ *      the one stored in guard_names on a hit). Both are "this exact path"
  *      rules: if both decide an access the stronger verdict wins, as for any
  *      tie. EXACT follows the file through symlinks, hard links and bind
  *      mounts; NAME follows the name through a rename-over (package upgrade)
@@ -100,37 +101,43 @@ struct guard_inode_result {
 			(dst) = (src);                                           \
 	} while (0)
 
-#define GUARD_NAME_BUF   256        /* NAME_MAX + 1 */
-#define GUARD_FNV_OFFSET 2166136261u
-#define GUARD_FNV_PRIME  16777619u
+#define GUARD_FNV_OFFSET 0xCBF29CE484222325ULL
+#define GUARD_FNV_PRIME  0x100000001B3ULL
 
-/* Scratch space for a dentry name: too large for the 512-byte stack. */
+/*
+ * Scratch space for a dentry name: too large for the 512-byte stack. It keeps
+ * the name read for the hash, so that a NAME key's hit compares the very bytes
+ * that were hashed.
+ */
 struct guard_inode_name {
-	unsigned char bytes[GUARD_NAME_BUF];
+	unsigned char bytes[GUARD_NAME_LEN];
+	__u32 len;                  /* bytes, no NUL */
 };
 BPF_PERCPU_ARRAY(guard_inode_names, struct guard_inode_name, 1);
 
 /*
- * FNV-1a 32 of a dentry name (kernel pointer ``name``), byte for byte what
- * guard.resolve.fnv1a32() computes for the basename: the NAME keys. A name
- * that cannot be read hashes to 0, which user space never registers
- * (resolve.py warns about the one name in four billion whose real hash is 0).
+ * FNV-1a 64 of a dentry name (kernel pointer ``name``), byte for byte what
+ * guard.resolve.fnv1a64() computes for the basename: the NAME keys' hash. The
+ * name stays in the per-CPU buffer for guard_inode_name_is(). A name that
+ * cannot be read hashes to 0, which user space never registers.
  */
-static __always_inline __u32 guard_name_hash_of(const unsigned char *name)
+static __always_inline __u64 guard_name_hash_of(const unsigned char *name)
 {
 	__u32 zero = 0;
 	struct guard_inode_name *buf = guard_inode_names.lookup(&zero);
-	__u32 hash = GUARD_FNV_OFFSET;
+	__u64 hash = GUARD_FNV_OFFSET;
 	int len;
 
 	if (!buf || !name)
 		return 0;
-	len = bpf_probe_read_kernel_str(buf->bytes, GUARD_NAME_BUF, name);
+	buf->len = 0;
+	len = bpf_probe_read_kernel_str(buf->bytes, GUARD_NAME_LEN, name);
 	if (len <= 1)
 		return 0;
+	buf->len = len - 1;
 	/* Not unrolled: an unrolled copy hides the index bound from the verifier. */
 #pragma clang loop unroll(disable)
-	for (int i = 0; i < GUARD_NAME_BUF; i++) {
+	for (int i = 0; i < GUARD_NAME_LEN; i++) {
 		if (i >= len - 1)
 			break;
 		hash ^= buf->bytes[i];
@@ -140,12 +147,40 @@ static __always_inline __u32 guard_name_hash_of(const unsigned char *name)
 }
 
 /* The NAME key's hash of a dentry's name; 0 when unreadable. */
-static __always_inline __u32 guard_inode_name_hash(struct dentry *dentry, __u8 how)
+static __always_inline __u64 guard_inode_name_hash(struct dentry *dentry, __u8 how)
 {
 	const unsigned char *name = 0;
 
 	GUARD_INODE_LOAD(how, name, dentry->d_name.name);
 	return guard_name_hash_of(name);
+}
+
+/*
+ * After a NAME key's hit: 1 when the name just hashed (the per-CPU buffer) is
+ * the name stored for the key in guard_names, byte for byte; 0 otherwise (a
+ * colliding name, or no stored name), and then the key is no match. Run only
+ * on a hit, so a name no rule has costs nothing here.
+ */
+static __always_inline int guard_inode_name_is(struct guard_inode_key *key)
+{
+	__u32 zero = 0;
+	struct guard_inode_name *buf = guard_inode_names.lookup(&zero);
+	struct guard_name *want = guard_names.lookup(key);
+	__u32 len;
+
+	if (!buf || !want)
+		return 0;
+	len = want->len;
+	if (len != buf->len || len >= GUARD_NAME_LEN)
+		return 0;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < GUARD_NAME_LEN - 1; i++) {
+		if (i >= len)
+			break;
+		if (buf->bytes[i] != want->name[i])
+			return 0;
+	}
+	return 1;
 }
 
 /* The filter words of the slot a slot-qualified ruleset belongs to. */
@@ -335,7 +370,8 @@ static __always_inline void guard_inode_decide(struct dentry *dentry, __u32 rule
 		if (key.name_hash) {
 			key.match = GUARD_MATCH_NAME;
 			value = guard_inodes.lookup(&key);
-			if (value)
+			/* the hash finds the entry, the name decides whether it matches */
+			if (value && guard_inode_name_is(&key))
 				guard_inode_take_files(res, value, want);
 		}
 	}

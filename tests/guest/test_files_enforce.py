@@ -77,6 +77,14 @@ def tree(path: Path) -> str:
     return f"{path}/**"
 
 
+def fnv1a32(data: bytes) -> int:
+    """FNV-1a 32, the hash NAME keys were looked up by alone before they compared names."""
+    value = 0x811C9DC5
+    for byte in data:
+        value = ((value ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return value
+
+
 # --- the acting process ------------------------------------------------------------
 
 PROBE = textwrap.dedent("""\
@@ -135,7 +143,7 @@ class FileProbe:
     """A process in a test cgroup making one real syscall per request."""
 
     proc: subprocess.Popen[str]
-    cgroup: TestCgroup
+    cgroup: TestCgroup | None
     _stdin: IO[str] = field(repr=False)
     _stdout: IO[str] = field(repr=False)
 
@@ -143,20 +151,35 @@ class FileProbe:
     def start(cls, cgroup: TestCgroup) -> FileProbe:
         proc = cgroup.spawn([sys.executable, "-c", PROBE], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, bufsize=1)
+        return cls.ready(proc, cgroup)
+
+    @classmethod
+    def start_outside(cls) -> FileProbe:
+        """A probe in the test process's own cgroup, outside every test scope."""
+        proc = subprocess.Popen([sys.executable, "-c", PROBE], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, bufsize=1)
+        return cls.ready(proc, None)
+
+    @classmethod
+    def ready(cls, proc: subprocess.Popen[str], cgroup: TestCgroup | None) -> FileProbe:
         assert proc.stdin is not None and proc.stdout is not None
         assert proc.stdout.readline() == "ready\n"
         return cls(proc, cgroup, proc.stdin, proc.stdout)
 
     def call(self, op: str, *args: object) -> int:
         """errno of the operation; 0 when it succeeded."""
+        return self.call_value(op, *args)[0]
+
+    def call_value(self, op: str, *args: object) -> tuple[int, object]:
+        """(errno of the operation, 0 when it succeeded; what it returned)."""
         self._stdin.write(json.dumps([op, [str(a) if isinstance(a, Path) else a
                                            for a in args]]) + "\n")
         self._stdin.flush()
         line = self._stdout.readline()
         if not line:
             raise AssertionError(f"the probe exited ({self.proc.poll()})")
-        code, _value = json.loads(line)
-        return int(code)
+        code, value = json.loads(line)
+        return int(code), value
 
     def read(self, path: str | Path) -> int:
         return self.call("open", path, os.O_RDONLY)
@@ -505,6 +528,55 @@ def test_a_path_named_exactly_is_matched_after_rename_over_and_creation(
     verdicts = [(e.verdict, e.access) for e in guard.log.for_cgroup(cgroup.id)]
     deny, audit = int(Verdict.DENY), int(Verdict.AUDIT)
     assert verdicts == [(deny, WRITE), (audit, READ), (deny, WRITE), (audit, READ)]
+
+
+def test_a_name_that_hashes_alike_is_not_the_named_file(
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+) -> None:
+    """A NAME key matches its name, not whatever hashes alike (issue 15, item 1).
+    ``VCbjch.php`` and ``cache.json`` have the same FNV-1a 32, the hash NAME keys
+    were once looked up by alone: with writes denied under www/ and allowed to
+    www/cache.json, creating the other name is refused. Then the kernel is shown
+    to compare the name stored in guard_names: with that name changed by hand
+    (one byte, then one byte shorter), the allowed name itself is no match and
+    falls to the subtree's deny; put back, it is allowed again."""
+    from guard import apply
+    from guard.resolve import Resolver
+
+    assert fnv1a32(b"VCbjch.php") == fnv1a32(b"cache.json")
+    www = tmp_path / "www"
+    www.mkdir()
+    allowed, twin = www / "cache.json", www / "VCbjch.php"
+    create = os.O_WRONLY | os.O_CREAT
+    guard.apply_yaml(files_policy("collide", [cgroup.path], [
+        ("deny", ["write"], [tree(www)]), ("allow", ["write"], [allowed])]))
+    assert guard.last_warnings == ()
+    assert probe.call("open", twin, create) == EPERM
+    assert not twin.exists()
+    assert probe.call("open", allowed, create) == 0  # created: no EXACT key, the NAME key
+    assert probe.write(allowed) == 0
+
+    slot = guard.applier.writer().read_config().active_slot & 1
+    directory = Resolver().identity(str(www))
+    assert directory is not None
+    table = guard.kernel.map(apply.NAMES)
+    (key,) = [k for k in table
+              if (k.ino, k.dev, k.match) == (directory.ino, directory.dev, layout.MATCH_NAME)
+              and k.ruleset // layout.MAX_RULESETS == slot]
+    saved = bytes(table[key])
+
+    def store(name: bytes) -> None:
+        value = layout.NameC(len=len(name))
+        ctypes.memmove(value.name, name, len(name))
+        table[key] = table.Leaf.from_buffer_copy(bytes(value))
+
+    try:
+        for other in (b"cache.jsoN", b"cache.jso"):
+            store(other)
+            assert probe.write(allowed) == EPERM, other
+    finally:
+        table[key] = table.Leaf.from_buffer_copy(saved)
+    assert probe.write(allowed) == 0
 
 
 def test_audit_mode_blocks_nothing_and_reports_would_deny(
