@@ -31,7 +31,10 @@
  * entry, the SUBTREE key with ino 0 and dev 0, whose decision per access is
  * the strongest any subtree rule of the ruleset gives. When the walk reaches
  * its bound (or a directory it cannot read) before the root, the program
- * cannot know which subtree rule covers the file: the access gets the
+ * cannot know which subtree rule covers the file, and likewise when it stops
+ * at a disconnected dentry (its own parent, but not its superblock's root:
+ * open_by_handle_at of a file whose path the dentry cache has dropped), whose
+ * ancestors are unknown: the access gets the
  * summary's decision, flagged undecided (the caller counts
  * GUARD_STAT_UNDECIDED and flags the event): an enforcing ruleset with any
  * deny there therefore denies, fail closed.
@@ -237,6 +240,32 @@ static __always_inline struct dentry *guard_inode_parent(struct dentry *dentry, 
 	return parent;
 }
 
+/*
+ * A dentry that is its own parent (IS_ROOT): 1 when the walk that reached it
+ * is complete, 0 when the dentry is disconnected and the walk could not reach
+ * the root. Complete: the superblock's root (sb->s_root), or a file that was
+ * never in a tree (a pipe, socket or memfd: no path leads to it, so no subtree
+ * rule can cover it). Disconnected: DCACHE_DISCONNECTED, set on every dentry
+ * the kernel makes from a file handle or an inode alone (d_obtain_alias:
+ * open_by_handle_at, NFS export) until its path is connected again; its
+ * real ancestors exist but are not in the dentry cache, so the subtree rules
+ * that cover it are unknown.
+ */
+static __always_inline int guard_inode_top_is_root(struct dentry *top, __u8 how)
+{
+	struct super_block *sb = 0;
+	struct dentry *root = 0;
+	unsigned int flags = 0;
+
+	GUARD_INODE_LOAD(how, sb, top->d_sb);
+	if (sb)
+		GUARD_INODE_LOAD(how, root, sb->s_root);
+	if (root == top)
+		return 1;
+	GUARD_INODE_LOAD(how, flags, top->d_flags);
+	return !(flags & DCACHE_DISCONNECTED);
+}
+
 /* The file level (EXACT, NAME): a present decision; the stronger of two on a tie. */
 static __always_inline void guard_inode_take_file(struct guard_inode_one *one,
 						  struct guard_decision *d)
@@ -386,7 +415,9 @@ static __always_inline void guard_inode_decide(struct dentry *dentry, __u32 rule
 	for (int depth = 0; depth < GUARD_MAX_PATH_DEPTH; depth++) {
 		parent = guard_inode_parent(cur, how);
 		if (parent == cur) {
-			complete = 1;   /* cur is the superblock's root */
+			/* the superblock's root, or a disconnected dentry: undecided */
+			complete = guard_inode_top_is_root(cur, how);
+			failed = !complete;
 			break;
 		}
 		if (!parent || !guard_inode_identity(parent, how, &key.ino, &key.dev)) {
@@ -405,7 +436,7 @@ static __always_inline void guard_inode_decide(struct dentry *dentry, __u32 rule
 	}
 	/* At the bound, the last directory checked may be the root itself. */
 	if (!complete && !failed)
-		complete = guard_inode_parent(cur, how) == cur;
+		complete = guard_inode_parent(cur, how) == cur && guard_inode_top_is_root(cur, how);
 	if (complete)
 		return;
 	/*

@@ -111,6 +111,25 @@ PROBE = textwrap.dedent("""\
         if libc.syscall(SYS_RENAMEAT2, AT_FDCWD, a.encode(), AT_FDCWD, b.encode(), 2):
             raise OSError(ctypes.get_errno(), "renameat2")
 
+    def by_handle(mount, handle_type, handle_hex):
+        # open_by_handle_at(O_RDONLY), read a byte: the path the kernel shows for it
+        raw = bytes.fromhex(handle_hex)
+        handle = ctypes.create_string_buffer(
+            len(raw).to_bytes(4, "little") + handle_type.to_bytes(4, "little", signed=True)
+            + raw)
+        mount_fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fd = libc.open_by_handle_at(mount_fd, handle, os.O_RDONLY)
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), "open_by_handle_at")
+            try:
+                os.read(fd, 1)
+                return os.readlink(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+        finally:
+            os.close(mount_fd)
+
     def burst(path, flags, count):
         failed = 0
         for _ in range(count):
@@ -125,7 +144,7 @@ PROBE = textwrap.dedent("""\
         "unlink": os.unlink, "mkfifo": os.mkfifo, "symlink": os.symlink, "link": os.link,
         "rename": os.rename, "exchange": exchange, "truncate": os.truncate,
         "chmod": os.chmod, "chown": lambda p: os.chown(p, os.getuid(), os.getgid()),
-        "chdir": os.chdir, "burst": burst,
+        "chdir": os.chdir, "burst": burst, "by_handle": by_handle,
     }
     print("ready", flush=True)
     for line in sys.stdin:
@@ -718,6 +737,80 @@ def test_too_deep_to_walk_fails_closed_for_that_access_only(
     assert guard.stat(layout.STAT_UNDECIDED) == before + 1
     (event,) = guard.log.for_cgroup(cgroup.id)
     assert event.flags & layout.EVENT_UNDECIDED and event.access == WRITE
+
+
+AT_FDCWD = -100
+MAX_HANDLE_SZ = 128
+
+
+def name_to_handle(path: Path) -> tuple[int, str]:
+    """name_to_handle_at(2): (handle type, handle bytes in hex)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(MAX_HANDLE_SZ.to_bytes(4, "little"), 8 + MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    if libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), buf, ctypes.byref(mount_id), 0):
+        raise OSError(ctypes.get_errno(), "name_to_handle_at")
+    size = int.from_bytes(buf.raw[:4], "little")
+    return int.from_bytes(buf.raw[4:8], "little", signed=True), buf.raw[8:8 + size].hex()
+
+
+def drop_dentries() -> None:
+    """Free every unused dentry and inode; twice per round, as a dentry the LRU saw
+    used recently survives its first pass."""
+    for _ in range(4):
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")
+
+
+def test_a_file_opened_by_handle_with_its_path_out_of_the_cache_fails_closed(
+    guard: GuestGuard, cgroup: TestCgroup, probe: FileProbe, tmp_path: Path
+) -> None:
+    """open_by_handle_at (CAP_DAC_READ_SEARCH: root in the scope) of a file whose
+    directories have left the dentry cache gives a disconnected dentry: its own
+    parent, but not its file system's root, so the subtree walk cannot see the
+    read-denied directory it is in (issue 15, item 4). The walk is undecided and
+    takes the strongest read verdict of the ruleset's subtree rules: EPERM,
+    flagged. On ext4 (a loop image): tmpfs keeps every dentry, and the guest's
+    overlays decode no handles. The test process, outside the scope, shows the
+    dentry really was disconnected: the kernel cannot name its path."""
+    subprocess.run(["modprobe", "-a", "loop", "ext4"], check=False, timeout=60)
+    image = tmp_path / "fs.img"
+    with image.open("wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, timeout=120,
+                   capture_output=True)
+    with mounted(["-o", "loop", str(image)], tmp_path / "mnt") as mnt:
+        secret = make(mnt / "secret" / "deeper" / "key")
+        public = make(mnt / "public" / "deeper" / "free")
+        guard.apply_yaml(files_policy("handle", [cgroup.path], [
+            ("deny", ["read"], [tree(mnt / "secret")])]))
+        assert guard.last_warnings == ()
+        assert probe.read(secret) == EPERM
+        handles = {path: name_to_handle(path) for path in (secret, public)}
+
+        drop_dentries()
+        outside = FileProbe.start_outside()
+        try:
+            code, shown = outside.call_value("by_handle", mnt, *handles[secret])
+        finally:
+            outside.close()
+        assert code == 0 and shown != str(secret), (code, shown)  # disconnected
+
+        drop_dentries()
+        before = guard.stat(layout.STAT_UNDECIDED)
+        start = len(guard.log.for_cgroup(cgroup.id, settle_s=0))
+        assert probe.call_value("by_handle", mnt, *handles[secret])[0] == EPERM
+        assert guard.stat(layout.STAT_UNDECIDED) == before + 1
+        (event,) = guard.log.for_cgroup(cgroup.id)[start:]
+        assert event.flags & layout.EVENT_UNDECIDED and event.access == READ
+        assert event.verdict == int(Verdict.DENY)
+        # no rule decides writes: a disconnected file is not walked for them
+        assert probe.call("open", secret, os.O_WRONLY) == 0
+        # fail closed: any disconnected file is read-denied while a read-deny subtree
+        # rule is in the ruleset, wherever it is; without the policy it opens
+        assert probe.call_value("by_handle", mnt, *handles[public])[0] == EPERM
+        guard.clear()
+        assert probe.call_value("by_handle", mnt, *handles[public])[0] == 0
 
 
 # --- the kernel agrees with guard explain ------------------------------------------
