@@ -20,6 +20,7 @@ import ctypes
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -808,9 +809,101 @@ def test_a_file_opened_by_handle_with_its_path_out_of_the_cache_fails_closed(
         assert probe.call("open", secret, os.O_WRONLY) == 0
         # fail closed: any disconnected file is read-denied while a read-deny subtree
         # rule is in the ruleset, wherever it is; without the policy it opens
+        drop_dentries()
         assert probe.call_value("by_handle", mnt, *handles[public])[0] == EPERM
         guard.clear()
         assert probe.call_value("by_handle", mnt, *handles[public])[0] == 0
+
+
+# --- stacked file systems: the file below decides --------------------------------
+
+# Run by an unprivileged user in its own user and mount namespaces (unshare -Urm):
+# mounts overlays on the layers given and answers errnos as JSON. The system
+# Python, stdlib only: the user cannot read the test's virtual environment.
+OVERLAY_USER = textwrap.dedent("""\
+    import json, os, subprocess, sys
+    base = sys.argv[1]
+    point = base + "/point"
+
+    def mount(options):
+        done = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, point],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit("mount -o " + options + ": " + done.stderr)
+
+    def errno_of(action):
+        try:
+            action()
+            return 0
+        except OSError as error:
+            return error.errno
+
+    def read(name):
+        with open(point + "/" + name, "rb") as f:
+            f.read(1)
+
+    def write(name):
+        with open(point + "/" + name, "ab") as f:
+            f.write(b"overlay\\n")
+
+    found = {}
+    mount(f"userxattr,lowerdir={base}/secret:{base}/other")
+    found["lower_other"] = errno_of(lambda: read("ok"))
+    found["lower_secret"] = errno_of(lambda: read("file"))
+    subprocess.run(["umount", point], check=True)
+    mount(f"userxattr,lowerdir={base}/low,upperdir={base}/up,workdir={base}/work")
+    found["upper_read"] = errno_of(lambda: read("f"))
+    found["upper_write"] = errno_of(lambda: write("f"))
+    subprocess.run(["umount", point], check=True)
+    print(json.dumps(found))
+    """)
+NOBODY = 65534
+
+
+def test_an_overlay_is_judged_by_the_file_below(
+    guard: GuestGuard, cgroup: TestCgroup, tmp_path: Path
+) -> None:
+    """An unprivileged user mounts overlays in its own user namespace (issue 15,
+    item 3): its files have the overlay's own inodes, which no rule names, but
+    overlayfs opens the real file below as a backing file, and that open is
+    judged by the real file's identity. A read-denied file is refused through an
+    overlay that has its directory as a lower layer; a write through an overlay
+    whose upper layer is a write-denied directory is refused, and the file there
+    is unchanged. Other files of the same overlays open."""
+    base = Path("/dev/shm") / f"guard-overlay-{os.getpid()}-{tmp_path.name}"
+    base.mkdir(mode=0o755)
+    try:
+        for name in ("secret", "other", "low", "point"):
+            (base / name).mkdir(mode=0o755)
+        for name in ("up", "work"):
+            (base / name).mkdir(mode=0o755)
+            os.chown(base / name, NOBODY, NOBODY)
+        for path in (make(base / "secret" / "file"), make(base / "other" / "ok")):
+            path.chmod(0o644)
+        upper = make(base / "up" / "f", "before\n")
+        os.chown(upper, NOBODY, NOBODY)
+        guard.apply_yaml(files_policy("overlay", [cgroup.path], [
+            ("deny", ["read"], [tree(base / "secret")]),
+            ("deny", ["write"], [tree(base / "up")])]))
+        assert guard.last_warnings == ()
+        user = cgroup.spawn(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
+             "unshare", "-Urm", "/usr/bin/python3", "-c", OVERLAY_USER, str(base)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = user.communicate(timeout=120)
+        assert user.returncode == 0, err
+        assert json.loads(out) == {"lower_other": 0, "lower_secret": EPERM,
+                                   "upper_read": 0, "upper_write": EPERM}
+        assert upper.read_text() == "before\n"
+        events = guard.log.for_cgroup(cgroup.id)
+        assert [(e.verdict, e.access) for e in events] == [
+            (int(Verdict.DENY), READ), (int(Verdict.DENY), WRITE)]
+        # the events name the file as the user reached it: through the overlay
+        assert [e.path.decode() for e in events] == [str(base / "point" / "file"),
+                                                    str(base / "point" / "f")]
+    finally:
+        subprocess.run(["umount", "-R", str(base / "point")], capture_output=True, timeout=30)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # --- the kernel agrees with guard explain ------------------------------------------
