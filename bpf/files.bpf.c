@@ -10,6 +10,13 @@
  *                  = FMODE_READ; write = FMODE_WRITE or O_TRUNC. Decided on the
  *                  file really opened, so symlinks, "..", relative paths,
  *                  bind mounts and /proc/self/fd all end at the same dentry.
+ *                  A stacked file system's open is judged twice: its own file
+ *                  (an overlayfs inode), then the real file below, which
+ *                  overlayfs opens as a backing file (FMODE_BACKING) with the
+ *                  same mode, by the same task: a read-denied file is denied
+ *                  through any overlay that has it as a lower layer, and a
+ *                  write through an overlay whose upper layer is write-denied
+ *                  is refused. The backing file's event names the user's path.
  *   path_mknod     a new name in a directory: open(O_CREAT) of a new file and
  *   path_mkdir     mknod(2) come through path_mknod; mkdir, symlink likewise.
  *   path_symlink   Decided as a write of the NEW name (NAME key, then the
@@ -228,7 +235,7 @@ static __always_inline void guard_files_path(char *dst, struct vfsmount *vfsmnt,
 		len = 0;
 		GUARD_FILES_READ(name, cur->d_name.name);
 		GUARD_FILES_READ(len, cur->d_name.len);
-		len &= GUARD_NAME_BUF - 1;        /* NAME_MAX is 255 */
+		len &= GUARD_NAME_LEN - 1;        /* NAME_MAX is 255 */
 		pos = s->pos & GUARD_FILES_PATH_MASK;
 		/* keep room for "...": the string must start at or after GUARD_PATH_LEN */
 		if (!name || len + 1 + 3 + GUARD_PATH_LEN > pos)
@@ -236,7 +243,7 @@ static __always_inline void guard_files_path(char *dst, struct vfsmount *vfsmnt,
 		pos -= len;
 		/* a fresh mask the compiler cannot drop: the verifier wants the size bounded here */
 		asm volatile("" : "+r"(len));
-		len &= GUARD_NAME_BUF - 1;
+		len &= GUARD_NAME_LEN - 1;
 		bpf_probe_read_kernel(&s->path[pos & GUARD_FILES_PATH_MASK], len, name);
 		pos = (pos - 1) & GUARD_FILES_PATH_MASK;
 		s->path[pos] = '/';
@@ -335,10 +342,29 @@ static __always_inline int guard_files_check_two(struct vfsmount *mnt,
 	return guard_files_check(mnt, source, source_want);
 }
 
+/*
+ * The path a file was opened by, for the event: f_path, or for a backing file
+ * (FMODE_BACKING, since 6.8: overlayfs opening the real file of one of its
+ * files) the user's path, stored right after the struct file (struct
+ * backing_file, fs/file_table.c; file_user_path() reads it the same way).
+ */
+static __always_inline void guard_files_user_path(struct file *file, fmode_t f_mode,
+						  struct path *out)
+{
+	const void *src = &file->f_path;
+
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 8, 0)
+	if (f_mode & FMODE_BACKING)
+		src = (char *)file + sizeof(struct file);
+#endif
+	bpf_probe_read_kernel(out, sizeof(*out), src);
+}
+
 LSM_PROBE(file_open, struct file *file, int ret)
 {
 	struct guard_inode_result res = {};
 	struct guard_scope scope = {};
+	struct path user = {};
 	unsigned int f_flags;
 	fmode_t f_mode;
 	__u8 want = 0;
@@ -350,11 +376,6 @@ LSM_PROBE(file_open, struct file *file, int ret)
 	/* exec's own opens belong to exec.bpf.c */
 	if ((f_mode & GUARD_FILES_FMODE_EXEC) || (f_flags & GUARD_FILES_FMODE_EXEC))
 		return 0;
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 8, 0)
-	/* overlayfs opening the real file behind one already judged */
-	if (f_mode & FMODE_BACKING)
-		return 0;
-#endif
 	/*
 	 * read: FMODE_READ; write: FMODE_WRITE or O_TRUNC, except for a file this
 	 * open created, whose creation path_mknod judged as a write a moment ago.
@@ -365,9 +386,11 @@ LSM_PROBE(file_open, struct file *file, int ret)
 	want &= (f_mode & FMODE_CREATED) ? GUARD_ACCESS_READ : GUARD_FILES_RW;
 	if (!want || !guard_files_scope(&scope))
 		return 0;
+	/* a backing file's f_path is the real file: judged by its own identity */
 	guard_files_decide(file->f_path.dentry, &scope, want, &res);
+	guard_files_user_path(file, f_mode, &user);
 	return guard_files_report(&res, (__u32)scope.ruleset, GUARD_HOOK_FILE_OPEN,
-				  file->f_path.mnt, file->f_path.dentry);
+				  user.mnt, user.dentry);
 }
 
 LSM_PROBE(path_mknod, const struct path *dir, struct dentry *dentry, unsigned long mode,

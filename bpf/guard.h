@@ -22,6 +22,7 @@
 #define GUARD_MAX_PORT_LINES     16    /* lines in one port table */
 #define GUARD_PATH_LEN           256   /* object path in an event */
 #define GUARD_COMM_LEN           16
+#define GUARD_NAME_LEN           256   /* a path component: NAME_MAX + 1 */
 
 /* Map sizes (entries). */
 #define GUARD_MAX_SCOPES         8192
@@ -194,7 +195,19 @@ struct guard_inode_key {        /* guard_inodes: exec and file rules */
 	__u32 dev;                  /* the kernel's s_dev: (major << 20) | minor */
 	__u32 ruleset;              /* slot * GUARD_MAX_RULESETS + id */
 	__u32 match;                /* enum guard_inode_match */
-	__u32 name_hash;            /* GUARD_MATCH_NAME only: FNV-1a 32 of the name */
+	__u32 _pad;
+	__u64 name_hash;            /* GUARD_MATCH_NAME only: FNV-1a 64 of the name */
+};
+
+/*
+ * guard_names: the name of every NAME key, under the same key. The hash only
+ * finds the entry; the kernel then compares the dentry's name with this one
+ * byte for byte, and a different name is no match (a hash collision an
+ * attacker computed offline matches nothing).
+ */
+struct guard_name {
+	__u32 len;                  /* bytes in name, no NUL; 1..GUARD_NAME_LEN - 1 */
+	unsigned char name[GUARD_NAME_LEN];
 };
 
 struct guard_inode_value {      /* guard_inodes: a decision per access */

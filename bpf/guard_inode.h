@@ -11,7 +11,8 @@
  * that access, no key at all. Most specific first (guard_inode_decide):
  *   1. the file itself: its EXACT key (inode number + the kernel's s_dev;
  *      absent for a name being created) and its NAME key (parent directory
- *      inode + FNV-1a 32 of the dentry name). Both are "this exact path"
+ *      inode + FNV-1a 64 of the dentry name, the name itself compared with
+ *      the one stored in guard_names on a hit). Both are "this exact path"
  *      rules: if both decide an access the stronger verdict wins, as for any
  *      tie. EXACT follows the file through symlinks, hard links and bind
  *      mounts; NAME follows the name through a rename-over (package upgrade)
@@ -30,7 +31,10 @@
  * entry, the SUBTREE key with ino 0 and dev 0, whose decision per access is
  * the strongest any subtree rule of the ruleset gives. When the walk reaches
  * its bound (or a directory it cannot read) before the root, the program
- * cannot know which subtree rule covers the file: the access gets the
+ * cannot know which subtree rule covers the file, and likewise when it stops
+ * at a disconnected dentry (its own parent, but not its superblock's root:
+ * open_by_handle_at of a file whose path the dentry cache has dropped), whose
+ * ancestors are unknown: the access gets the
  * summary's decision, flagged undecided (the caller counts
  * GUARD_STAT_UNDECIDED and flags the event): an enforcing ruleset with any
  * deny there therefore denies, fail closed.
@@ -100,37 +104,43 @@ struct guard_inode_result {
 			(dst) = (src);                                           \
 	} while (0)
 
-#define GUARD_NAME_BUF   256        /* NAME_MAX + 1 */
-#define GUARD_FNV_OFFSET 2166136261u
-#define GUARD_FNV_PRIME  16777619u
+#define GUARD_FNV_OFFSET 0xCBF29CE484222325ULL
+#define GUARD_FNV_PRIME  0x100000001B3ULL
 
-/* Scratch space for a dentry name: too large for the 512-byte stack. */
+/*
+ * Scratch space for a dentry name: too large for the 512-byte stack. It keeps
+ * the name read for the hash, so that a NAME key's hit compares the very bytes
+ * that were hashed.
+ */
 struct guard_inode_name {
-	unsigned char bytes[GUARD_NAME_BUF];
+	unsigned char bytes[GUARD_NAME_LEN];
+	__u32 len;                  /* bytes, no NUL */
 };
 BPF_PERCPU_ARRAY(guard_inode_names, struct guard_inode_name, 1);
 
 /*
- * FNV-1a 32 of a dentry name (kernel pointer ``name``), byte for byte what
- * guard.resolve.fnv1a32() computes for the basename: the NAME keys. A name
- * that cannot be read hashes to 0, which user space never registers
- * (resolve.py warns about the one name in four billion whose real hash is 0).
+ * FNV-1a 64 of a dentry name (kernel pointer ``name``), byte for byte what
+ * guard.resolve.fnv1a64() computes for the basename: the NAME keys' hash. The
+ * name stays in the per-CPU buffer for guard_inode_name_is(). A name that
+ * cannot be read hashes to 0, which user space never registers.
  */
-static __always_inline __u32 guard_name_hash_of(const unsigned char *name)
+static __always_inline __u64 guard_name_hash_of(const unsigned char *name)
 {
 	__u32 zero = 0;
 	struct guard_inode_name *buf = guard_inode_names.lookup(&zero);
-	__u32 hash = GUARD_FNV_OFFSET;
+	__u64 hash = GUARD_FNV_OFFSET;
 	int len;
 
 	if (!buf || !name)
 		return 0;
-	len = bpf_probe_read_kernel_str(buf->bytes, GUARD_NAME_BUF, name);
+	buf->len = 0;
+	len = bpf_probe_read_kernel_str(buf->bytes, GUARD_NAME_LEN, name);
 	if (len <= 1)
 		return 0;
+	buf->len = len - 1;
 	/* Not unrolled: an unrolled copy hides the index bound from the verifier. */
 #pragma clang loop unroll(disable)
-	for (int i = 0; i < GUARD_NAME_BUF; i++) {
+	for (int i = 0; i < GUARD_NAME_LEN; i++) {
 		if (i >= len - 1)
 			break;
 		hash ^= buf->bytes[i];
@@ -140,12 +150,40 @@ static __always_inline __u32 guard_name_hash_of(const unsigned char *name)
 }
 
 /* The NAME key's hash of a dentry's name; 0 when unreadable. */
-static __always_inline __u32 guard_inode_name_hash(struct dentry *dentry, __u8 how)
+static __always_inline __u64 guard_inode_name_hash(struct dentry *dentry, __u8 how)
 {
 	const unsigned char *name = 0;
 
 	GUARD_INODE_LOAD(how, name, dentry->d_name.name);
 	return guard_name_hash_of(name);
+}
+
+/*
+ * After a NAME key's hit: 1 when the name just hashed (the per-CPU buffer) is
+ * the name stored for the key in guard_names, byte for byte; 0 otherwise (a
+ * colliding name, or no stored name), and then the key is no match. Run only
+ * on a hit, so a name no rule has costs nothing here.
+ */
+static __always_inline int guard_inode_name_is(struct guard_inode_key *key)
+{
+	__u32 zero = 0;
+	struct guard_inode_name *buf = guard_inode_names.lookup(&zero);
+	struct guard_name *want = guard_names.lookup(key);
+	__u32 len;
+
+	if (!buf || !want)
+		return 0;
+	len = want->len;
+	if (len != buf->len || len >= GUARD_NAME_LEN)
+		return 0;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < GUARD_NAME_LEN - 1; i++) {
+		if (i >= len)
+			break;
+		if (buf->bytes[i] != want->name[i])
+			return 0;
+	}
+	return 1;
 }
 
 /* The filter words of the slot a slot-qualified ruleset belongs to. */
@@ -200,6 +238,32 @@ static __always_inline struct dentry *guard_inode_parent(struct dentry *dentry, 
 
 	GUARD_INODE_LOAD(how, parent, dentry->d_parent);
 	return parent;
+}
+
+/*
+ * A dentry that is its own parent (IS_ROOT): 1 when the walk that reached it
+ * is complete, 0 when the dentry is disconnected and the walk could not reach
+ * the root. Complete: the superblock's root (sb->s_root), or a file that was
+ * never in a tree (a pipe, socket or memfd: no path leads to it, so no subtree
+ * rule can cover it). Disconnected: DCACHE_DISCONNECTED, set on every dentry
+ * the kernel makes from a file handle or an inode alone (d_obtain_alias:
+ * open_by_handle_at, NFS export) until its path is connected again; its
+ * real ancestors exist but are not in the dentry cache, so the subtree rules
+ * that cover it are unknown.
+ */
+static __always_inline int guard_inode_top_is_root(struct dentry *top, __u8 how)
+{
+	struct super_block *sb = 0;
+	struct dentry *root = 0;
+	unsigned int flags = 0;
+
+	GUARD_INODE_LOAD(how, sb, top->d_sb);
+	if (sb)
+		GUARD_INODE_LOAD(how, root, sb->s_root);
+	if (root == top)
+		return 1;
+	GUARD_INODE_LOAD(how, flags, top->d_flags);
+	return !(flags & DCACHE_DISCONNECTED);
 }
 
 /* The file level (EXACT, NAME): a present decision; the stronger of two on a tie. */
@@ -335,7 +399,8 @@ static __always_inline void guard_inode_decide(struct dentry *dentry, __u32 rule
 		if (key.name_hash) {
 			key.match = GUARD_MATCH_NAME;
 			value = guard_inodes.lookup(&key);
-			if (value)
+			/* the hash finds the entry, the name decides whether it matches */
+			if (value && guard_inode_name_is(&key))
 				guard_inode_take_files(res, value, want);
 		}
 	}
@@ -350,7 +415,9 @@ static __always_inline void guard_inode_decide(struct dentry *dentry, __u32 rule
 	for (int depth = 0; depth < GUARD_MAX_PATH_DEPTH; depth++) {
 		parent = guard_inode_parent(cur, how);
 		if (parent == cur) {
-			complete = 1;   /* cur is the superblock's root */
+			/* the superblock's root, or a disconnected dentry: undecided */
+			complete = guard_inode_top_is_root(cur, how);
+			failed = !complete;
 			break;
 		}
 		if (!parent || !guard_inode_identity(parent, how, &key.ino, &key.dev)) {
@@ -369,7 +436,7 @@ static __always_inline void guard_inode_decide(struct dentry *dentry, __u32 rule
 	}
 	/* At the bound, the last directory checked may be the root itself. */
 	if (!complete && !failed)
-		complete = guard_inode_parent(cur, how) == cur;
+		complete = guard_inode_parent(cur, how) == cur && guard_inode_top_is_root(cur, how);
 	if (complete)
 		return;
 	/*

@@ -33,6 +33,9 @@ BPF_ARRAY(guard_rulesets, struct guard_ruleset, GUARD_SLOTS * GUARD_MAX_RULESETS
 /* exec and file rules: one key per inode (or name, or subtree), a decision per access */
 BPF_F_TABLE("hash", struct guard_inode_key, struct guard_inode_value, guard_inodes,
 	    GUARD_MAX_INODE_ENTRIES, BPF_F_NO_PREALLOC);
+/* the name of every NAME key of guard_inodes, under the same key (guard.h) */
+BPF_F_TABLE("hash", struct guard_inode_key, struct guard_name, guard_names,
+	    GUARD_MAX_INODE_ENTRIES, BPF_F_NO_PREALLOC);
 /* guard_inodes' inodes as bits, per slot (guard.h) */
 BPF_ARRAY(guard_file_filter, __u64, GUARD_SLOTS * GUARD_FILE_FILTER_WORDS);
 BPF_LPM_TRIE(guard_net4, struct guard_net4_key, __u32, GUARD_MAX_NET_ENTRIES);

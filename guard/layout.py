@@ -19,6 +19,7 @@ MAX_PATH_DEPTH = 32
 MAX_PORT_LINES = 16
 PATH_LEN = 256
 COMM_LEN = 16
+NAME_LEN = 256  # a path component: NAME_MAX + 1
 MAX_SCOPES = 8192
 MAX_RULESETS = 1024
 MAX_INODE_ENTRIES = 1048576  # guard_inodes: exec and file rules' keys
@@ -114,7 +115,17 @@ class InodeKey(ctypes.Structure):
         ("dev", ctypes.c_uint32),
         ("ruleset", ctypes.c_uint32),
         ("match", ctypes.c_uint32),
-        ("name_hash", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("name_hash", ctypes.c_uint64),  # NAME keys: FNV-1a 64 of the name
+    ]
+
+
+class NameC(ctypes.Structure):
+    """guard_names' value: the name of a NAME key, compared byte for byte in the kernel."""
+
+    _fields_ = [
+        ("len", ctypes.c_uint32),
+        ("name", ctypes.c_ubyte * NAME_LEN),
     ]
 
 
@@ -192,6 +203,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "guard_ruleset": RulesetC,
     "guard_inode_key": InodeKey,
     "guard_inode_value": InodeValue,
+    "guard_name": NameC,
     "guard_net4_key": Net4Key,
     "guard_net6_key": Net6Key,
     "guard_port_line": PortLine,

@@ -26,6 +26,11 @@ Exec and file rules share one map, ``guard_inodes``: one entry per key, a
 decision per access (read, write, exec); entries of the two that have the same
 key are merged into one (``inode_entries``).
 
+The names of NAME keys (``guard_names``, bpf/guard.h) are derived from the
+guard_inodes keys of a slot too: each NAME key's name under the same key bytes,
+filled, flipped and cleared with them, so a NAME entry the kernel can see always
+has its name beside it.
+
 The file filter (``guard_file_filter``, bpf/guard.h) is derived from the
 guard_inodes keys of a slot, exec and file rules alike: three bits in one
 64-bit word per (ino, dev) they name, a Bloom filter in an array, both slots'
@@ -62,16 +67,18 @@ NET4 = "guard_net4"
 NET6 = "guard_net6"
 PORT_TABLES = "guard_port_tables"
 FILE_FILTER = "guard_file_filter"
+NAMES = "guard_names"
 CONFIG = "guard_config"
-MAP_NAMES = (SCOPES, RULESETS, INODES, FILE_FILTER, NET4, NET6, PORT_TABLES)
+MAP_NAMES = (SCOPES, RULESETS, INODES, NAMES, FILE_FILTER, NET4, NET6, PORT_TABLES)
 ARRAY_MAPS = frozenset({RULESETS, FILE_FILTER})  # entries cannot be deleted, only zeroed
-DERIVED_MAPS = frozenset({FILE_FILTER})  # computed from other maps' entries: not rule entries
+DERIVED_MAPS = frozenset({FILE_FILTER, NAMES})  # computed from other maps' entries
 
 # Entries one slot may use: half of each map (the other half is the other slot).
 SLOT_CAPACITY = {
     SCOPES: layout.MAX_SCOPES // layout.SLOTS,
     RULESETS: layout.MAX_RULESETS,
     INODES: layout.MAX_INODE_ENTRIES // layout.SLOTS,
+    NAMES: layout.MAX_INODE_ENTRIES // layout.SLOTS,
     NET4: layout.MAX_NET_ENTRIES // layout.SLOTS,
     NET6: layout.MAX_NET_ENTRIES // layout.SLOTS,
     PORT_TABLES: layout.MAX_PORT_TABLES,
@@ -239,6 +246,28 @@ def inode_entries(exec_items: Iterable[InodeEntry], file_items: Iterable[FileIno
     }
 
 
+def name_entries(items: Iterable[InodeEntry | FileInodeEntry], slot: int) -> dict[bytes, bytes]:
+    """guard_names: the name of every NAME key, under that key's bytes, which the kernel
+    compares with the dentry's name on a hit. Two names under one key (a 64-bit hash
+    collision in one directory, which policies cannot get by chance) are refused."""
+    out: dict[bytes, bytes] = {}
+    seen: dict[bytes, bytes] = {}
+    for item in items:
+        if item.key.match != layout.MATCH_NAME:
+            continue
+        key = _inode_key(slot, item)
+        name = item.key.name
+        if not 0 < len(name) < layout.NAME_LEN:
+            raise ApplyError(f"{item.path}: name {name!r} cannot be a NAME key")
+        if seen.setdefault(key, name) != name:
+            raise ApplyError(f"{item.path}: the names {seen[key]!r} and {name!r} in one "
+                             "directory have the same 64-bit hash; rename one of them")
+        value = layout.NameC(len=len(name))
+        ctypes.memmove(value.name, name, len(name))
+        out[key] = bytes(value)
+    return out
+
+
 def file_filter_words(items: Iterable[InodeEntry | FileInodeEntry]) -> dict[int, int]:
     """Word index within a slot -> word: the bits of every (ino, dev) of a guard_inodes
     key (exec and file items alike), the summary excepted; words without a bit are left
@@ -271,6 +300,7 @@ def slot_entries(
         SCOPES: scope_entries(plan, slot, scope_ids),
         RULESETS: ruleset_entries(plan, slot, file_items, exec_items),
         INODES: inode_entries(exec_items, file_items, slot),
+        NAMES: name_entries([*exec_items, *file_items], slot),
         FILE_FILTER: file_filter_entries([*exec_items, *file_items], slot),
         NET4: v4,
         NET6: v6,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from guard.kernel.resolve import Match, Resolver, fnv1a32, path_keys
+from guard.kernel.resolve import Match, Resolver, fnv1a64, path_keys
 from guard.policy.evaluate import ResolvedPath
 from guard.policy.plan import Plan, parent_dirs
 
@@ -48,7 +48,7 @@ def resolve_question(paths: Iterable[tuple[str, bool]], path: str,
     parent_id = resolver.identity(parent) if name else None
     if parent_id is not None:
         file_keys.add((int(Match.NAME), parent_id.ino, parent_id.dev,
-                       fnv1a32(os.fsencode(name))))
+                       fnv1a64(os.fsencode(name))))
     same: set[str] = set()
     directories: dict[tuple[int, int], set[str]] = {}
     for plan_path, subtree in paths:

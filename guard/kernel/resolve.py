@@ -6,9 +6,12 @@ entry of a plan into the keys that walk will meet, *as the kernel sees them*:
 
 - EXACT   the file's inode: ``(i_ino, i_sb->s_dev)``; follows the file through
           symlinks, hard links and bind mounts, because they all lead to it.
-- NAME    the parent directory's inode + FNV-1a 32 of the file's name; follows
+- NAME    the parent directory's inode + FNV-1a 64 of the file's name; follows
           the name through a rename-over (a package upgrade replaces the inode)
           and matches a file created at that path after the policy was loaded.
+          The hash only finds the entry: the name itself goes to guard_names
+          under the same key, and the kernel compares it byte for byte on a hit
+          (a name that merely hashes alike matches nothing).
 - SUBTREE a directory's inode; the kernel looks it up for every parent
           directory of the file, deepest first, up to the root of the file's
           superblock. The walk cannot cross into the mount above, so a subtree
@@ -81,15 +84,16 @@ from pathlib import Path
 from guard import layout
 from guard.policy.plan import Decision, ExecEntry, FileEntry, Plan
 
-FNV_OFFSET = 0x811C9DC5
-FNV_PRIME = 0x01000193
+FNV_OFFSET = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+_U64 = (1 << 64) - 1
 
 
-def fnv1a32(data: bytes) -> int:
-    """FNV-1a, 32 bits: what the kernel computes over a dentry's name."""
+def fnv1a64(data: bytes) -> int:
+    """FNV-1a, 64 bits: what the kernel computes over a dentry's name."""
     value = FNV_OFFSET
     for byte in data:
-        value = ((value ^ byte) * FNV_PRIME) & 0xFFFFFFFF
+        value = ((value ^ byte) * FNV_PRIME) & _U64
     return value
 
 
@@ -121,6 +125,7 @@ class InodeKey:
     ruleset: int
     match: Match
     name_hash: int = 0
+    name: bytes = b""  # NAME keys: the name hashed, which guard_names holds for the kernel
 
     def to_c(self, slot: int) -> layout.InodeKey:
         return layout.InodeKey(
@@ -551,11 +556,12 @@ def path_keys(
     # The name the kernel sees is the last component of the real path.
     real = resolver.real_path(path)
     parent, name = os.path.split(real)
-    name_hash = fnv1a32(os.fsencode(name)) if name else 0
+    encoded = os.fsencode(name)
+    name_hash = fnv1a64(encoded) if name else 0
     parent_id = resolver.identity(parent) if name else None
     if parent_id is not None and name_hash != 0:
         keys.append(_Candidate(InodeKey(parent_id.ino, parent_id.dev, ruleset, Match.NAME,
-                                        name_hash), EXACT_SPECIFICITY, shown))
+                                        name_hash, encoded), EXACT_SPECIFICITY, shown))
     elif found is None:
         warnings.append(ResolveWarning(
             shown, f"neither the file nor its directory {parent} exists; rule not loaded"))
@@ -706,7 +712,7 @@ __all__ = [
     "Resolver",
     "View",
     "decision_c",
-    "fnv1a32",
+    "fnv1a64",
     "host_view",
     "openat2",
     "parse_fdinfo",

@@ -455,7 +455,7 @@ def test_name_hash_agrees_with_the_kernel(
     guard: GuestGuard, cgroup: Cgroup, tmp_path: Path, name: str
 ) -> None:
     """Only the NAME key can match after a rename-over: the kernel's FNV-1a of the
-    dentry name must equal guard.kernel.resolve.fnv1a32 of the basename, byte for byte."""
+    dentry name must equal guard.kernel.resolve.fnv1a64 of the basename, byte for byte."""
     path = copy_binary(TRUE, tmp_path / "names" / name)
     guard.apply_yaml(deny_policy(cgroup, path))
     replacement = copy_binary(TRUE, tmp_path / "names" / "replacement")

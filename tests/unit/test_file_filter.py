@@ -318,3 +318,20 @@ def test_apply_fills_the_idle_half_before_the_flip_and_zeroes_the_old_after() ->
     writes = writer.writes[apply.FILE_FILTER]
     run(applier, second)  # the same again: nothing written
     assert writer.writes[apply.FILE_FILTER] == writes
+
+
+def test_every_name_key_has_its_name_beside_it_and_two_names_under_one_key_are_refused() -> None:
+    """guard_names: under each NAME key's bytes, the name the kernel compares on a hit
+    (issue 15: a hash alone lets a computed collision match); other keys have none."""
+    named = FileInodeEntry(InodeKey(71, DEV, 0, Match.NAME, 9, b"cache.json"), None, AUDIT, "/c")
+    items = [named, item(70), FileInodeEntry(summary_key(0), None, DENY, "s")]
+    entries = apply.slot_entries(Plan((), (), (), (), (), (), (), ()), 1, {}, (), items)
+    (key, value), = entries[apply.NAMES].items()
+    assert key == bytes(named.key.to_c(1))
+    stored = layout.NameC.from_buffer_copy(value)
+    assert bytes(stored.name[:stored.len]) == b"cache.json" and not any(stored.name[10:])
+    twin = FileInodeEntry(InodeKey(71, DEV, 0, Match.NAME, 9, b"VCbjch.php"), None, DENY, "/v")
+    with pytest.raises(apply.ApplyError, match="same 64-bit hash"):
+        apply.name_entries([named, twin], 0)
+    with pytest.raises(apply.ApplyError, match="cannot be a NAME key"):
+        apply.name_entries([item(72, Match.NAME, name_hash=5)], 0)

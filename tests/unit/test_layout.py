@@ -87,6 +87,7 @@ def test_constants_equal_the_header() -> None:
         "MAX_PORT_LINES": layout.MAX_PORT_LINES,
         "PATH_LEN": layout.PATH_LEN,
         "COMM_LEN": layout.COMM_LEN,
+        "NAME_LEN": layout.NAME_LEN,
         "MAX_SCOPES": layout.MAX_SCOPES,
         "MAX_RULESETS": layout.MAX_RULESETS,
         "MAX_INODE_ENTRIES": layout.MAX_INODE_ENTRIES,

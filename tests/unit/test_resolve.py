@@ -24,7 +24,7 @@ from guard.kernel.resolve import (
     Match,
     Resolver,
     View,
-    fnv1a32,
+    fnv1a64,
     host_view,
     parse_fdinfo,
     parse_mountinfo,
@@ -71,19 +71,18 @@ def plan_of(exec_entries: tuple[ExecEntry, ...] = (),
 
 
 @pytest.mark.parametrize(("data", "expected"), [
-    # Published FNV-1a 32-bit test vectors.
-    (b"", 0x811C9DC5),
-    (b"a", 0xE40C292C),
-    (b"b", 0xE70C2DE5),
-    (b"foobar", 0xBF9CF968),
-    (b"chongo was here!\n", 0xD49930D5),
+    # Published FNV-1a 64-bit test vectors.
+    (b"", 0xCBF29CE484222325),
+    (b"a", 0xAF63DC4C8601EC8C),
+    (b"b", 0xAF63DF4C8601F1A5),
+    (b"foobar", 0x85944171F73967E8),
 ])
-def test_fnv1a32_matches_the_published_vectors(data: bytes, expected: int) -> None:
-    assert fnv1a32(data) == expected
+def test_fnv1a64_matches_the_published_vectors(data: bytes, expected: int) -> None:
+    assert fnv1a64(data) == expected
 
 
-def test_fnv1a32_hashes_bytes_not_characters() -> None:
-    assert fnv1a32("é".encode()) == fnv1a32(b"\xc3\xa9") != fnv1a32(b"\xe9")
+def test_fnv1a64_hashes_bytes_not_characters() -> None:
+    assert fnv1a64("é".encode()) == fnv1a64(b"\xc3\xa9") != fnv1a64(b"\xe9")
 
 
 # --- parsing /proc ---------------------------------------------------------------
@@ -181,7 +180,7 @@ def test_exact_path_gets_its_inode_and_its_name(tmp_path: Path) -> None:
     assert file_id is not None and dir_id is not None
     assert {(i.key, i.decision) for i in items} == {
         (InodeKey(file_id.ino, file_id.dev, 0, Match.EXACT), DENY),
-        (InodeKey(dir_id.ino, dir_id.dev, 0, Match.NAME, fnv1a32(b"tool")), DENY),
+        (InodeKey(dir_id.ino, dir_id.dev, 0, Match.NAME, fnv1a64(b"tool"), b"tool"), DENY),
     }
 
 
@@ -207,7 +206,7 @@ def test_symlinked_exact_path_names_the_real_file(tmp_path: Path) -> None:
     name = next(i.key for i in items if i.key.match is Match.NAME)
     real = Resolver().identity(str(real_dir))
     assert real is not None
-    assert (name.ino, name.dev, name.name_hash) == (real.ino, real.dev, fnv1a32(b"python3.11"))
+    assert (name.ino, name.dev, name.name_hash) == (real.ino, real.dev, fnv1a64(b"python3.11"))
 
 
 def test_hard_links_share_one_exact_key_and_the_stronger_verdict_wins(tmp_path: Path) -> None:
@@ -221,7 +220,7 @@ def test_hard_links_share_one_exact_key_and_the_stronger_verdict_wins(tmp_path: 
     exact = [i for i in items if i.key.match is Match.EXACT]
     assert len(exact) == 1 and exact[0].decision == DENY
     names = {i.key.name_hash: i.decision for i in items if i.key.match is Match.NAME}
-    assert names == {fnv1a32(b"first"): ALLOW, fnv1a32(b"second"): DENY}
+    assert names == {fnv1a64(b"first"): ALLOW, fnv1a64(b"second"): DENY}
 
 
 def test_subtree_registers_mount_roots_and_the_deeper_rule_keeps_a_shared_key() -> None:
@@ -360,7 +359,7 @@ def test_a_rooted_view_resolves_absolute_symlinks_inside_its_root(tmp_path: Path
         assert etc is not None
         assert {i.key for i in items} == {
             InodeKey(inside.ino, inside.dev, 0, Match.EXACT),
-            InodeKey(etc.ino, etc.dev, 0, Match.NAME, fnv1a32(b"target")),
+            InodeKey(etc.ino, etc.dev, 0, Match.NAME, fnv1a64(b"target")),
         }
     finally:
         resolver.close()
