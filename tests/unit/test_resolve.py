@@ -359,7 +359,7 @@ def test_a_rooted_view_resolves_absolute_symlinks_inside_its_root(tmp_path: Path
         assert etc is not None
         assert {i.key for i in items} == {
             InodeKey(inside.ino, inside.dev, 0, Match.EXACT),
-            InodeKey(etc.ino, etc.dev, 0, Match.NAME, fnv1a64(b"target")),
+            InodeKey(etc.ino, etc.dev, 0, Match.NAME, fnv1a64(b"target"), b"target"),
         }
     finally:
         resolver.close()
