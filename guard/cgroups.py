@@ -83,6 +83,25 @@ def cgroup_id(path: str, mount: Path | None = None) -> int | None:
         return None
 
 
+def mutex_barrier(mount: Path | None = None) -> None:
+    """Return only once every cgroup mkdir that had started is done and its directory
+    visible: make and remove a cgroup of guard's own below the cgroup2 root.
+
+    cgroup_mkdir() and cgroup_rmdir() (kernel/cgroup/cgroup.c) hold the one global
+    cgroup_mutex from before the cgroup_mkdir tracepoint to after kernfs_activate(),
+    and both of ours take it, so they wait for such a mkdir to finish. apply relies
+    on it (guard.apply, Applier._follow_scope_paths)."""
+    root = mount if mount is not None else cgroup2_mount()
+    global _barrier_count
+    _barrier_count += 1
+    directory = root / f"guard-barrier-{os.getpid()}-{_barrier_count}"
+    os.mkdir(directory)
+    os.rmdir(directory)
+
+
+_barrier_count = 0
+
+
 def cgroup_depth(path: str) -> int:
     """The ancestor level of a cgroup: 0 for the root, 1 for /a, 2 for /a/b."""
     return len([p for p in normalize_cgroup(path).split("/") if p])

@@ -918,7 +918,7 @@ class Daemon:
                 ("events", layout.STAT_EVENTS), ("lost", layout.STAT_EVENTS_LOST),
                 ("undecided", layout.STAT_UNDECIDED), ("denied", layout.STAT_DENIED),
                 ("audited", layout.STAT_AUDITED), ("suppressed", layout.STAT_SUPPRESSED),
-                ("tamper", layout.STAT_TAMPER))}
+                ("tamper", layout.STAT_TAMPER), ("scope_lost", layout.STAT_SCOPE_LOST))}
             return {
                 "pid": os.getpid(),
                 "uptime_s": round(time.monotonic() - self.started, 3),

@@ -269,6 +269,10 @@ class RecordingWriter(apply.MapWriter):
         self.writes[name] = self.writes.get(name, 0) + len(keys)
         return len(keys)
 
+    def entries(self, name: str, slot: int) -> dict[bytes, bytes]:
+        return {k: v for k, v in self.maps[name].items()
+                if int.from_bytes(k[:4], "little") == slot}
+
     def read_config(self) -> layout.Config:
         return layout.Config(active_slot=self.config.active_slot,
                              generation=self.config.generation)

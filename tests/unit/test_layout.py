@@ -87,6 +87,7 @@ def test_constants_equal_the_header() -> None:
         "MAX_PORT_LINES": layout.MAX_PORT_LINES,
         "PATH_LEN": layout.PATH_LEN,
         "COMM_LEN": layout.COMM_LEN,
+        "SCOPE_PATH_LEN": layout.SCOPE_PATH_LEN,
         "MAX_SCOPES": layout.MAX_SCOPES,
         "MAX_RULESETS": layout.MAX_RULESETS,
         "MAX_INODE_ENTRIES": layout.MAX_INODE_ENTRIES,
@@ -113,6 +114,7 @@ def test_constants_equal_the_header() -> None:
         "STAT_AUDITED": layout.STAT_AUDITED,
         "STAT_SUPPRESSED": layout.STAT_SUPPRESSED,
         "STAT_TAMPER": layout.STAT_TAMPER,
+        "STAT_SCOPE_LOST": layout.STAT_SCOPE_LOST,
         "STAT_COUNT": layout.STAT_COUNT,
     }
     for name, value in expected.items():
