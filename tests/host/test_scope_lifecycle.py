@@ -79,7 +79,7 @@ class Env:
         config = self.kernel.map("guard_config")[ctypes.c_uint32(0)]
         key = layout.ScopeKey(slot=config.active_slot & 1, cgroup_id=cgroup_id)
         table = self.kernel.map("guard_scopes")
-        return any(bytes(k) == bytes(key) for k in table.keys())
+        return any(bytes(k) == bytes(key) for k in table)
 
     def stat(self, index: int) -> int:
         return int(sum(self.kernel.map("guard_stats")[ctypes.c_int(index)]))
