@@ -37,9 +37,10 @@
  *  - cgroup_rmdir() fires the rmdir event only when cgroup_destroy_locked()
  *    succeeded, which it refuses for a populated cgroup; cgroup ids are 64-bit
  *    and never reused.
- *  - cgroup_mutex is one global mutex: every mkdir and rmdir of every
- *    hierarchy holds it from before the event to after activation. apply's
- *    barrier (guard/cgroups.py mutex_barrier) relies on it.
+ *  - cgroup_mutex is one global mutex: every mkdir of every hierarchy holds it
+ *    from before the event to after activation, and BPF_PROG_QUERY on a cgroup
+ *    takes it too (kernel/bpf/cgroup.c: cgroup_bpf_query). apply's barrier
+ *    (guard/cgroups.py mutex_barrier) relies on both.
  * The event record is read through the tracefs format (bcc's TRACEPOINT_PROBE),
  * not through struct cgroup, so the program does not depend on the layout of
  * the kernel's private structs.

@@ -607,8 +607,8 @@ class Applier:
         Why nothing is missed between the walk and the flip: a cgroup made at a scope
         path after the paths are written gets its entry from the tracepoint; one whose
         tracepoint ran before holds cgroup_mutex until its directory is active, and the
-        barrier (a mkdir and rmdir, which take that mutex) returns only after that, so
-        the resolution below sees its directory."""
+        barrier (guard.cgroups.mutex_barrier: a BPF_PROG_QUERY on a cgroup, which takes
+        that mutex) returns only after that, so the resolution below sees its directory."""
         writer = self.writer()
         live = self._live[idle]
         for name in (SCOPE_PATHS, SCOPES):

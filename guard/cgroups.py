@@ -85,13 +85,19 @@ def cgroup_id(path: str, mount: Path | None = None) -> int | None:
 
 def mutex_barrier(mount: Path | None = None) -> None:
     """Return only once every cgroup mkdir that had started is done and its directory
-    visible: make and remove a cgroup of guard's own below the cgroup2 root.
+    visible: take and release the kernel's cgroup_mutex.
 
-    cgroup_mkdir() and cgroup_rmdir() (kernel/cgroup/cgroup.c) hold the one global
-    cgroup_mutex from before the cgroup_mkdir tracepoint to after kernfs_activate(),
-    and both of ours take it, so they wait for such a mkdir to finish. apply relies
-    on it (guard.apply, Applier._follow_scope_paths)."""
+    cgroup_mkdir() (kernel/cgroup/cgroup.c) holds the one global cgroup_mutex from
+    before the cgroup_mkdir tracepoint to after kernfs_activate(). BPF_PROG_QUERY on
+    a cgroup (kernel/bpf/cgroup.c: cgroup_bpf_query, query_flags 0) takes that mutex
+    and needs only a read-only descriptor of the cgroup2 root, so it works where the
+    cgroup file system is read-only (the unit's ProtectControlGroups=yes). Where the
+    raw syscall number is unknown, a mkdir and rmdir of a cgroup of guard's own
+    below the root (both take the mutex) do the same. apply relies on it
+    (guard.apply, Applier._follow_scope_paths)."""
     root = mount if mount is not None else cgroup2_mount()
+    if _query_barrier(root):
+        return
     global _barrier_count
     _barrier_count += 1
     directory = root / f"guard-barrier-{os.getpid()}-{_barrier_count}"
@@ -100,6 +106,33 @@ def mutex_barrier(mount: Path | None = None) -> None:
 
 
 _barrier_count = 0
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
+_BPF_PROG_QUERY = 16
+_ATTACH_INET_EGRESS = 1
+
+
+def _query_barrier(root: Path) -> bool:
+    """BPF_PROG_QUERY on ``root`` (see mutex_barrier); False when it could not be made."""
+    import ctypes
+    import platform
+
+    number = _BPF_SYSCALL.get(platform.machine())
+    if number is None:
+        return False
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        # union bpf_attr, query part: target_fd, attach_type, query_flags (0: not the
+        # effective set, which newer kernels may answer without the mutex), ...
+        attr = (ctypes.c_uint8 * 128)()
+        ctypes.c_uint32.from_buffer(attr, 0).value = fd
+        ctypes.c_uint32.from_buffer(attr, 4).value = _ATTACH_INET_EGRESS
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        res = libc.syscall(ctypes.c_long(number), ctypes.c_long(_BPF_PROG_QUERY),
+                           ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
+        return bool(res == 0)
+    finally:
+        os.close(fd)
 
 
 def cgroup_depth(path: str) -> int:
