@@ -208,23 +208,43 @@ def systemd_running() -> bool:
 
 
 def systemd_unit_cgroup(unit: str) -> str | None:
-    """systemd's answer for where ``unit`` runs, or None (no systemd, unit not loaded).
+    """systemd's answer for where ``unit`` runs, or will run, or None (no systemd, unit
+    not loaded).
 
-    When this is None the compiler's convention (guard.units) decides instead.
+    A running unit's ControlGroup; a loaded unit that is not running (yet) has none,
+    and its cgroup will be its Slice's path and its own escaped name, which is where
+    guard follows it (a scope is a path: docs/semantics.md). When this is None the
+    compiler's convention (guard.units) decides instead.
     """
     if not systemd_running() or shutil.which("systemctl") is None:
         return None
     try:
         done = subprocess.run(
-            ["systemctl", "show", "-p", "ControlGroup", "--value", "--", unit],
+            ["systemctl", "show", "-p", "ControlGroup", "-p", "Slice", "--", unit],
             capture_output=True, text=True, timeout=10, check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    value = done.stdout.strip()
-    if done.returncode != 0 or not value:
+    if done.returncode != 0:
         return None
-    return normalize_cgroup(value)
+    return unit_cgroup_from_show(unit, done.stdout)
+
+
+def unit_cgroup_from_show(unit: str, text: str) -> str | None:
+    """The cgroup of ``unit`` from ``systemctl show -p ControlGroup -p Slice`` output:
+    the ControlGroup when set, else the Slice's path and the unit's escaped name, else
+    None. Pure."""
+    from guard.units import cg_escape, check_unit_name, slice_path
+
+    values = dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
+    group = values.get("ControlGroup", "").strip()
+    if group:
+        return normalize_cgroup(group)
+    parent = values.get("Slice", "").strip()
+    if not parent or check_unit_name(parent) is not None or not parent.endswith(".slice"):
+        return None
+    base = slice_path(parent)
+    return normalize_cgroup(f"{base.rstrip('/')}/{cg_escape(unit)}")
 
 
 def systemd_unit_cgroups(units: list[str] | tuple[str, ...]) -> dict[str, str]:

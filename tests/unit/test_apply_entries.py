@@ -219,3 +219,16 @@ def test_cgroup_index_walks_again_on_a_miss_but_not_too_often(tmp_path: Path) ->
     assert index.path(c_id, now=105.0) is None  # walked 5 s ago: no new walk yet
     assert index.path(c_id, now=111.0) == "/c"
     assert walk_cgroups(tmp_path)[tmp_path.stat().st_ino] == "/"
+
+
+def test_a_unit_that_is_not_running_is_placed_in_its_slice() -> None:
+    from guard.cgroups import unit_cgroup_from_show
+
+    running = "ControlGroup=/system.slice/nginx.service\nSlice=system.slice\n"
+    assert unit_cgroup_from_show("nginx.service", running) == "/system.slice/nginx.service"
+    # loaded, not started: systemd knows its Slice= (a custom one here)
+    stopped = "ControlGroup=\nSlice=app-web.slice\n"
+    assert unit_cgroup_from_show("web.service", stopped) == "/app.slice/app-web.slice/web.service"
+    assert unit_cgroup_from_show("x.service", "ControlGroup=\nSlice=-.slice\n") == "/x.service"
+    # not loaded at all: the convention decides (None)
+    assert unit_cgroup_from_show("gone.service", "ControlGroup=\nSlice=\n") is None
