@@ -269,3 +269,24 @@ def test_a_scope_path_the_next_plan_drops_no_longer_scopes_new_cgroups(env: Env)
     keys = list(env.kernel.map("guard_scope_paths").keys())
     assert len(keys) == 1
 
+
+
+def test_without_the_scope_programs_the_others_still_load_and_say_why(tmp_path: Path) -> None:
+    # e.g. tracefs not mounted: bcc cannot read the event's format, so scope.bpf.c does
+    # not compile; the family is left out (and the daemon says so at start), net stays
+    need_root()
+    need_net_programs()
+    import shutil
+
+    from guard.layout import BPF_DIR
+
+    bpf_dir = tmp_path / "bpf"
+    shutil.copytree(BPF_DIR, bpf_dir)
+    source = bpf_dir / "scope.bpf.c"
+    source.write_text(source.read_text().replace("TRACEPOINT_PROBE(cgroup, cgroup_rmdir)",
+                                                  "TRACEPOINT_PROBE(cgroup, cgroup_nosuch)"))
+    with TestCgroup.create() as top, Kernel(families={"net"}, host_cgroup=top.path,
+                                            bpf_dir=bpf_dir) as kernel:
+        assert kernel.families == {"net"} and kernel.shared == set()
+        assert kernel.dropped["scope"].startswith("compiling failed: scope.bpf.c:")
+        assert len(kernel.attached) == 5
