@@ -9,7 +9,8 @@ restrictions, read from the unit file itself (so the test follows the unit):
   environment file;
 * ``CapabilityBoundingSet`` and ``NoNewPrivileges`` through ``setpriv``: as
   root, the daemon gets exactly the bounding set;
-* ``SystemCallFilter=~...`` and ``RestrictAddressFamilies`` as a seccomp filter
+* ``SystemCallFilter=~...`` (later assignments without ``~`` taking calls back out)
+  and ``RestrictAddressFamilies`` as a seccomp filter
   made with libseccomp (what systemd uses), errno from ``SystemCallErrorNumber``;
 * ``ProtectSystem=strict`` / ``ProtectKernelTunables`` / ``ProtectControlGroups``
   as a private mount namespace where every mount is read-only except the
