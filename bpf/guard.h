@@ -23,6 +23,8 @@
 #define GUARD_PATH_LEN           256   /* object path in an event */
 #define GUARD_COMM_LEN           16
 #define GUARD_NAME_LEN           256   /* a path component: NAME_MAX + 1 */
+#define GUARD_SCOPE_PATH_LEN     256   /* a scope's cgroup path in guard_scope_paths, with
+                                        * its NUL: longer paths are not followed (apply warns) */
 
 /* Map sizes (entries). */
 #define GUARD_MAX_SCOPES         8192
@@ -158,6 +160,8 @@ enum guard_stat {               /* indices of the per-CPU guard_stats array */
 	GUARD_STAT_AUDITED       = 4,
 	GUARD_STAT_SUPPRESSED    = 5, /* packet events folded into a later one */
 	GUARD_STAT_TAMPER        = 6, /* tamper attempts denied (also in DENIED) */
+	GUARD_STAT_SCOPE_LOST    = 7, /* new cgroups at a scope path that guard_scopes
+	                               * had no room for (scope.bpf.c): left unscoped */
 	GUARD_STAT_COUNT         = 8,
 };
 
@@ -179,6 +183,17 @@ struct guard_scope_key {        /* guard_scopes: cgroup -> ruleset */
 	__u32 slot;
 	__u32 _pad;
 	__u64 cgroup_id;
+};
+
+/*
+ * guard_scope_paths: a scope's cgroup path (relative to the cgroup2 root, as the
+ * cgroup_mkdir tracepoint gives it: "/a/b"), zero-padded, -> slot-local ruleset id.
+ * The whole path is the key, so the map compares every byte: no other path can
+ * collide into a scope (scope.bpf.c).
+ */
+struct guard_scope_path_key {
+	__u32 slot;
+	char  path[GUARD_SCOPE_PATH_LEN];
 };
 
 struct guard_ruleset {          /* guard_rulesets[slot * GUARD_MAX_RULESETS + id] */

@@ -29,6 +29,8 @@
 
 BPF_ARRAY(guard_config, struct guard_config, 1);
 BPF_HASH(guard_scopes, struct guard_scope_key, __u32, GUARD_MAX_SCOPES);
+/* scope paths, per slot: what scope.bpf.c matches a new cgroup's path against */
+BPF_HASH(guard_scope_paths, struct guard_scope_path_key, __u32, GUARD_MAX_SCOPES);
 BPF_ARRAY(guard_rulesets, struct guard_ruleset, GUARD_SLOTS * GUARD_MAX_RULESETS);
 /* exec and file rules: one key per inode (or name, or subtree), a decision per access */
 BPF_F_TABLE("hash", struct guard_inode_key, struct guard_inode_value, guard_inodes,

@@ -19,10 +19,14 @@
  * entries. An entry carries everything a family needs to return early without
  * another lookup (struct guard_scope_cached).
  *
- * Why a cached entry is exact: within one generation the active slot's maps are
- * never written (guard/apply.py fills the idle slot, flips, and only then clears
- * the old one), and a cgroup's ancestors never change (cgroup2 refuses to move a
- * directory to another parent; ids are never reused). So an entry is stamped with
+ * Why a cached entry is exact: within one generation user space never writes the
+ * active slot's maps (guard/apply.py fills the idle slot, flips, and only then
+ * clears the old one), and a cgroup's ancestors never change (cgroup2 refuses to
+ * move a directory to another parent; ids are never reused). The kernel writes
+ * the active slot's guard_scopes in two cases only (scope.bpf.c), neither of which
+ * an entry can depend on: the entry of a cgroup being made at a scope path (before
+ * any process can be in it, and before it has descendants), and the removal of the
+ * entries of a removed cgroup. So an entry is stamped with
  * the (generation, slot) it was computed for and is used only by a decision that
  * read that same pair: a reload invalidates every entry without a write.
  *

@@ -20,6 +20,7 @@ MAX_PORT_LINES = 16
 PATH_LEN = 256
 COMM_LEN = 16
 NAME_LEN = 256  # a path component: NAME_MAX + 1
+SCOPE_PATH_LEN = 256  # guard_scope_paths: a scope's cgroup path with its NUL
 MAX_SCOPES = 8192
 MAX_RULESETS = 1024
 MAX_INODE_ENTRIES = 1048576  # guard_inodes: exec and file rules' keys
@@ -68,6 +69,7 @@ EVENT_UNDECIDED = 1
 
 STAT_EVENTS, STAT_EVENTS_LOST, STAT_UNDECIDED = 0, 1, 2
 STAT_DENIED, STAT_AUDITED, STAT_SUPPRESSED, STAT_TAMPER = 3, 4, 5, 6
+STAT_SCOPE_LOST = 7  # new cgroups at a scope path guard_scopes had no room for
 STAT_COUNT = 8
 
 
@@ -97,6 +99,13 @@ class ScopeKey(ctypes.Structure):
         ("slot", ctypes.c_uint32),
         ("_pad", ctypes.c_uint32),
         ("cgroup_id", ctypes.c_uint64),
+    ]
+
+
+class ScopePathKey(ctypes.Structure):
+    _fields_ = [
+        ("slot", ctypes.c_uint32),
+        ("path", ctypes.c_char * SCOPE_PATH_LEN),  # zero-padded, relative to the cgroup2 root
     ]
 
 
@@ -200,6 +209,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "guard_config": Config,
     "guard_decision": DecisionC,
     "guard_scope_key": ScopeKey,
+    "guard_scope_path_key": ScopePathKey,
     "guard_ruleset": RulesetC,
     "guard_inode_key": InodeKey,
     "guard_inode_value": InodeValue,

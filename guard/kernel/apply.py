@@ -61,6 +61,7 @@ if TYPE_CHECKING:  # guard.kernel.resolve is imported at run time only for plans
 log = logging.getLogger(__name__)
 
 SCOPES = "guard_scopes"
+SCOPE_PATHS = "guard_scope_paths"
 RULESETS = "guard_rulesets"
 INODES = "guard_inodes"
 NET4 = "guard_net4"
@@ -69,13 +70,16 @@ PORT_TABLES = "guard_port_tables"
 FILE_FILTER = "guard_file_filter"
 NAMES = "guard_names"
 CONFIG = "guard_config"
-MAP_NAMES = (SCOPES, RULESETS, INODES, NAMES, FILE_FILTER, NET4, NET6, PORT_TABLES)
+# scope paths first: the clear of an old slot stops the mkdir tracepoint from
+# adding to it before it removes the slot's scope entries
+MAP_NAMES = (SCOPE_PATHS, SCOPES, RULESETS, INODES, NAMES, FILE_FILTER, NET4, NET6, PORT_TABLES)
 ARRAY_MAPS = frozenset({RULESETS, FILE_FILTER})  # entries cannot be deleted, only zeroed
 DERIVED_MAPS = frozenset({FILE_FILTER, NAMES})  # computed from other maps' entries
 
 # Entries one slot may use: half of each map (the other half is the other slot).
 SLOT_CAPACITY = {
     SCOPES: layout.MAX_SCOPES // layout.SLOTS,
+    SCOPE_PATHS: layout.MAX_SCOPES // layout.SLOTS,
     RULESETS: layout.MAX_RULESETS,
     INODES: layout.MAX_INODE_ENTRIES // layout.SLOTS,
     NAMES: layout.MAX_INODE_ENTRIES // layout.SLOTS,
@@ -129,6 +133,27 @@ def scope_entries(plan: Plan, slot: int, ids: Mapping[str, int]) -> dict[bytes, 
         cgroup = ids.get(scope.cgroup)
         if cgroup is not None:
             out[bytes(layout.ScopeKey(slot=slot, cgroup_id=cgroup))] = _u32(scope.ruleset)
+    return out
+
+
+def scope_path_bytes(path: str) -> bytes | None:
+    """The path as bpf/scope.bpf.c sees it in the cgroup_mkdir event, or None when it
+    cannot be followed there: the root (never made) or too long for the key (one byte
+    is left for the NUL, one more so that a path cut by the kernel read never matches)."""
+    if path == "/":
+        return None
+    raw = path.encode()
+    return raw if len(raw) <= layout.SCOPE_PATH_LEN - 2 else None
+
+
+def scope_path_entries(plan: Plan, slot: int) -> dict[bytes, bytes]:
+    """guard_scope_paths: {slot, zero-padded path} -> slot-local ruleset id, for every
+    scope a cgroup made later can be matched to (``scope_path_bytes``)."""
+    out: dict[bytes, bytes] = {}
+    for scope in plan.scopes:
+        raw = scope_path_bytes(scope.cgroup)
+        if raw is not None:
+            out[bytes(layout.ScopePathKey(slot=slot, path=raw))] = _u32(scope.ruleset)
     return out
 
 
@@ -297,6 +322,7 @@ def slot_entries(
     """Every map entry of ``plan`` in ``slot``, as bytes: what apply writes."""
     v4, v6 = net_entries(plan, slot)
     return {
+        SCOPE_PATHS: scope_path_entries(plan, slot),
         SCOPES: scope_entries(plan, slot, scope_ids),
         RULESETS: ruleset_entries(plan, slot, file_items, exec_items),
         INODES: inode_entries(exec_items, file_items, slot),
@@ -354,10 +380,16 @@ def scope_ids(
             warnings.append(f"scope {scope.cgroup} is deeper than "
                             f"{layout.MAX_CGROUP_DEPTH - 1} levels; skipped")
             continue
+        followed = scope_path_bytes(scope.cgroup) is not None
+        if not followed and scope.cgroup != "/":
+            warnings.append(f"scope {scope.cgroup} is longer than "
+                            f"{layout.SCOPE_PATH_LEN - 2} bytes: a cgroup made at this path "
+                            "after a reload is in the scope only from the next reload")
         found = lookup(scope.cgroup)
         if found is None:
-            warnings.append(f"scope {scope.cgroup} does not exist; its policies "
-                            "apply once it exists and guard reloads")
+            if not followed:
+                warnings.append(f"scope {scope.cgroup} does not exist; its policies "
+                                "apply once it exists and guard reloads")
             continue
         ids[scope.cgroup] = found
     return ids, warnings
@@ -465,6 +497,17 @@ class MapWriter:
                 lib.bpf_delete_elem(table.map_fd, base + j * key_size)  # ENOENT is fine
         return len(keys)
 
+    def entries(self, name: str, slot: int) -> dict[bytes, bytes]:
+        """What a slot of a map keyed by (slot, ...) holds in the kernel now: the scope
+        maps, which the mkdir tracepoint writes too (bpf/scope.bpf.c)."""
+        table = self._maps.map(name)
+        found: dict[bytes, bytes] = {}
+        for key, value in table.items():
+            raw = bytes(key)
+            if int.from_bytes(raw[:4], "little") == slot:
+                found[raw] = bytes(value)
+        return found
+
     def read_config(self) -> layout.Config:
         table = self._maps.map(CONFIG)
         value = table[table.Key(0)]
@@ -488,6 +531,10 @@ class Applier:
 
     maps: MapSource
     cgroup_lookup: Callable[[str], int | None] | None = None
+    # after the idle slot's scope paths are written, before ids are resolved: lets
+    # every mkdir already past the tracepoint finish (guard.cgroups.mutex_barrier,
+    # the default with the default lookup; none with a given lookup)
+    scope_barrier: Callable[[], None] | None = None
     settle_s: float = 0.05
     plans: list[Plan | None] = field(default_factory=lambda: [None, None])
     _live: list[SlotEntries] = field(default_factory=lambda: [_empty_entries(),
@@ -528,13 +575,14 @@ class Applier:
         problems = validate(plan)
         if problems:
             raise ApplyError("; ".join(problems))
-        ids, exec_items, file_items, warnings = self.resolve(plan)
-        for warning in warnings:
-            log.warning("%s", warning)
         writer = self.writer()
         config = writer.read_config()
         active = config.active_slot & 1
         idle = 1 - active
+        self._follow_scope_paths(plan, idle)
+        ids, exec_items, file_items, warnings = self.resolve(plan)
+        for warning in warnings:
+            log.warning("%s", warning)
 
         inputs = (plan, ids, exec_items, file_items)
         if self.plans[active] is not None and inputs == self._inputs[active]:
@@ -575,6 +623,39 @@ class Applier:
             warnings.append(f"clearing the previous generation's entries failed: {error}")
         return ApplyResult(True, generation, idle, added, removed, updated, written,
                            time.monotonic() - start, tuple(warnings))
+
+    def _follow_scope_paths(self, plan: Plan, idle: int) -> None:
+        """Before ids are resolved: the idle slot's scope maps as the kernel has them,
+        then its scope paths written, then the barrier.
+
+        The mkdir tracepoint (bpf/scope.bpf.c) writes guard_scopes entries in any
+        slot that has the path, the idle one too, so what apply remembers of a slot
+        may lack entries: it reads the slot back, and the fill removes what the new
+        set does not have (a tracepoint that matched the path of an old generation
+        just before its clear may have left one behind).
+
+        Why nothing is missed between the walk and the flip: a cgroup made at a scope
+        path after the paths are written gets its entry from the tracepoint; one whose
+        tracepoint ran before holds cgroup_mutex until its directory is active, and the
+        barrier (guard.cgroups.mutex_barrier: a BPF_PROG_QUERY on a cgroup, which takes
+        that mutex) returns only after that, so the resolution below sees its directory."""
+        writer = self.writer()
+        live = self._live[idle]
+        for name in (SCOPE_PATHS, SCOPES):
+            live[name] = writer.entries(name, idle)
+        paths = scope_path_entries(plan, idle)
+        changed = [(k, v) for k, v in paths.items() if live[SCOPE_PATHS].get(k) != v]
+        writer.update(SCOPE_PATHS, changed)
+        live[SCOPE_PATHS].update(changed)
+        if not plan.scopes:
+            return
+        barrier = self.scope_barrier
+        if barrier is None and self.cgroup_lookup is None:
+            from guard.kernel.cgroups import mutex_barrier
+
+            barrier = mutex_barrier
+        if barrier is not None:
+            barrier()
 
     def _fill(self, slot: int, new: SlotEntries) -> int:
         """Make ``slot`` hold exactly ``new``; on failure remember all it may hold."""

@@ -83,6 +83,58 @@ def cgroup_id(path: str, mount: Path | None = None) -> int | None:
         return None
 
 
+def mutex_barrier(mount: Path | None = None) -> None:
+    """Return only once every cgroup mkdir that had started is done and its directory
+    visible: take and release the kernel's cgroup_mutex.
+
+    cgroup_mkdir() (kernel/cgroup/cgroup.c) holds the one global cgroup_mutex from
+    before the cgroup_mkdir tracepoint to after kernfs_activate(). BPF_PROG_QUERY on
+    a cgroup (kernel/bpf/cgroup.c: cgroup_bpf_query, query_flags 0) takes that mutex
+    and needs only a read-only descriptor of the cgroup2 root, so it works where the
+    cgroup file system is read-only (the unit's ProtectControlGroups=yes). Where the
+    raw syscall number is unknown, a mkdir and rmdir of a cgroup of guard's own
+    below the root (both take the mutex) do the same. apply relies on it
+    (guard.apply, Applier._follow_scope_paths)."""
+    root = mount if mount is not None else cgroup2_mount()
+    if _query_barrier(root):
+        return
+    global _barrier_count
+    _barrier_count += 1
+    directory = root / f"guard-barrier-{os.getpid()}-{_barrier_count}"
+    os.mkdir(directory)
+    os.rmdir(directory)
+
+
+_barrier_count = 0
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
+_BPF_PROG_QUERY = 16
+_ATTACH_INET_EGRESS = 1
+
+
+def _query_barrier(root: Path) -> bool:
+    """BPF_PROG_QUERY on ``root`` (see mutex_barrier); False when it could not be made."""
+    import ctypes
+    import platform
+
+    number = _BPF_SYSCALL.get(platform.machine())
+    if number is None:
+        return False
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        # union bpf_attr, query part: target_fd, attach_type, query_flags (0: not the
+        # effective set, which newer kernels may answer without the mutex), ...
+        attr = (ctypes.c_uint8 * 128)()
+        ctypes.c_uint32.from_buffer(attr, 0).value = fd
+        ctypes.c_uint32.from_buffer(attr, 4).value = _ATTACH_INET_EGRESS
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        res = libc.syscall(ctypes.c_long(number), ctypes.c_long(_BPF_PROG_QUERY),
+                           ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
+        return bool(res == 0)
+    finally:
+        os.close(fd)
+
+
 def cgroup_depth(path: str) -> int:
     """The ancestor level of a cgroup: 0 for the root, 1 for /a, 2 for /a/b."""
     return len([p for p in normalize_cgroup(path).split("/") if p])
@@ -156,23 +208,43 @@ def systemd_running() -> bool:
 
 
 def systemd_unit_cgroup(unit: str) -> str | None:
-    """systemd's answer for where ``unit`` runs, or None (no systemd, unit not loaded).
+    """systemd's answer for where ``unit`` runs, or will run, or None (no systemd, unit
+    not loaded).
 
-    When this is None the compiler's convention (guard.policy.units) decides instead.
+    A running unit's ControlGroup; a loaded unit that is not running (yet) has none,
+    and its cgroup will be its Slice's path and its own escaped name, which is where
+    guard follows it (a scope is a path: docs/semantics.md). When this is None the
+    compiler's convention (guard.policy.units) decides instead.
     """
     if not systemd_running() or shutil.which("systemctl") is None:
         return None
     try:
         done = subprocess.run(
-            ["systemctl", "show", "-p", "ControlGroup", "--value", "--", unit],
+            ["systemctl", "show", "-p", "ControlGroup", "-p", "Slice", "--", unit],
             capture_output=True, text=True, timeout=10, check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    value = done.stdout.strip()
-    if done.returncode != 0 or not value:
+    if done.returncode != 0:
         return None
-    return normalize_cgroup(value)
+    return unit_cgroup_from_show(unit, done.stdout)
+
+
+def unit_cgroup_from_show(unit: str, text: str) -> str | None:
+    """The cgroup of ``unit`` from ``systemctl show -p ControlGroup -p Slice`` output:
+    the ControlGroup when set, else the Slice's path and the unit's escaped name, else
+    None. Pure."""
+    from guard.policy.units import cg_escape, check_unit_name, slice_path
+
+    values = dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
+    group = values.get("ControlGroup", "").strip()
+    if group:
+        return normalize_cgroup(group)
+    parent = values.get("Slice", "").strip()
+    if not parent or check_unit_name(parent) is not None or not parent.endswith(".slice"):
+        return None
+    base = slice_path(parent)
+    return normalize_cgroup(f"{base.rstrip('/')}/{cg_escape(unit)}")
 
 
 def systemd_unit_cgroups(units: list[str] | tuple[str, ...]) -> dict[str, str]:

@@ -57,6 +57,9 @@ from guard.layout import BPF_DIR
 from guard.policy.model import PolicySet
 
 FAMILIES = ("net", "exec", "files", "tamper")
+# Loaded with any family, never requested: bpf/scope.bpf.c, the cgroup_mkdir and
+# cgroup_rmdir tracepoints that put a cgroup made at a scope's path in that scope.
+SHARED_FAMILIES = ("scope",)
 LSM_FAMILIES = ("exec", "files", "tamper")
 LSM_FILE = Path("/sys/kernel/security/lsm")
 
@@ -158,7 +161,7 @@ def program_text(families: Iterable[str], bpf_dir: Path = BPF_DIR) -> str:
         return "".join(out)
 
     return "".join(paste(family_source(family, bpf_dir))
-                   for family in sorted(set(families), key=FAMILIES.index))
+                   for family in sorted(set(families), key=(FAMILIES + SHARED_FAMILIES).index))
 
 
 # Warnings clang gives about the kernel's own headers, never about guard's C: they
@@ -182,13 +185,15 @@ def cflags(bpf_dir: Path = BPF_DIR) -> list[str]:
 # --- which family a failed load belongs to ------------------------------------------
 
 _LSM_PROBE = re.compile(r"\bLSM_PROBE\(\s*(\w+)")
+_TRACEPOINT_PROBE = re.compile(r"\bTRACEPOINT_PROBE\(\s*(\w+)\s*,\s*(\w+)")
 # BPF_HASH(name, ...), BPF_ARRAY(name, ...), BPF_SK_STORAGE(name, ...), ...
 _MAP_PLAIN = re.compile(r"\bBPF_[A-Z0-9_]+\(\s*([A-Za-z_]\w*)\s*[,)]")
 # BPF_TABLE("type", key, leaf, name, ...), BPF_F_TABLE(...): the name is 4th
 _MAP_TABLE = re.compile(r'\bBPF_(?:F_)?TABLE\(\s*"[^"]*"\s*,\s*[^,]+,\s*[^,]+,\s*(\w+)')
 _DIAGNOSTIC = re.compile(r"^(?P<file>[^\s:]+):\d+:\d+: (?:fatal )?error: ")
 _INCLUDED = re.compile(r"^In file included from (?P<file>[^\s:]+):\d+")
-_LOAD_FAILED = re.compile(r"Failed to load BPF program b?'?(?P<program>\w+)'?: (?P<why>.*)")
+_LOAD_FAILED = re.compile(
+    r"Failed to (?:load|attach) BPF program b?'?(?P<program>\w+)'?(?::| to) (?P<why>.*)")
 _MAP_FAILED = re.compile(r"could not open bpf map: (?P<map>\w+), error: (?P<why>.*)")
 _PROCESSED = re.compile(r"^processed \d+ insns")
 _VERIFIER_START = "bpf: Failed to load program"
@@ -212,6 +217,8 @@ def family_owners(sources: Mapping[str, str]) -> Owners:
     for family, text in sources.items():
         files[f"{family}.bpf.c"] = family
         programs.update((f"lsm__{hook}", family) for hook in _LSM_PROBE.findall(text))
+        programs.update((f"tracepoint__{category}__{event}", family)
+                        for category, event in _TRACEPOINT_PROBE.findall(text))
         programs.update((p.function, family) for p in CGROUP_PROGRAMS.get(family, ()))
         maps.update((name, family) for name in _MAP_PLAIN.findall(text))
         maps.update((name, family) for name in _MAP_TABLE.findall(text))
@@ -408,6 +415,10 @@ class Kernel:
             raise LoadError(f"unknown program families: {', '.join(sorted(unknown))}")
         present = {f for f in requested if family_source(f, bpf_dir).exists()}
         self.families: frozenset[str] = frozenset(present)
+        # the shared families (SHARED_FAMILIES) come with any family; one that fails
+        # is left out and named in ``dropped`` like the others, never in ``families``
+        self.shared: frozenset[str] = frozenset(
+            f for f in SHARED_FAMILIES if present and family_source(f, bpf_dir).exists())
         self.missing: frozenset[str] = frozenset(requested - present)
         self.dropped: dict[str, str] = {}
         self.attempts = 0
@@ -417,10 +428,10 @@ class Kernel:
         self._bpf: Any = None
         if not self.families:
             raise LoadError("none of the requested program families has a source file")
-        owners = read_owners(present, bpf_dir)
+        owners = read_owners(present | self.shared, bpf_dir)
         # Each failed attempt drops at least one family or raises: at most
-        # len(present) attempts.
-        for _attempt in range(len(present)):
+        # len(present) + len(shared) attempts.
+        for _attempt in range(len(present) + len(self.shared)):
             self.attempts += 1
             try:
                 with captured_stderr() as output:
@@ -439,7 +450,8 @@ class Kernel:
     def _leave_out(self, fault: Fault, cause: BaseException | None) -> None:
         """Drop the families ``fault`` names for the next attempt; LoadError
         when it names none of those tried, or none is left."""
-        culprits = {f: why for f, why in fault.culprits.items() if f in self.families}
+        culprits = {f: why for f, why in fault.culprits.items()
+                    if f in self.families or f in self.shared}
         if not culprits:
             message = f"compiling/loading {sorted(self.families)} failed: {fault.reason}"
             if self.dropped:
@@ -447,6 +459,7 @@ class Kernel:
             raise LoadError(message, self.dropped) from cause
         self.dropped.update(culprits)
         self.families = self.families - culprits.keys()
+        self.shared = self.shared - culprits.keys()
         if not self.families:
             raise LoadError(f"no program family could be loaded: {_reasons(self.dropped)}",
                             self.dropped) from cause
@@ -462,7 +475,8 @@ class Kernel:
         # the next attempt attaches them again.
         self._bpf = BPF.__new__(BPF)
         try:
-            self._bpf.__init__(text=program_text(self.families, bpf_dir).encode(),
+            self._bpf.__init__(text=program_text(self.families | self.shared,
+                                                 bpf_dir).encode(),
                                cflags=cflags(bpf_dir))
         except Exception as error:
             raise _AttemptFailed(error, self._failed_lsm_program()) from error

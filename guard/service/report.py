@@ -187,7 +187,7 @@ def daemon_status(d: Any, exists: Callable[[str], bool] = cgroup_exists) -> dict
         ("events", layout.STAT_EVENTS), ("lost", layout.STAT_EVENTS_LOST),
         ("undecided", layout.STAT_UNDECIDED), ("denied", layout.STAT_DENIED),
         ("audited", layout.STAT_AUDITED), ("suppressed", layout.STAT_SUPPRESSED),
-        ("tamper", layout.STAT_TAMPER))}
+        ("tamper", layout.STAT_TAMPER), ("scope_lost", layout.STAT_SCOPE_LOST))}
     return {
         "pid": os.getpid(),
         "uptime_s": round(time.monotonic() - d.started, 3),

@@ -9,7 +9,8 @@ restrictions, read from the unit file itself (so the test follows the unit):
   environment file;
 * ``CapabilityBoundingSet`` and ``NoNewPrivileges`` through ``setpriv``: as
   root, the daemon gets exactly the bounding set;
-* ``SystemCallFilter=~...`` and ``RestrictAddressFamilies`` as a seccomp filter
+* ``SystemCallFilter=~...`` (later assignments without ``~`` taking calls back out)
+  and ``RestrictAddressFamilies`` as a seccomp filter
   made with libseccomp (what systemd uses), errno from ``SystemCallErrorNumber``;
 * ``ProtectSystem=strict`` / ``ProtectKernelTunables`` / ``ProtectControlGroups``
   as a private mount namespace where every mount is read-only except the
@@ -135,11 +136,16 @@ def syscall_group(name: str, seen: set[str] | None = None) -> set[str]:
 
 
 def denied_syscalls(settings: Mapping[str, list[str]]) -> set[str]:
+    """As systemd reads SystemCallFilter=: the first assignment, a deny list (``~``),
+    sets the default action; later ones add to it (``~``) or take out of it (no ``~``)."""
     denied: set[str] = set()
-    for value in settings.get("SystemCallFilter", []):
-        assert value.startswith("~"), "only deny lists are emulated"
-        for item in value[1:].split():
-            denied |= syscall_group(item) if item.startswith("@") else {item}
+    for index, value in enumerate(settings.get("SystemCallFilter", [])):
+        deny = value.startswith("~")
+        assert deny or index > 0, "only a deny list first is emulated"
+        calls: set[str] = set()
+        for item in value.removeprefix("~").split():
+            calls |= syscall_group(item) if item.startswith("@") else {item}
+        denied = denied | calls if deny else denied - calls
     return denied
 
 

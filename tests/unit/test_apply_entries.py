@@ -88,11 +88,27 @@ def test_slot_entries_qualify_every_id_with_the_slot() -> None:
     assert (table.lines[1].last, table.lines[1].proto) == (65535, 0)
 
 
-def test_unresolved_scopes_are_skipped_with_a_warning() -> None:
+def test_unresolved_scopes_have_no_id_and_are_followed_by_path_without_a_warning() -> None:
+    # a cgroup made at /gone later is scoped by the mkdir tracepoint (scope.bpf.c)
     plan = make_plan(scopes=(("/a", 0), ("/gone", 0)))
     ids, warnings = apply.scope_ids(plan, {"/a": 5}.get)
     assert ids == {"/a": 5}
-    assert len(warnings) == 1 and "/gone" in warnings[0]
+    assert warnings == []
+    entries = apply.scope_path_entries(plan, 1)
+    keys = [layout.ScopePathKey.from_buffer_copy(k) for k in entries]
+    assert sorted((k.slot, k.path) for k in keys) == [(1, b"/a"), (1, b"/gone")]
+    assert all(len(k) == ctypes.sizeof(layout.ScopePathKey) for k in entries)
+
+
+def test_scope_paths_the_tracepoint_cannot_follow_are_said_and_left_out() -> None:
+    longest = "/" + "x" * (layout.SCOPE_PATH_LEN - 3)  # with its NUL, one byte to spare
+    too_long = "/" + "x" * (layout.SCOPE_PATH_LEN - 2)
+    plan = make_plan(scopes=(("/", 0), (longest, 0), (too_long, 0)))
+    assert [layout.ScopePathKey.from_buffer_copy(k).path
+            for k in apply.scope_path_entries(plan, 0)] == [longest.encode()]
+    ids, warnings = apply.scope_ids(plan, {"/": 1}.get)
+    assert ids == {"/": 1}
+    assert len(warnings) == 2 and all(too_long in w for w in warnings)
 
 
 def test_scopes_deeper_than_the_kernel_walk_are_refused() -> None:
@@ -168,6 +184,11 @@ def test_program_text_pastes_each_shared_header_once_where_first_included() -> N
     number = next(i for i, line in enumerate(lines, 1) if line == '#include "guard_actor.h"')
     assert f'#line {number + 1} "exec.bpf.c"\n{lines[number]}\n' in exec_text
     assert set(FAMILIES) == {"net", "exec", "files", "tamper"}
+    # the shared family is pasted in last, after the maps it uses
+    text = program_text({"net", "scope"})
+    mkdir = text.index("TRACEPOINT_PROBE(cgroup, cgroup_mkdir)")
+    assert text.index("BPF_HASH(guard_scope_paths") < mkdir
+    assert text.index("int guard_connect4(") < text.index('#line 1 "scope.bpf.c"')
 
 
 def test_mountinfo_finds_cgroup2_wherever_it_is_mounted() -> None:
@@ -199,3 +220,16 @@ def test_cgroup_index_walks_again_on_a_miss_but_not_too_often(tmp_path: Path) ->
     assert index.path(c_id, now=105.0) is None  # walked 5 s ago: no new walk yet
     assert index.path(c_id, now=111.0) == "/c"
     assert walk_cgroups(tmp_path)[tmp_path.stat().st_ino] == "/"
+
+
+def test_a_unit_that_is_not_running_is_placed_in_its_slice() -> None:
+    from guard.kernel.cgroups import unit_cgroup_from_show
+
+    running = "ControlGroup=/system.slice/nginx.service\nSlice=system.slice\n"
+    assert unit_cgroup_from_show("nginx.service", running) == "/system.slice/nginx.service"
+    # loaded, not started: systemd knows its Slice= (a custom one here)
+    stopped = "ControlGroup=\nSlice=app-web.slice\n"
+    assert unit_cgroup_from_show("web.service", stopped) == "/app.slice/app-web.slice/web.service"
+    assert unit_cgroup_from_show("x.service", "ControlGroup=\nSlice=-.slice\n") == "/x.service"
+    # not loaded at all: the convention decides (None)
+    assert unit_cgroup_from_show("gone.service", "ControlGroup=\nSlice=\n") is None

@@ -270,6 +270,10 @@ class RecordingWriter(apply.MapWriter):
         self.writes[name] = self.writes.get(name, 0) + len(keys)
         return len(keys)
 
+    def entries(self, name: str, slot: int) -> dict[bytes, bytes]:
+        return {k: v for k, v in self.maps[name].items()
+                if int.from_bytes(k[:4], "little") == slot}
+
     def read_config(self) -> layout.Config:
         return layout.Config(active_slot=self.config.active_slot,
                              generation=self.config.generation)
@@ -302,7 +306,7 @@ def run(applier: FixedApplier, items: Iterable[FileInodeEntry]) -> apply.ApplyRe
 
 def test_apply_fills_the_idle_half_before_the_flip_and_zeroes_the_old_after() -> None:
     writer = RecordingWriter()
-    applier = FixedApplier(ArrayMaps(), settle_s=0)
+    applier = FixedApplier(ArrayMaps(), settle_s=0, scope_barrier=lambda: None)
     applier._writer = writer
     first = [item(i) for i in range(100, 1100)]
     second = [item(i) for i in range(600, 1600)]
@@ -335,3 +339,26 @@ def test_every_name_key_has_its_name_beside_it_and_two_names_under_one_key_are_r
         apply.name_entries([named, twin], 0)
     with pytest.raises(apply.ApplyError, match="cannot be a NAME key"):
         apply.name_entries([item(72, Match.NAME, name_hash=5)], 0)
+
+
+def test_apply_removes_scope_entries_the_tracepoint_left_in_the_idle_slot() -> None:
+    # bpf/scope.bpf.c may have written guard_scopes entries apply never made (a mkdir
+    # that matched an old generation's path just before its clear): the fill of the
+    # slot must not keep them, or the cgroup would get another scope's ruleset
+    writer = RecordingWriter()
+    barriers: list[int] = []
+    applier = FixedApplier(ArrayMaps(), settle_s=0,
+                           scope_barrier=lambda: barriers.append(len(writer.maps[
+                               apply.SCOPE_PATHS])))
+    applier._writer = writer
+    stale = bytes(layout.ScopeKey(slot=1, cgroup_id=4242))
+    writer.maps[apply.SCOPES][stale] = (2).to_bytes(4, "little")
+    run(applier, [item(1)])  # into slot 1
+    assert stale not in writer.maps[apply.SCOPES]
+    # the paths were in the kernel before the barrier, and the barrier before the flip
+    assert barriers == [3]
+    paths = {layout.ScopePathKey.from_buffer_copy(k).path for k in writer.maps[apply.SCOPE_PATHS]}
+    assert paths == {b"/c0", b"/c1", b"/c2"}
+    run(applier, [item(2)])  # into slot 0; slot 1's paths go with the rest of it
+    slots = {layout.ScopePathKey.from_buffer_copy(k).slot for k in writer.maps[apply.SCOPE_PATHS]}
+    assert slots == {0}

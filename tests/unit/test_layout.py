@@ -88,6 +88,7 @@ def test_constants_equal_the_header() -> None:
         "PATH_LEN": layout.PATH_LEN,
         "COMM_LEN": layout.COMM_LEN,
         "NAME_LEN": layout.NAME_LEN,
+        "SCOPE_PATH_LEN": layout.SCOPE_PATH_LEN,
         "MAX_SCOPES": layout.MAX_SCOPES,
         "MAX_RULESETS": layout.MAX_RULESETS,
         "MAX_INODE_ENTRIES": layout.MAX_INODE_ENTRIES,
@@ -114,6 +115,7 @@ def test_constants_equal_the_header() -> None:
         "STAT_AUDITED": layout.STAT_AUDITED,
         "STAT_SUPPRESSED": layout.STAT_SUPPRESSED,
         "STAT_TAMPER": layout.STAT_TAMPER,
+        "STAT_SCOPE_LOST": layout.STAT_SCOPE_LOST,
         "STAT_COUNT": layout.STAT_COUNT,
     }
     for name, value in expected.items():
