@@ -564,7 +564,7 @@ def test_a_name_that_hashes_alike_is_not_the_named_file(
     to compare the name stored in guard_names: with that name changed by hand
     (one byte, then one byte shorter), the allowed name itself is no match and
     falls to the subtree's deny; put back, it is allowed again."""
-    from guard import apply
+    from guard.kernel import apply
     from guard.kernel.resolve import Resolver
 
     assert fnv1a32(b"VCbjch.php") == fnv1a32(b"cache.json")
