@@ -101,3 +101,26 @@ def test_no_module_is_too_long() -> None:
     long = {module_name(p): n for p in GUARD.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def test_every_guard_import_anywhere_in_the_tests_resolves() -> None:
+    """Function-level imports run only when their test does (some only in the
+    guest): an import of a moved module must fail here, on every machine."""
+    import importlib
+
+    tests = GUARD.parent / "tests"
+    broken = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.split(".")[0] == "guard":
+                module = importlib.import_module(node.module)
+                broken += [f"{path.relative_to(tests)}:{node.lineno}: {node.module}.{a.name}"
+                           for a in node.names if not hasattr(module, a.name)
+                           and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == "guard" and \
+                            importlib.util.find_spec(alias.name) is None:
+                        broken.append(f"{path.relative_to(tests)}:{node.lineno}: {alias.name}")
+    assert not broken, "\n".join(broken)
