@@ -35,7 +35,7 @@ PR_CAPBSET_DROP, CAP_SYS_PTRACE = 24, 19
 
 def no_ptrace_private_tmp() -> None:
     """In the daemon's child before exec: the unit's PrivateTmp, no CAP_SYS_PTRACE."""
-    private_tmp()
+    private_tmp(keep_checkout=True)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_CAPBSET_DROP, CAP_SYS_PTRACE, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_SYS_PTRACE)")

@@ -14,12 +14,16 @@ import os
 import pickle
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
 
 CLONE_NEWNS = 0x00020000
-MS_REC, MS_PRIVATE = 16384, 1 << 18
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+# The checkout: when it lives under /tmp (a CI clone may), it stays reachable in the
+# private /tmp, or a child could not even start this checkout's interpreter.
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
@@ -30,15 +34,23 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> N
         raise OSError(err, f"mount {target}: {os.strerror(err)}")
 
 
-def private_tmp() -> None:
-    """In this process: a mount namespace of its own, a new tmpfs on /tmp."""
+def private_tmp(keep_checkout: bool = False) -> None:
+    """In this process: a mount namespace of its own, a new tmpfs on /tmp; with
+    ``keep_checkout``, this checkout stays at its path if it is under /tmp (for a
+    child that starts this checkout's interpreter there)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNS) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare(CLONE_NEWNS): {os.strerror(err)}")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    keep = os.open(CHECKOUT, os.O_PATH | os.O_DIRECTORY) \
+        if keep_checkout and CHECKOUT.is_relative_to("/tmp") else None
     _mount("tmpfs", "/tmp", "tmpfs", 0)
     os.chmod("/tmp", 0o1777)
+    if keep is not None:  # the old /tmp's checkout, bound back at its own path
+        os.makedirs(CHECKOUT, exist_ok=True)
+        _mount(f"/proc/self/fd/{keep}", str(CHECKOUT), None, MS_BIND | MS_REC)
+        os.close(keep)
 
 
 def in_private_tmp(work: Callable[[], T], prepare: Callable[[], None] = lambda: None) -> T:
