@@ -11,6 +11,7 @@ families, sections and map entries as the status says.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import re
 import time
 import urllib.request
@@ -52,7 +53,8 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
 def running(tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[tuple[GuardDaemon, ConnectProbe, str, Path]]:
     need_root()
-    pytest.importorskip("prometheus_client")
+    need(importlib.util.find_spec("prometheus_client") is not None,
+         "python3-prometheus-client is not installed (scripts/setup)")
     from guard.kernel.loader import probe_family
 
     need(probe_family("net").available, "cgroup network programs do not load here")

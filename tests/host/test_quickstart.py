@@ -95,8 +95,8 @@ def quickstart(tmp_path: Path) -> Iterator[dict[str, str]]:
     from guard.kernel.loader import probe_family
 
     need(probe_family("net").available, "cgroup network programs do not load here")
-    if (STATE / "status.sock").exists() and daemon_answers():
-        pytest.skip("a guard daemon already answers on /run/guard: the quick start uses it")
+    need(not ((STATE / "status.sock").exists() and daemon_answers()),
+         "a guard daemon already answers on /run/guard: the quick start uses it")
     found = blocks(README.read_text())
     yield found
     bash(found["cleanup"])  # whatever happened; harmless when already clean
